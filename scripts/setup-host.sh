@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Prepare this Debian 12 host (as root) for the real stack of
+# docs/real-stack.md: libvirtd + QEMU (TCG), tgtd, libiscsi tools.
+#
+# Idempotent: packages are installed only when missing, users/groups and
+# directories only created when absent, qemu.conf is appended to once
+# (guarded by a marker comment), and running daemons are reused.
+set -euo pipefail
+
+URI="qemu:///system"
+QEMU_CONF=/etc/libvirt/qemu.conf
+MARKER="# vmattach: real-stack settings (scripts/setup-host.sh)"
+WAIT_SECONDS="${VMATTACH_LIBVIRT_WAIT:-30}"
+
+PACKAGES=(
+    pkg-config libvirt-dev
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+    qemu-system-x86 qemu-block-extra qemu-utils
+    tgt libiscsi-bin
+    # used by scripts/build-test-guest.sh (module decompression, packing)
+    xz-utils zstd gzip
+)
+
+say() { printf 'setup-host: %s\n' "$*"; }
+die() { printf 'setup-host: ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root"
+
+# --- packages -------------------------------------------------------------
+missing=()
+for p in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "installed" ] || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq \
+        || die "apt-get update failed"
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+else
+    say "packages already installed"
+fi
+
+for tool in virsh libvirtd virtlogd qemu-system-x86_64 tgtd tgtadm iscsi-inq; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found after installing packages"
+done
+
+# --- users, groups, directories ------------------------------------------
+getent group kvm >/dev/null || { groupadd -r kvm; say "created group kvm"; }
+getent group libvirt-qemu >/dev/null || { groupadd -r libvirt-qemu; say "created group libvirt-qemu"; }
+if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+    say "created user libvirt-qemu"
+fi
+mkdir -p /etc/libvirt /var/log/libvirt /run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt
+
+# --- qemu.conf (append once) ----------------------------------------------
+conf_changed=0
+if ! grep -qxF "$MARKER" "$QEMU_CONF" 2>/dev/null; then
+    {
+        printf '\n%s\n' "$MARKER"
+        printf 'user = "root"\ngroup = "root"\ncgroup_controllers = [ ]\nnamespaces = [ ]\nsecurity_driver = "none"\n'
+    } >> "$QEMU_CONF"
+    conf_changed=1
+    say "appended settings to $QEMU_CONF"
+else
+    say "$QEMU_CONF already configured"
+fi
+
+# --- daemons --------------------------------------------------------------
+pid_alive() {  # pid_alive <pidfile>
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+virsh_ok() { virsh -c "$URI" version >/dev/null 2>&1; }
+
+if virsh_ok; then
+    say "libvirtd already answering on $URI; reusing it"
+    if [ "$conf_changed" -eq 1 ]; then
+        say "WARNING: $QEMU_CONF changed while libvirtd was running; restart libvirtd to apply it"
+    fi
+else
+    if pid_alive /run/virtlogd.pid; then
+        say "virtlogd already running (pid $(cat /run/virtlogd.pid))"
+    else
+        say "starting virtlogd"
+        virtlogd -d || die "virtlogd -d failed"
+    fi
+    if pid_alive /run/libvirtd.pid; then
+        say "libvirtd already running (pid $(cat /run/libvirtd.pid)); waiting for it"
+    else
+        say "starting libvirtd"
+        libvirtd -d || die "libvirtd -d failed"
+    fi
+    deadline=$((SECONDS + WAIT_SECONDS))
+    until virsh_ok; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            err=$(virsh -c "$URI" version 2>&1 || true)
+            die "libvirtd did not answer on $URI within ${WAIT_SECONDS}s: $err (see /var/log/libvirt/)"
+        fi
+        sleep 0.2
+    done
+fi
+say "ready: $(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' | sed 's/^ *//')"
