@@ -1,0 +1,98 @@
+"""A small typed Python client over the generated stubs.
+
+Retries on UNAVAILABLE come from gRPC's service config (server/grpcutil.py);
+errors arrive as the exception classes of server/errors.py."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from server.grpcutil import call, channel
+from vmattach.v1 import controller_pb2 as cpb
+from vmattach.v1 import controller_pb2_grpc, servers_pb2 as spb, servers_pb2_grpc, types_pb2
+
+
+class VmattachClient:
+    def __init__(self, address: str, controller_address: str | None = None,
+                 timeout: float = 120.0):
+        self.timeout = timeout
+        self._channel = channel(address)
+        self._controller_channel = (channel(controller_address)
+                                    if controller_address and controller_address != address
+                                    else self._channel)
+        self.servers = servers_pb2_grpc.ServersStub(self._channel)
+        self.controller = controller_pb2_grpc.ControllerStub(self._controller_channel)
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._controller_channel is not self._channel:
+            self._controller_channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request):
+        return call(method, request, timeout=self.timeout)
+
+    # volumes (Controller)
+    def create_volume(self, name: str, size_gb: int, multiattach: bool = False) -> cpb.Volume:
+        return self._call(self.controller.CreateVolume,
+                          cpb.CreateVolumeRequest(name=name, size_gb=size_gb, multiattach=multiattach))
+
+    def get_volume(self, volume_id: str) -> cpb.Volume:
+        return self._call(self.controller.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id))
+
+    def list_volumes(self, page_size: int = 100) -> Iterator[cpb.Volume]:
+        token = ""
+        while True:
+            page = self._call(self.controller.ListVolumes,
+                              cpb.ListVolumesRequest(page_size=page_size, page_token=token))
+            yield from page.volumes
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._call(self.controller.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=volume_id))
+
+    # attachments and servers (Servers facade)
+    def attach_volume(self, server_id: str, volume_id: str, device: str = "", tag: str = "",
+                      delete_on_termination: bool = False,
+                      request_id: str = "") -> spb.VolumeAttachment:
+        return self._call(self.servers.AttachVolume, spb.AttachVolumeRequest(
+            server_id=server_id, volume_id=volume_id, device=device, tag=tag,
+            delete_on_termination=delete_on_termination, request_id=request_id))
+
+    def detach_volume(self, server_id: str, volume_id: str) -> None:
+        self._call(self.servers.DetachVolume,
+                   spb.DetachVolumeRequest(server_id=server_id, volume_id=volume_id))
+
+    def get_attachment(self, server_id: str, volume_id: str) -> spb.VolumeAttachment:
+        return self._call(self.servers.GetVolumeAttachment,
+                          spb.GetVolumeAttachmentRequest(server_id=server_id, volume_id=volume_id))
+
+    def list_attachments(self, server_id: str, page_size: int = 100) -> Iterator[spb.VolumeAttachment]:
+        token = ""
+        while True:
+            page = self._call(self.servers.ListVolumeAttachments, spb.ListVolumeAttachmentsRequest(
+                server_id=server_id, page_size=page_size, page_token=token))
+            yield from page.attachments
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_servers(self, page_size: int = 100) -> Iterator[types_pb2.Server]:
+        token = ""
+        while True:
+            page = self._call(self.servers.ListServers,
+                              spb.ListServersRequest(page_size=page_size, page_token=token))
+            yield from page.servers
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_server(self, server_id: str) -> types_pb2.Server:
+        return self._call(self.servers.GetServer, spb.GetServerRequest(server_id=server_id))

@@ -1,0 +1,71 @@
+"""The Controller's tables. Bound to a database at start-up (server/db.py)."""
+
+from __future__ import annotations
+
+import datetime
+
+import peewee
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = None
+        legacy_table_names = False
+
+
+class Volume(BaseModel):
+    id = peewee.CharField(primary_key=True, max_length=36)
+    name = peewee.CharField(max_length=255, unique=True)
+    size_gb = peewee.IntegerField()
+    multiattach = peewee.BooleanField(default=False)
+    status = peewee.CharField(max_length=32, index=True)
+    attach_status = peewee.CharField(max_length=32, default="detached")
+    path = peewee.CharField(max_length=4096)
+    # CHAP credentials, generated once per volume at its first export; the
+    # secret is encrypted (server/secretbox.py).
+    chap_username = peewee.CharField(max_length=64, null=True)
+    chap_secret = peewee.TextField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "controller_volume"
+        indexes = ((("created_at", "id"), False),)
+
+
+class VolumeAttachment(BaseModel):
+    """One server's reservation or attachment of a volume."""
+    id = peewee.CharField(primary_key=True, max_length=36)
+    volume = peewee.ForeignKeyField(Volume, backref="attachments", on_delete="CASCADE")
+    instance_uuid = peewee.CharField(max_length=36)
+    # reserved -> attached -> detaching; the row goes when the attachment ends
+    attach_status = peewee.CharField(max_length=32)
+    mountpoint = peewee.CharField(max_length=255, default="")
+    attach_mode = peewee.CharField(max_length=2, default="rw")
+    # the connector recorded by ControllerPublishVolume (JSON), NULL when not published
+    connector = peewee.TextField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "controller_volume_attachment"
+        indexes = ((("volume", "instance_uuid"), True),)
+
+
+class Export(BaseModel):
+    """A tgt target the Controller owns; tid is allocated by the database so
+    that it is unique across Controller processes sharing one database."""
+    tid = peewee.AutoField()
+    volume = peewee.ForeignKeyField(Volume, unique=True, on_delete="CASCADE")
+    target_iqn = peewee.CharField(max_length=255)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "controller_export"
+
+
+MODELS = [Volume, VolumeAttachment, Export]

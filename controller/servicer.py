@@ -1,0 +1,108 @@
+"""vmattach.v1.Controller: validate, call VolumeManager, build the answer."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from controller.models import Volume, VolumeAttachment
+from controller.volumes import Connector, ConnectionInfo, VolumeManager
+from server.validate import page_size, require_uuid
+from vmattach.v1 import controller_pb2 as pb
+from vmattach.v1 import controller_pb2_grpc, types_pb2
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+
+
+def _ts(value) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def connector_from_pb(msg: types_pb2.Connector) -> Connector:
+    return Connector(initiator=msg.initiator, ip=msg.ip, host=msg.host, platform=msg.platform,
+                     os_type=msg.os_type, multipath=msg.multipath)
+
+
+def connector_to_pb(c: Connector) -> types_pb2.Connector:
+    return types_pb2.Connector(initiator=c.initiator, ip=c.ip, host=c.host, platform=c.platform,
+                               os_type=c.os_type, multipath=c.multipath)
+
+
+def connection_info_to_pb(info: ConnectionInfo) -> types_pb2.ConnectionInfo:
+    return types_pb2.ConnectionInfo(
+        driver_volume_type=info.driver_volume_type, serial=info.volume_id,
+        data=types_pb2.ConnectionData(
+            target_portal=info.target_portal, target_iqn=info.target_iqn,
+            target_lun=info.target_lun, target_discovered=info.target_discovered,
+            auth_method=info.auth_method, auth_username=info.auth_username,
+            auth_password=info.auth_password, access_mode=info.access_mode,
+            encrypted=info.encrypted, volume_id=info.volume_id))
+
+
+def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment] | None = None) -> pb.Volume:
+    """The public view of a volume: never its CHAP credentials."""
+    msg = pb.Volume(volume_id=volume.id, name=volume.name, size_gb=volume.size_gb,
+                    status=volume.status, attach_status=volume.attach_status,
+                    multiattach=volume.multiattach, created_at=_ts(volume.created_at),
+                    updated_at=_ts(volume.updated_at))
+    for att in attachments if attachments is not None else volume.attachments:
+        record = msg.attachments.add(attachment_id=att.id, server_id=att.instance_uuid,
+                                     mountpoint=att.mountpoint, attach_status=att.attach_status,
+                                     attach_mode=att.attach_mode)
+        connector = Connector.from_json(att.connector)
+        if connector:
+            record.connector.CopyFrom(connector_to_pb(connector))
+    return msg
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, manager: VolumeManager):
+        self.m = manager
+
+    def CreateVolume(self, request, context):
+        return volume_to_pb(self.m.create(request.name, request.size_gb, request.multiattach), [])
+
+    def GetVolume(self, request, context):
+        return volume_to_pb(*self.m.get(require_uuid(request.volume_id, "volume_id")))
+
+    def ListVolumes(self, request, context):
+        volumes, attachments, token = self.m.list(page_size(request.page_size), request.page_token)
+        return pb.ListVolumesResponse(
+            volumes=[volume_to_pb(v, attachments[v.id]) for v in volumes], next_page_token=token)
+
+    def DeleteVolume(self, request, context):
+        self.m.delete(require_uuid(request.volume_id, "volume_id"))
+        return pb.DeleteVolumeResponse()
+
+    def _ids(self, request) -> tuple[str, str]:
+        return (require_uuid(request.volume_id, "volume_id"),
+                require_uuid(request.server_id, "server_id"))
+
+    def ReserveVolume(self, request, context):
+        return volume_to_pb(*self.m.reserve(*self._ids(request)))
+
+    def UnreserveVolume(self, request, context):
+        return volume_to_pb(*self.m.unreserve(*self._ids(request)))
+
+    def ControllerPublishVolume(self, request, context):
+        info = self.m.publish(*self._ids(request), connector_from_pb(request.connector))
+        return pb.ControllerPublishVolumeResponse(connection_info=connection_info_to_pb(info))
+
+    def ControllerUnpublishVolume(self, request, context):
+        self.m.unpublish(*self._ids(request), connector_from_pb(request.connector))
+        return pb.ControllerUnpublishVolumeResponse()
+
+    def MarkAttached(self, request, context):
+        volume_id, server_id = self._ids(request)
+        return volume_to_pb(*self.m.mark_attached(volume_id, server_id, request.mountpoint,
+                                                 request.mode or "rw"))
+
+    def BeginDetaching(self, request, context):
+        return volume_to_pb(*self.m.begin_detaching(*self._ids(request)))
+
+    def RollDetaching(self, request, context):
+        return volume_to_pb(*self.m.roll_detaching(*self._ids(request)))
+
+    def MarkDetached(self, request, context):
+        return volume_to_pb(*self.m.mark_detached(*self._ids(request)))

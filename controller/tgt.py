@@ -1,0 +1,105 @@
+"""tgtd, driven with tgtadm through the injected command runner (what
+Cinder's TgtAdm helper does)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from server.runner import CommandError, CommandRunner
+
+IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
+
+
+@dataclass
+class Target:
+    tid: int
+    iqn: str
+    luns: dict[int, str] = field(default_factory=dict)  # lun -> backing store path
+    accounts: list[str] = field(default_factory=list)
+    acls: list[str] = field(default_factory=list)
+    initiators: list[str] = field(default_factory=list)  # logged in (I_T nexus)
+
+
+def parse_show(text: str) -> dict[int, Target]:
+    """Parse `tgtadm --mode target --op show`."""
+    targets: dict[int, Target] = {}
+    current: Target | None = None
+    section = None
+    lun = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = re.match(r"^Target (\d+): (\S+)$", line)
+        if m:
+            current = Target(int(m.group(1)), m.group(2))
+            targets[current.tid] = current
+            section = None
+            continue
+        if current is None or not line:
+            continue
+        if line.endswith("information:"):
+            section = line.split()[0]  # I_T, LUN, Account, ACL, System
+            continue
+        if section == "I_T" and line.startswith("Initiator:"):
+            current.initiators.append(line.split()[1])
+        elif section == "LUN":
+            if line.startswith("LUN:"):
+                lun = int(line.split()[1])
+            elif line.startswith("Backing store path:") and lun is not None:
+                path = line.split(":", 1)[1].strip()
+                if path != "None":
+                    current.luns[lun] = path
+        elif section == "Account":
+            current.accounts.append(line)
+        elif section == "ACL":
+            current.acls.append(line)
+    return targets
+
+
+class TgtAdm:
+    def __init__(self, runner: CommandRunner, control_port: int = 0):
+        self.runner = runner
+        self.control_port = control_port
+
+    def _run(self, *args: str, secrets=(), check=True):
+        argv = ["tgtadm"]
+        if self.control_port:
+            argv += ["--control-port", str(self.control_port)]
+        argv += ["--lld", "iscsi", *args]
+        return self.runner.run(argv, secrets=secrets, check=check)
+
+    def show(self) -> dict[int, Target]:
+        return parse_show(self._run("--mode", "target", "--op", "show").stdout)
+
+    def create_target(self, tid: int, iqn: str, backing_store: str,
+                      user: str, password: str) -> None:
+        """The target with LUN 1 and a CHAP account bound to it."""
+        self._run("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
+        try:
+            self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
+                      "--lun", "1", "--backing-store", backing_store)
+            self.ensure_account(user, password)
+            self._run("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", user)
+        except CommandError:
+            self.delete_target(tid, user)
+            raise
+
+    def ensure_account(self, user: str, password: str) -> None:
+        listing = self._run("--mode", "account", "--op", "show").stdout.split()
+        if user not in listing:
+            self._run("--mode", "account", "--op", "new", "--user", user,
+                      "--password", password, secrets=[password])
+
+    def delete_target(self, tid: int, user: str | None) -> None:
+        """Remove the target (even with sessions) and its account; missing is OK."""
+        self._run("--mode", "target", "--op", "delete", "--force", "--tid", str(tid), check=False)
+        if user:
+            self._run("--mode", "account", "--op", "delete", "--user", user, check=False)
+
+    def allow(self, tid: int, initiator: str) -> None:
+        self._run("--mode", "target", "--op", "bind", "--tid", str(tid),
+                  "--initiator-name", initiator)
+
+    def disallow(self, tid: int, initiator: str) -> None:
+        self._run("--mode", "target", "--op", "unbind", "--tid", str(tid),
+                  "--initiator-name", initiator, check=False)

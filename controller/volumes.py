@@ -1,0 +1,465 @@
+"""The Controller's logic (Cinder's volume manager and target helper), as
+plain Python: no gRPC here.
+
+Every status change is a compare-and-swap UPDATE on the status it expects;
+the number of rows it changed says who won."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import os
+import re
+import secrets
+import string
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import peewee
+
+from controller.models import Export, Volume, VolumeAttachment, utcnow
+from controller.tgt import IQN_PREFIX, TgtAdm
+from server.db import with_connection, write_transaction
+from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
+                           NotFound)
+from server.locks import KeyedLocks
+from server.secretbox import SecretBox
+
+LOG = logging.getLogger(__name__)
+
+IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+NAME_RE = re.compile(r"^[\w.\- ]{1,255}$")
+CHAP_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class Connector:
+    initiator: str
+    ip: str = ""
+    host: str = ""
+    platform: str = ""
+    os_type: str = ""
+    multipath: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "Connector | None":
+        return cls(**json.loads(text)) if text else None
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """Cinder's connection_info for an iSCSI export (auth_password included:
+    only the attaching caller gets it)."""
+    volume_id: str
+    target_portal: str
+    target_iqn: str
+    auth_username: str
+    auth_password: str = field(repr=False)
+    target_lun: int = 1
+    target_discovered: bool = False
+    auth_method: str = "CHAP"
+    access_mode: str = "rw"
+    encrypted: bool = False
+    driver_volume_type: str = "iscsi"
+
+
+VolumeView = tuple[Volume, list[VolumeAttachment]]
+
+
+def not_found(volume_id: str) -> NotFound:
+    return NotFound(f"Volume {volume_id} could not be found.", reason="VOLUME_NOT_FOUND",
+                    metadata={"volume_id": volume_id})
+
+
+def _token(created_at: datetime.datetime, volume_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{volume_id}".encode()).decode()
+
+
+def _untoken(token: str) -> tuple[datetime.datetime, str]:
+    try:
+        stamp, volume_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.datetime.fromisoformat(stamp), volume_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not valid") from None
+
+
+class VolumeManager:
+    def __init__(self, db: peewee.Database, volume_dir: Path, tgt: TgtAdm,
+                 portal: str, secretbox: SecretBox, max_volume_gb: int = 1024):
+        self.db = db
+        self.volume_dir = Path(volume_dir)
+        self.volume_dir.mkdir(parents=True, exist_ok=True)
+        self.tgt = tgt
+        self.portal = portal
+        self.secretbox = secretbox
+        self.max_volume_gb = max_volume_gb
+        self._export_locks = KeyedLocks()
+
+    # -- reading ---------------------------------------------------------------
+
+    def _get(self, volume_id: str) -> Volume:
+        volume = Volume.get_or_none(Volume.id == volume_id)
+        if volume is None:
+            raise not_found(volume_id)
+        return volume
+
+    @with_connection
+    def get(self, volume_id: str) -> "VolumeView":
+        volume = self._get(volume_id)
+        return volume, list(volume.attachments.order_by(VolumeAttachment.created_at))
+
+    @with_connection
+    def list(self, page_size: int, page_token: str = ""):
+        """One page of volumes in creation order, their attachments fetched in
+        one more query; returns (volumes, attachments by volume id, next token)."""
+        query = Volume.select().order_by(Volume.created_at, Volume.id)
+        if page_token:
+            stamp, last_id = _untoken(page_token)
+            query = query.where(peewee.Tuple(Volume.created_at, Volume.id) > (stamp, last_id))
+        volumes = list(query.limit(page_size + 1))
+        more = len(volumes) > page_size
+        volumes = volumes[:page_size]
+        attachments: dict[str, list[VolumeAttachment]] = {v.id: [] for v in volumes}
+        if volumes:
+            for att in (VolumeAttachment.select()
+                        .where(VolumeAttachment.volume.in_(list(attachments)))
+                        .order_by(VolumeAttachment.created_at)):
+                attachments[att.volume_id].append(att)
+        token = _token(volumes[-1].created_at, volumes[-1].id) if more else ""
+        return volumes, attachments, token
+
+    # -- create / delete -------------------------------------------------------
+
+    @with_connection
+    def create(self, name: str, size_gb: int, multiattach: bool = False) -> Volume:
+        if not NAME_RE.match(name or ""):
+            raise InvalidArgument("name must be 1-255 letters, digits, spaces, '.', '_' or '-'")
+        if not 1 <= size_gb <= self.max_volume_gb:
+            raise InvalidArgument(f"size_gb must be between 1 and {self.max_volume_gb}")
+        existing = Volume.get_or_none(Volume.name == name)
+        if existing is None:
+            volume_id = str(uuid.uuid4())
+            path = self.volume_dir / f"volume-{volume_id}.img"
+            try:
+                volume = Volume.create(id=volume_id, name=name, size_gb=size_gb,
+                                       multiattach=multiattach, status="creating",
+                                       path=str(path))
+            except peewee.IntegrityError:  # a concurrent create of the same name won
+                existing = Volume.get(Volume.name == name)
+            else:
+                try:
+                    with open(path, "xb") as fh:
+                        fh.truncate(size_gb << 30)  # sparse
+                except OSError as exc:
+                    volume.delete_instance()
+                    raise FailedPrecondition(f"cannot create the volume file: {exc.strerror}") from None
+                Volume.update(status="available", updated_at=utcnow()).where(
+                    (Volume.id == volume_id) & (Volume.status == "creating")).execute()
+                LOG.info("created volume %s (%s, %d GiB)", volume_id, name, size_gb)
+                return Volume.get_by_id(volume_id)
+        if existing.size_gb != size_gb or existing.multiattach != multiattach:
+            raise AlreadyExists(
+                f"a volume named {name!r} already exists with size_gb {existing.size_gb}"
+                f" and multiattach {existing.multiattach}", reason="VOLUME_NAME_EXISTS",
+                metadata={"volume_id": existing.id})
+        return existing
+
+    @with_connection
+    def delete(self, volume_id: str) -> None:
+        with write_transaction(self.db):
+            changed = (Volume.update(status="deleting", updated_at=utcnow())
+                       .where((Volume.id == volume_id)
+                              & Volume.status.in_(["available", "error", "creating"])
+                              & ~peewee.fn.EXISTS(VolumeAttachment.select().where(
+                                  VolumeAttachment.volume == Volume.id)))
+                       .execute())
+            if not changed:
+                volume = Volume.get_or_none(Volume.id == volume_id)
+                if volume is None:
+                    return  # deleting a missing volume is not an error
+                raise FailedPrecondition(
+                    f"Invalid volume: Volume status must be available or error to delete,"
+                    f" but the status is {volume.status}.", reason="VOLUME_IN_USE")
+        volume = Volume.get_by_id(volume_id)
+        self._remove_export(volume)
+        try:
+            os.unlink(volume.path)
+        except FileNotFoundError:
+            pass
+        volume.delete_instance()
+        LOG.info("deleted volume %s", volume_id)
+
+    # -- reserve / unreserve ---------------------------------------------------
+
+    def _attached_servers(self, volume_id: str) -> list[str]:
+        return [a.instance_uuid for a in VolumeAttachment.select(VolumeAttachment.instance_uuid)
+                .where(VolumeAttachment.volume == volume_id)]
+
+    @with_connection
+    def reserve(self, volume_id: str, server_id: str) -> "VolumeView":
+        """os-reserve: available -> attaching (in-use -> attaching for multiattach)."""
+        try:
+            with write_transaction(self.db):
+                changed = (Volume.update(status="attaching", attach_status="attaching",
+                                         updated_at=utcnow())
+                           .where((Volume.id == volume_id)
+                                  & ((Volume.status == "available")
+                                     | ((Volume.multiattach == True)  # noqa: E712
+                                        & (Volume.status == "in-use"))))
+                           .execute())
+                if changed:
+                    VolumeAttachment.create(id=str(uuid.uuid4()), volume=volume_id,
+                                            instance_uuid=server_id, attach_status="reserved")
+                    return self.get(volume_id)
+        except peewee.IntegrityError:
+            raise AlreadyExists(f"Invalid volume: volume {volume_id} already attached",
+                                reason="VOLUME_ALREADY_ATTACHED",
+                                metadata={"volume_id": volume_id, "server_id": server_id}) from None
+        volume = self._get(volume_id)
+        if volume.status == "in-use":
+            servers = ", ".join(self._attached_servers(volume_id))
+            raise FailedPrecondition(
+                f"Invalid volume: volume {volume_id} is already attached to instances: {servers}",
+                reason="VOLUME_ALREADY_ATTACHED", metadata={"volume_id": volume_id})
+        raise FailedPrecondition(
+            f"Invalid volume: status must be 'available' (Volume status must be available to"
+            f" reserve, but the status is {volume.status}.)", reason="VOLUME_NOT_AVAILABLE",
+            metadata={"volume_id": volume_id, "status": volume.status})
+
+    def _settle(self, volume_id: str, from_statuses: list[str]) -> None:
+        """After an attachment ended: back to in-use when attachments remain,
+        else available (compare-and-swap on from_statuses)."""
+        remaining = (VolumeAttachment.select()
+                     .where((VolumeAttachment.volume == volume_id)
+                            & (VolumeAttachment.attach_status == "attached")).count())
+        others = (VolumeAttachment.select()
+                  .where(VolumeAttachment.volume == volume_id).count())
+        if remaining:
+            status, attach_status = "in-use", "attached"
+        elif others:
+            status, attach_status = "attaching", "attaching"
+        else:
+            status, attach_status = "available", "detached"
+        (Volume.update(status=status, attach_status=attach_status, updated_at=utcnow())
+         .where((Volume.id == volume_id) & Volume.status.in_(from_statuses)).execute())
+
+    @with_connection
+    def unreserve(self, volume_id: str, server_id: str) -> "VolumeView":
+        """os-unreserve: drop server_id's reservation (and its connection, if
+        it was published); idempotent."""
+        with self._export_locks.hold(volume_id):
+            self._get(volume_id)
+            att = self._attachment(volume_id, server_id)
+            if att is not None and att.attach_status == "reserved":
+                with write_transaction(self.db):
+                    gone = (VolumeAttachment.delete()
+                            .where((VolumeAttachment.id == att.id)
+                                   & (VolumeAttachment.attach_status == "reserved")).execute())
+                    if gone:
+                        self._settle(volume_id, ["attaching"])
+                if gone and att.connector:
+                    self._revoke(volume_id, Connector.from_json(att.connector).initiator)
+            return self.get(volume_id)
+
+    # -- publish / unpublish (initialize / terminate connection) ------------------
+
+    def _attachment(self, volume_id: str, server_id: str) -> VolumeAttachment | None:
+        return VolumeAttachment.get_or_none((VolumeAttachment.volume == volume_id)
+                                            & (VolumeAttachment.instance_uuid == server_id))
+
+    @with_connection
+    def publish(self, volume_id: str, server_id: str, connector: Connector) -> ConnectionInfo:
+        """os-initialize_connection."""
+        if not connector.initiator:
+            raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
+        if not IQN_RE.match(connector.initiator):
+            raise InvalidArgument(f"connector.initiator {connector.initiator[:80]!r} is not an iSCSI name")
+        with self._export_locks.hold(volume_id):
+            volume = self._get(volume_id)
+            att = self._attachment(volume_id, server_id)
+            if att is None or att.attach_status not in ("reserved", "attached"):
+                raise FailedPrecondition(
+                    f"Invalid volume: volume {volume_id} is not reserved for instance {server_id}",
+                    reason="VOLUME_NOT_RESERVED")
+            volume, export = self._ensure_export(volume)
+            self.tgt.allow(export.tid, connector.initiator)
+            (VolumeAttachment.update(connector=connector.to_json(), updated_at=utcnow())
+             .where(VolumeAttachment.id == att.id).execute())
+            return ConnectionInfo(
+                volume_id=volume_id, target_portal=self.portal, target_iqn=export.target_iqn,
+                auth_username=volume.chap_username,
+                auth_password=self.secretbox.decrypt(volume.chap_secret))
+
+    def _ensure_export(self, volume: Volume) -> tuple[Volume, Export]:
+        """The volume's target on tgtd, created when missing (caller holds the
+        volume's export lock)."""
+        if volume.chap_username is None:
+            user = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
+            password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
+            (Volume.update(chap_username=user, chap_secret=self.secretbox.encrypt(password))
+             .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
+            volume = Volume.get_by_id(volume.id)
+        export = Export.get_or_none(Export.volume == volume.id)
+        if export is None:
+            export = Export.create(volume=volume.id, target_iqn=IQN_PREFIX + volume.id)
+        if export.tid not in self.tgt.show():
+            self._create_target(volume, export)
+        return volume, export
+
+    def _create_target(self, volume: Volume, export: Export) -> None:
+        self.tgt.create_target(export.tid, export.target_iqn, volume.path,
+                               volume.chap_username, self.secretbox.decrypt(volume.chap_secret))
+        LOG.info("exported volume %s as %s (tid %d)", volume.id, export.target_iqn, export.tid)
+
+    def _remove_export(self, volume: Volume) -> None:
+        export = Export.get_or_none(Export.volume == volume.id)
+        if export is not None:
+            self.tgt.delete_target(export.tid, volume.chap_username)
+            export.delete_instance()
+            LOG.info("removed export of volume %s", volume.id)
+
+    @with_connection
+    def unpublish(self, volume_id: str, server_id: str, connector: Connector) -> None:
+        """os-terminate_connection; idempotent."""
+        with self._export_locks.hold(volume_id):
+            if Volume.get_or_none(Volume.id == volume_id) is None:
+                return
+            (VolumeAttachment.update(connector=None, updated_at=utcnow())
+             .where((VolumeAttachment.volume == volume_id)
+                    & (VolumeAttachment.instance_uuid == server_id)
+                    & VolumeAttachment.connector.is_null(False)).execute())
+            self._revoke(volume_id, connector.initiator)
+
+    def _revoke(self, volume_id: str, initiator: str) -> None:
+        """Take initiator off the target unless an attachment still uses it;
+        remove the export when no attachment is published any more (caller
+        holds the volume's export lock)."""
+        export = Export.get_or_none(Export.volume == volume_id)
+        if export is None:
+            return
+        users = {Connector.from_json(a.connector).initiator for a in
+                 VolumeAttachment.select(VolumeAttachment.connector)
+                 .where((VolumeAttachment.volume == volume_id)
+                        & VolumeAttachment.connector.is_null(False))}
+        if not users:
+            self._remove_export(Volume.get_by_id(volume_id))
+        elif initiator and initiator not in users:
+            self.tgt.disallow(export.tid, initiator)
+
+    # -- attach bookkeeping ------------------------------------------------------
+
+    @with_connection
+    def mark_attached(self, volume_id: str, server_id: str, mountpoint: str, mode: str) -> "VolumeView":
+        """os-attach: attaching -> in-use."""
+        if mode not in ("rw", "ro"):
+            raise InvalidArgument("mode must be 'rw' or 'ro'")
+        with write_transaction(self.db):
+            self._get(volume_id)
+            att = self._attachment(volume_id, server_id)
+            if att is not None and att.attach_status == "attached" and att.mountpoint == mountpoint:
+                return self.get(volume_id)
+            changed = (VolumeAttachment.update(attach_status="attached", mountpoint=mountpoint,
+                                               attach_mode=mode, updated_at=utcnow())
+                       .where((VolumeAttachment.volume == volume_id)
+                              & (VolumeAttachment.instance_uuid == server_id)
+                              & (VolumeAttachment.attach_status == "reserved")).execute())
+            if changed:
+                changed = (Volume.update(status="in-use", attach_status="attached",
+                                         updated_at=utcnow())
+                           .where((Volume.id == volume_id) & (Volume.status == "attaching"))
+                           .execute())
+            if not changed:
+                raise FailedPrecondition(
+                    f"Invalid volume: volume {volume_id} is not being attached to instance {server_id}",
+                    reason="VOLUME_NOT_RESERVED")
+            return self.get(volume_id)
+
+    def _detach_precondition(self) -> FailedPrecondition:
+        return FailedPrecondition(
+            "Unable to detach volume. Volume status must be 'in-use' and attach_status must be"
+            " 'attached' to detach.", reason="VOLUME_NOT_ATTACHED")
+
+    @with_connection
+    def begin_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
+        """os-begin_detaching: in-use -> detaching."""
+        with write_transaction(self.db):
+            self._get(volume_id)
+            att = self._attachment(volume_id, server_id)
+            if att is not None and att.attach_status == "detaching":
+                return self.get(volume_id)
+            if att is None or att.attach_status != "attached":
+                raise self._detach_precondition()
+            changed = (Volume.update(status="detaching", updated_at=utcnow())
+                       .where((Volume.id == volume_id) & (Volume.status == "in-use")
+                              & (Volume.attach_status == "attached")).execute())
+            if not changed:
+                raise self._detach_precondition()
+            (VolumeAttachment.update(attach_status="detaching", updated_at=utcnow())
+             .where(VolumeAttachment.id == att.id).execute())
+            return self.get(volume_id)
+
+    @with_connection
+    def roll_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
+        """os-roll_detaching: detaching -> in-use; idempotent."""
+        with write_transaction(self.db):
+            self._get(volume_id)
+            rolled = (VolumeAttachment.update(attach_status="attached", updated_at=utcnow())
+                      .where((VolumeAttachment.volume == volume_id)
+                             & (VolumeAttachment.instance_uuid == server_id)
+                             & (VolumeAttachment.attach_status == "detaching")).execute())
+            if rolled:
+                (Volume.update(status="in-use", updated_at=utcnow())
+                 .where((Volume.id == volume_id) & (Volume.status == "detaching")).execute())
+            return self.get(volume_id)
+
+    @with_connection
+    def mark_detached(self, volume_id: str, server_id: str) -> "VolumeView":
+        """os-detach: ends server_id's attachment; idempotent."""
+        with write_transaction(self.db):
+            self._get(volume_id)
+            gone = (VolumeAttachment.delete()
+                    .where((VolumeAttachment.volume == volume_id)
+                           & (VolumeAttachment.instance_uuid == server_id)
+                           & VolumeAttachment.attach_status.in_(["attached", "detaching"]))
+                    .execute())
+            if gone:
+                self._settle(volume_id, ["detaching", "in-use"])
+            return self.get(volume_id)
+
+    # -- start-up ---------------------------------------------------------------
+
+    @with_connection
+    def ensure_exports(self) -> int:
+        """Re-create the targets the database says exist (a restarted tgtd has
+        none) with their ACLs, and remove our targets that no export owns.
+        Returns the number of targets re-created."""
+        present = self.tgt.show()
+        owned = set()
+        created = 0
+        for export in Export.select(Export, Volume).join(Volume):
+            owned.add(export.tid)
+            with self._export_locks.hold(export.volume.id):
+                if export.tid not in present:
+                    self._create_target(export.volume, export)
+                    created += 1
+                    present_acls: list[str] = []
+                else:
+                    present_acls = present[export.tid].acls
+                for att in VolumeAttachment.select().where(
+                        (VolumeAttachment.volume == export.volume.id)
+                        & VolumeAttachment.connector.is_null(False)):
+                    initiator = Connector.from_json(att.connector).initiator
+                    if initiator not in present_acls:
+                        self.tgt.allow(export.tid, initiator)
+                        present_acls = [*present_acls, initiator]
+        for tid, target in present.items():
+            if tid not in owned and target.iqn.startswith(IQN_PREFIX):
+                LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
+                self.tgt.delete_target(tid, None)
+        return created

@@ -1,0 +1,109 @@
+"""`vmattach serve`: the services of one process on one listening port."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from server.config import Settings
+from server.grpcutil import Service, new_server, start_server
+from server.runner import CommandRunner
+
+LOG = logging.getLogger(__name__)
+
+
+def build_controller(settings: Settings, runner: CommandRunner) -> Service:
+    from controller.models import MODELS
+    from controller.servicer import SERVICE_NAME, ControllerServicer
+    from controller.tgt import TgtAdm
+    from controller.volumes import VolumeManager
+    from server.db import open_database
+    from server.secretbox import SecretBox
+    from vmattach.v1 import controller_pb2_grpc
+
+    db = open_database(settings.database_url_for("controller"), MODELS)
+    manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
+                            settings.tgt_portal, SecretBox.from_state_dir(settings.state_dir),
+                            settings.max_volume_gb)
+    restored = manager.ensure_exports()
+    if restored:
+        LOG.info("re-created %d tgt exports", restored)
+    return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
+                   ControllerServicer(manager), on_stop=[db.close])
+
+
+def build_node(settings: Settings, runner: CommandRunner) -> Service:
+    from node.app import build
+    return build(settings, runner)
+
+
+def build_servers(settings: Settings, own_address: str) -> Service:
+    from server.facade_app import build
+    return build(settings, own_address)
+
+
+def build_services(settings: Settings, own_address: str,
+                   runner: CommandRunner | None = None) -> list[Service]:
+    runner = runner or CommandRunner()
+    names = settings.service_list()
+    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    services = []
+    if "controller" in names:
+        services.append(build_controller(settings, runner))
+    if "node" in names:
+        services.append(build_node(settings, runner))
+    if "servers" in names:
+        services.append(build_servers(settings, own_address))
+    return services
+
+
+class Running:
+    """A started vmattach server: its port, services and a stop()."""
+
+    def __init__(self, server: grpc.Server, port: int, services: list[Service]):
+        self.server, self.port, self.services = server, port, services
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace).wait()
+        for svc in self.services:
+            for hook in svc.on_stop:
+                hook()
+
+
+def start(settings: Settings, runner: CommandRunner | None = None) -> Running:
+    """Bind, build the services (the facade talks to this process's own port
+    when no other address is configured), start."""
+    server, port = new_server(settings.listen)
+    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    services = build_services(settings, f"{host}:{port}", runner)
+    start_server(server, services)
+    return Running(server, port, services)
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    running = start(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    print(f"listening on {host}:{running.port}", flush=True)
+    LOG.info("serving %s on port %d (pid %d)", settings.services, running.port, os.getpid())
+    stopped = threading.Event()
+
+    def on_signal(signum, frame):
+        LOG.info("signal %d: stopping", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    running.stop()
+    LOG.info("stopped")
+    return 0

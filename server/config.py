@@ -1,0 +1,105 @@
+"""Settings of `vmattach serve`: defaults < TOML file (--config) <
+environment (VMATTACH_<NAME>) < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from server.errors import InvalidArgument
+
+SERVICES = ("controller", "node", "servers")
+
+
+def _opt(default, help, type=str):
+    return field(default=default, metadata={"help": help, "type": type})
+
+
+@dataclass
+class Settings:
+    services: str = _opt(",".join(SERVICES), "comma-separated services to run in this process")
+    listen: str = _opt("127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free port")
+    state_dir: str = _opt("/var/lib/vmattach", "directory for databases, keys and volumes")
+    database_url: str = _opt("", "database URL (default: SQLite files in the state directory)")
+    log_level: str = _opt("INFO", "logging level")
+    # Controller
+    volume_dir: str = _opt("", "directory of the volume files (default: STATE_DIR/volumes)")
+    tgt_portal: str = _opt("127.0.0.1:3260", "HOST:PORT of the tgtd iSCSI portal")
+    tgt_control_port: int = _opt(0, "tgtd control port (tgtadm --control-port)", int)
+    max_volume_gb: int = _opt(1024, "largest volume CreateVolume accepts, in GiB", int)
+    # Node
+    node_id: str = _opt("", "this node's id (default: the host name)")
+    libvirt_uri: str = _opt("qemu:///system", "libvirt connection URI")
+    initiator_iqn: str = _opt("", "initiator IQN when /etc/iscsi/initiatorname.iscsi is absent")
+    node_ip: str = _opt("127.0.0.1", "this host's IP address in the connector")
+    iscsi_connector: str = _opt("qemu", "iSCSI initiator for iscsi volumes: qemu or kernel")
+    max_volumes_per_server: int = _opt(26, "most volumes one server may have", int)
+    detach_timeout: float = _opt(10.0, "seconds to wait for the guest to release a disk", float)
+    detach_retries: int = _opt(3, "detach attempts before giving up", int)
+    # Servers facade
+    controller_address: str = _opt("", "HOST:PORT of the Controller (default: this process)")
+    nodes: str = _opt("", "NODE_ID=HOST:PORT,... of the Nodes (default: this process's node)")
+    server_refresh_interval: float = _opt(30.0, "seconds between refreshes of the server list", float)
+    fault_injection: str = _opt("", "tests only: STEP[:ACTION],... steps to make fail")
+
+    def service_list(self) -> list[str]:
+        names = [s.strip() for s in self.services.split(",") if s.strip()]
+        unknown = sorted(set(names) - set(SERVICES))
+        if unknown or not names:
+            raise InvalidArgument(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
+        return names
+
+    def database_url_for(self, service: str) -> str:
+        return self.database_url or f"sqlite:///{Path(self.state_dir) / (service + '.db')}"
+
+    def volume_path(self) -> Path:
+        return Path(self.volume_dir or Path(self.state_dir) / "volumes")
+
+
+def _env_name(name: str) -> str:
+    return "VMATTACH_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=os.environ.get("VMATTACH_CONFIG"),
+                        help="TOML file with settings (env VMATTACH_CONFIG)")
+    for f in fields(Settings):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            type=f.metadata["type"],
+                            help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})")
+
+
+def load(args: argparse.Namespace | None = None, environ=None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    config = getattr(args, "config", None) if args else environ.get("VMATTACH_CONFIG")
+    known = {f.name: f for f in fields(Settings)}
+    if config:
+        try:
+            with open(config, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"cannot read config file {config}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise InvalidArgument(f"unknown setting {key!r} in {config}")
+            values[name] = value
+    for name, f in known.items():
+        if _env_name(name) in environ:
+            values[name] = environ[_env_name(name)]
+        if args is not None and getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    for name, value in values.items():
+        typ = known[name].metadata["type"]
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        try:
+            values[name] = typ(value)
+        except ValueError:
+            raise InvalidArgument(f"setting {name}: {value!r} is not a valid {typ.__name__}") from None
+    return dataclasses.replace(Settings(), **values)

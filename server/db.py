@@ -1,0 +1,65 @@
+"""peewee set-up shared by the services that keep a database.
+
+Each service owns its own Database object, opened at start-up from a URL
+(never at import time) and bound to that service's models only."""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import peewee
+from playhouse.db_url import connect
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "foreign_keys": 1,
+    "busy_timeout": 30000,
+    "synchronous": "normal",
+}
+
+
+def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Database:
+    """Connect lazily to url (sqlite:///path, postgresql://..., postgres+pool://...),
+    bind the models to it and create their tables."""
+    if url.startswith("sqlite"):
+        db = connect(url, pragmas=SQLITE_PRAGMAS, autoconnect=False,
+                     check_same_thread=False)
+    else:
+        db = connect(url, autoconnect=False)
+    models = list(models)
+    db.bind(models, bind_refs=False, bind_backrefs=False)
+    with db.connection_context():
+        db.create_tables(models, safe=True)
+    return db
+
+
+def is_sqlite(db: peewee.Database) -> bool:
+    return isinstance(db, peewee.SqliteDatabase)
+
+
+def write_transaction(db: peewee.Database):
+    """A transaction for a multi-row write. On SQLite it takes the write lock
+    at BEGIN, so two writers wait for each other instead of failing."""
+    if is_sqlite(db):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
+def with_connection(method):
+    """Decorate a method of an object with a `db` attribute: one connection
+    for the duration of the call (one request), closed afterwards; nested
+    calls reuse the open connection."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        db = self.db
+        if not db.is_closed():
+            return method(self, *args, **kwargs)
+        db.connect()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            db.close()
+
+    return wrapper

@@ -1,0 +1,42 @@
+"""Copies of protobuf messages with their secret fields blanked, for logs.
+
+A field is secret when the .proto marks it [debug_redact = true]."""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+REDACTED = "***"
+
+
+def _scrub(msg: Message) -> None:
+    for field, value in msg.ListFields():
+        if field.GetOptions().debug_redact:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                setattr(msg, field.name, REDACTED)
+            else:
+                msg.ClearField(field.name)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                continue
+            if field.label == FieldDescriptor.LABEL_REPEATED:
+                for item in value:
+                    _scrub(item)
+            else:
+                _scrub(value)
+
+
+def redacted(msg: Message) -> Message:
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    _scrub(copy)
+    return copy
+
+
+def mask(text: str, secrets) -> str:
+    """Replace every occurrence of each secret in text."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
