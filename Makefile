@@ -38,7 +38,7 @@ proto: $(GEN_STAMP)
 # Everything: the host set-up, the venv, the generated code, all tests.
 test: host proto
 	bash scripts/build-test-guest.sh
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	VMATTACH_REQUIRE_REALSTACK=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Only the tests that need no real daemons.
 unit: proto
