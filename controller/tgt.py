@@ -97,8 +97,13 @@ class TgtAdm:
             self._run("--mode", "account", "--op", "delete", "--user", user, check=False)
 
     def allow(self, tid: int, initiator: str) -> None:
-        self._run("--mode", "target", "--op", "bind", "--tid", str(tid),
-                  "--initiator-name", initiator)
+        """Authorise initiator on the target; already authorised is OK
+        (tgtadm answers rc 22 "this access control rule already exists")."""
+        args = ("--mode", "target", "--op", "bind", "--tid", str(tid),
+                "--initiator-name", initiator)
+        result = self._run(*args, check=False)
+        if result.returncode != 0 and "already exists" not in result.stderr + result.stdout:
+            raise CommandError(["tgtadm", "--lld", "iscsi", *args], result)
 
     def disallow(self, tid: int, initiator: str) -> None:
         self._run("--mode", "target", "--op", "unbind", "--tid", str(tid),

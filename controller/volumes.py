@@ -138,7 +138,7 @@ class VolumeManager:
 
     @with_connection
     def create(self, name: str, size_gb: int, multiattach: bool = False) -> Volume:
-        if not NAME_RE.match(name or ""):
+        if not NAME_RE.fullmatch(name or ""):
             raise InvalidArgument("name must be 1-255 letters, digits, spaces, '.', '_' or '-'")
         if not 1 <= size_gb <= self.max_volume_gb:
             raise InvalidArgument(f"size_gb must be between 1 and {self.max_volume_gb}")
@@ -278,7 +278,7 @@ class VolumeManager:
         """os-initialize_connection."""
         if not connector.initiator:
             raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
-        if not IQN_RE.match(connector.initiator):
+        if not IQN_RE.fullmatch(connector.initiator):
             raise InvalidArgument(f"connector.initiator {connector.initiator[:80]!r} is not an iSCSI name")
         with self._export_locks.hold(volume_id):
             volume = self._get(volume_id)

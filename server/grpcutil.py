@@ -13,12 +13,13 @@ from typing import Callable, Iterable
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from server.errors import DOMAIN, VmattachError, error_class, status_code
+from server.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
 from server.redact import redacted
 
 LOG = logging.getLogger(__name__)
@@ -42,11 +43,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         method = handler_call_details.method
+        deserialize = handler.request_deserializer
 
         def unary(request, context):
             start = time.perf_counter()
             outcome = "OK"
             try:
+                if deserialize is not None:  # here, so that garbage is INVALID_ARGUMENT, not INTERNAL
+                    try:
+                        request = deserialize(request)
+                    except DecodeError:
+                        raise InvalidArgument(f"the request is not a valid {method} message",
+                                              reason="MALFORMED_REQUEST") from None
                 return inner(request, context)
             except VmattachError as exc:
                 code = status_code(exc)
@@ -64,7 +72,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     LOG.info("%s %s %.1fms", method, outcome, (time.perf_counter() - start) * 1000)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=handler.request_deserializer,
+            unary, request_deserializer=None,
             response_serializer=handler.response_serializer)
 
 

@@ -1,0 +1,77 @@
+"""libvirt XML for the Node, built and read with ElementTree only (user
+input never goes through string formatting)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from node.hypervisor import (BlockSource, Disk, DiskSource, DiskSpec, FileSource, IscsiSource,
+                             SecretSpec)
+
+
+def _source(disk: ET.Element, source: DiskSource) -> str:
+    """Add the <source> (and <auth>) of source to disk; returns the disk type."""
+    if isinstance(source, IscsiSource):
+        src = ET.SubElement(disk, "source", protocol="iscsi",
+                            name=f"{source.target_iqn}/{source.lun}")
+        ET.SubElement(src, "host", name=source.host, port=str(source.port))
+        initiator = ET.SubElement(src, "initiator")
+        ET.SubElement(initiator, "iqn", name=source.initiator_iqn)
+        if source.auth_username:
+            auth = ET.SubElement(disk, "auth", username=source.auth_username)
+            ET.SubElement(auth, "secret", type="iscsi", usage=source.secret_usage)
+        return "network"
+    if isinstance(source, BlockSource):
+        ET.SubElement(disk, "source", dev=source.path)
+        return "block"
+    if isinstance(source, FileSource):
+        ET.SubElement(disk, "source", file=source.path)
+        return "file"
+    raise TypeError(f"unknown disk source {type(source).__name__}")
+
+
+def disk_xml(spec: DiskSpec) -> str:
+    """The <disk> element of spec (Nova's LibvirtConfigGuestDisk)."""
+    disk = ET.Element("disk", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="raw", cache=spec.cache)
+    disk.set("type", _source(disk, spec.source))
+    ET.SubElement(disk, "target", dev=spec.device, bus=spec.bus)
+    ET.SubElement(disk, "serial").text = spec.serial
+    ET.SubElement(disk, "alias", name=spec.alias)
+    if spec.readonly:
+        ET.SubElement(disk, "readonly")
+    return ET.tostring(disk, encoding="unicode")
+
+
+def secret_xml(spec: SecretSpec) -> str:
+    secret = ET.Element("secret", ephemeral="no", private="yes")
+    if spec.description:
+        ET.SubElement(secret, "description").text = spec.description
+    usage = ET.SubElement(secret, "usage", type="iscsi")
+    ET.SubElement(usage, "target").text = spec.usage
+    return ET.tostring(secret, encoding="unicode")
+
+
+def _disk(el: ET.Element) -> Disk:
+    target = el.find("target")
+    alias = el.find("alias")
+    return Disk(device=target.get("dev", "") if target is not None else "",
+                bus=target.get("bus", "") if target is not None else "",
+                serial=(el.findtext("serial") or "").strip(),
+                alias=alias.get("name", "") if alias is not None else "")
+
+
+def parse_disks(domain_xml: str) -> tuple[Disk, ...]:
+    """The disks of a domain XML, in document order."""
+    root = ET.fromstring(domain_xml)
+    return tuple(_disk(el) for el in root.iterfind("devices/disk"))
+
+
+def find_disk_xml(domain_xml: str, device: str) -> str | None:
+    """The <disk> element whose target is device, as XML; None when absent."""
+    root = ET.fromstring(domain_xml)
+    for el in root.iterfind("devices/disk"):
+        target = el.find("target")
+        if target is not None and target.get("dev") == device:
+            return ET.tostring(el, encoding="unicode")
+    return None

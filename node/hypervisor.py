@@ -1,0 +1,152 @@
+"""The hypervisor as the Node sees it: typed values and the interface that
+node/libvirt_hypervisor.py (the real one) and node/fake_hypervisor.py (a fake
+for unit tests and benchmarks) implement. Nothing here imports libvirt."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+
+# libvirt's domain states, by name (Server.state in the API).
+STATES = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
+          "pmsuspended")
+
+BUS_BY_PREFIX = {"vd": "virtio", "sd": "scsi", "hd": "ide"}
+PREFIX_BY_BUS = {bus: prefix for prefix, bus in BUS_BY_PREFIX.items()}
+DEFAULT_PREFIX = "vd"
+USER_ALIAS_PREFIX = "ua-"
+
+
+def volume_alias(volume_id: str) -> str:
+    """The libvirt user alias of a volume's disk (libvirt wants "ua-" first)."""
+    return USER_ALIAS_PREFIX + volume_id
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One <disk> of a domain as libvirt reports it."""
+    device: str            # target dev, "vdb"
+    bus: str               # "virtio", "scsi", "ide", ...
+    serial: str = ""
+    alias: str = ""        # "ua-<volume id>" for vmattach disks; libvirt's own otherwise
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A domain (server): disks are the live ones when it runs, else the
+    persistent config's."""
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    persistent: bool
+    disks: tuple[Disk, ...] = ()
+
+    def disk_of_volume(self, volume_id: str) -> Disk | None:
+        alias = volume_alias(volume_id)
+        return next((d for d in self.disks if d.serial == volume_id or d.alias == alias), None)
+
+    def disk_named(self, device: str) -> Disk | None:
+        return next((d for d in self.disks if d.device == device), None)
+
+    @property
+    def root_disk(self) -> Disk | None:
+        """The first disk vmattach did not attach (empty for a diskless server)."""
+        return next((d for d in self.disks if not d.alias.startswith(USER_ALIAS_PREFIX)), None)
+
+    @property
+    def device_prefix(self) -> str:
+        root = self.root_disk
+        return PREFIX_BY_BUS.get(root.bus, DEFAULT_PREFIX) if root else DEFAULT_PREFIX
+
+
+# Where a disk's bytes come from ---------------------------------------------------
+
+@dataclass(frozen=True)
+class IscsiSource:
+    """QEMU's own iSCSI initiator (<disk type='network'>)."""
+    target_iqn: str
+    lun: int
+    host: str
+    port: int
+    initiator_iqn: str
+    auth_username: str = ""
+    secret_usage: str = ""  # libvirt secret of usage type iscsi with the CHAP password
+
+
+@dataclass(frozen=True)
+class BlockSource:
+    """A host block device (<disk type='block'>)."""
+    path: str
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A host file (<disk type='file'>)."""
+    path: str
+
+
+DiskSource = IscsiSource | BlockSource | FileSource
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk to attach."""
+    device: str
+    bus: str
+    serial: str
+    alias: str
+    source: DiskSource
+    cache: str = "none"
+    readonly: bool = False
+
+
+class DetachOutcome(enum.Enum):
+    REMOVED = "removed"        # DEVICE_REMOVED arrived, or the disk is gone
+    FAILED = "failed"          # DEVICE_REMOVAL_FAILED arrived
+    TIMED_OUT = "timed_out"    # no event before the deadline
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """A private, non-ephemeral libvirt secret of usage type iscsi."""
+    usage: str
+    value: bytes = field(repr=False)
+    description: str = ""
+
+
+class Hypervisor(abc.ABC):
+    """What the Node needs from a hypervisor. Errors: NotFound for an unknown
+    domain, BackendError (no secret in its message) for anything else."""
+
+    @abc.abstractmethod
+    def list_domains(self) -> list[Domain]: ...
+
+    @abc.abstractmethod
+    def get_domain(self, server_id: str) -> Domain: ...
+
+    @abc.abstractmethod
+    def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
+        """Attach to the live domain and/or its persistent config."""
+
+    @abc.abstractmethod
+    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
+                    timeout: float) -> DetachOutcome:
+        """Detach `device` from the persistent config (when there) and from the
+        live domain (when there), waiting up to timeout seconds for the live
+        removal to complete."""
+
+    @abc.abstractmethod
+    def define_secret(self, spec: SecretSpec) -> None:
+        """Create the secret or, when it exists, set its value again."""
+
+    @abc.abstractmethod
+    def undefine_secret(self, usage: str) -> bool:
+        """Remove the secret; False when there was none."""
+
+    @abc.abstractmethod
+    def has_secret(self, usage: str) -> bool: ...
+
+    def close(self) -> None:
+        """Release connections; the default has none."""

@@ -1,0 +1,29 @@
+"""Assembles the servers facade from settings."""
+
+from __future__ import annotations
+
+from server.config import Settings
+from server.db import open_database
+from server.facade import Facade
+from server.facade_servicer import SERVICE_NAME, ServersServicer
+from server.faults import Faults
+from server.grpcutil import Service, channel
+from server.models import MODELS
+from server.nodes import NodeDirectory
+from server.secretbox import SecretBox
+from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
+
+
+def build(settings: Settings, own_address: str) -> Service:
+    db = open_database(settings.database_url_for("servers"), MODELS)
+    addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
+    nodes = NodeDirectory(db, addresses or [own_address])
+    controller_channel = channel(settings.controller_address or own_address)
+    facade = Facade(db, controller_pb2_grpc.ControllerStub(controller_channel), nodes,
+                    SecretBox.from_state_dir(settings.state_dir, "servers-secret.key"),
+                    Faults(settings.fault_injection),
+                    max_volumes_per_server=settings.max_volumes_per_server)
+    nodes.run_periodic(settings.server_refresh_interval)
+    return Service(SERVICE_NAME, servers_pb2_grpc.add_ServersServicer_to_server,
+                   ServersServicer(facade),
+                   on_stop=[nodes.close, controller_channel.close, db.close])

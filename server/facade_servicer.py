@@ -1,0 +1,78 @@
+"""vmattach.v1.Servers: validate, call the Facade, build the answer."""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import timestamp_pb2
+
+from server.facade import AttachRequest, Deadline, Facade, guest_path_hint
+from server.models import BlockDeviceMapping, ServerRecord
+from server.validate import page_size, require_uuid
+from vmattach.v1 import servers_pb2 as pb
+from vmattach.v1 import servers_pb2_grpc, types_pb2
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Servers"].full_name
+
+
+def _ts(value) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    if value is not None:
+        ts.FromDatetime(value)
+    return ts
+
+
+def attachment_to_pb(bdm: BlockDeviceMapping) -> pb.VolumeAttachment:
+    prefix = bdm.device_name.removeprefix("/dev/")[:2]
+    return pb.VolumeAttachment(
+        attachment_id=bdm.attachment_id, server_id=bdm.instance_uuid, volume_id=bdm.volume_id,
+        device=bdm.device_name, tag=bdm.tag or "",
+        delete_on_termination=bdm.delete_on_termination,
+        guest_path_hint=guest_path_hint(prefix, bdm.volume_id), state=bdm.state,
+        created_at=_ts(bdm.created_at))
+
+
+def server_to_pb(record: ServerRecord) -> types_pb2.Server:
+    return types_pb2.Server(
+        server_id=record.server_id, name=record.name, state=record.state,
+        device_prefix=record.device_prefix, root_device=record.root_device,
+        disks=[types_pb2.ServerDisk(**d) for d in json.loads(record.disks)],
+        node_id=record.node_id, updated_at=_ts(record.updated_at))
+
+
+class ServersServicer(servers_pb2_grpc.ServersServicer):
+    def __init__(self, facade: Facade):
+        self.f = facade
+
+    def AttachVolume(self, request, context):
+        req = AttachRequest(
+            server_id=require_uuid(request.server_id, "server_id"),
+            volume_id=require_uuid(request.volume_id, "volume_id"),
+            device=request.device, tag=request.tag,
+            delete_on_termination=request.delete_on_termination,
+            request_id=request.request_id and require_uuid(request.request_id, "request_id"))
+        return attachment_to_pb(self.f.attach(req, Deadline.of(context, self.f.call_cap)))
+
+    def DetachVolume(self, request, context):
+        self.f.detach(require_uuid(request.server_id, "server_id"),
+                      require_uuid(request.volume_id, "volume_id"),
+                      Deadline.of(context, self.f.call_cap))
+        return pb.DetachVolumeResponse()
+
+    def GetVolumeAttachment(self, request, context):
+        return attachment_to_pb(self.f.get(require_uuid(request.server_id, "server_id"),
+                                           require_uuid(request.volume_id, "volume_id")))
+
+    def ListVolumeAttachments(self, request, context):
+        rows, token = self.f.list(require_uuid(request.server_id, "server_id"),
+                                  page_size(request.page_size), request.page_token)
+        return pb.ListVolumeAttachmentsResponse(
+            attachments=[attachment_to_pb(b) for b in rows], next_page_token=token)
+
+    def ListServers(self, request, context):
+        rows, token = self.f.nodes.list_servers(page_size(request.page_size), request.page_token)
+        return pb.ListServersResponse(servers=[server_to_pb(r) for r in rows],
+                                      next_page_token=token)
+
+    def GetServer(self, request, context):
+        return server_to_pb(self.f.nodes.server(require_uuid(request.server_id, "server_id")))

@@ -1,0 +1,73 @@
+"""The servers facade's tables: Nova's block_device_mapping and the cache of
+servers reported by the nodes."""
+
+from __future__ import annotations
+
+import peewee
+
+from controller.models import utcnow
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = None
+        legacy_table_names = False
+
+
+class BlockDeviceMapping(BaseModel):
+    """Nova's columns, plus the attach/detach state and its progress.
+
+    Like Nova, `deleted` is 0 for a live row and the row's id once
+    soft-deleted, so the unique indexes below hold among live rows only."""
+    id = peewee.AutoField()
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(null=True)
+    deleted_at = peewee.DateTimeField(null=True)
+    deleted = peewee.IntegerField(default=0)
+    device_name = peewee.CharField(max_length=255)
+    volume_id = peewee.CharField(max_length=36)
+    volume_size = peewee.IntegerField(null=True)
+    # JSON; the CHAP secret in it is encrypted (server/secretbox.py)
+    connection_info = peewee.TextField(null=True)
+    instance_uuid = peewee.CharField(max_length=36)
+    source_type = peewee.CharField(max_length=255, default="volume")
+    destination_type = peewee.CharField(max_length=255, default="volume")
+    delete_on_termination = peewee.BooleanField(default=False)
+    snapshot_id = peewee.CharField(max_length=36, null=True)
+    no_device = peewee.BooleanField(null=True)
+    tag = peewee.CharField(max_length=255, null=True)
+    attachment_id = peewee.CharField(max_length=36, unique=True)
+    # attaching -> attached -> detaching -> (soft-deleted)
+    state = peewee.CharField(max_length=16, index=True)
+    # the last saga step that completed (for recovery after a crash)
+    progress = peewee.CharField(max_length=32, default="")
+    request_id = peewee.CharField(max_length=36, null=True)
+    node_id = peewee.CharField(max_length=255, null=True)
+    # the node's connector (JSON), needed to terminate the connection
+    connector = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "block_device_mapping"
+        indexes = (
+            (("instance_uuid", "device_name", "deleted"), True),
+            (("instance_uuid", "volume_id", "deleted"), True),
+            (("volume_id", "deleted"), False),
+        )
+
+
+class ServerRecord(BaseModel):
+    """A server (libvirt domain) as last reported by the node hosting it."""
+    server_id = peewee.CharField(primary_key=True, max_length=36)
+    name = peewee.CharField(max_length=255)
+    state = peewee.CharField(max_length=32)
+    device_prefix = peewee.CharField(max_length=4, default="vd")
+    root_device = peewee.CharField(max_length=32, default="")
+    disks = peewee.TextField(default="[]")  # JSON list of {device, serial, bus}
+    node_id = peewee.CharField(max_length=255, index=True)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "servers_server"
+
+
+MODELS = [BlockDeviceMapping, ServerRecord]

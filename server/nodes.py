@@ -1,0 +1,136 @@
+"""The facade's directory of nodes and of the servers they host.
+
+Nodes are configured by address (setting `nodes`); each node's id comes
+from its NodeGetInfo. The servers are cached in the facade's database from
+each node's ListServers: at start, every `server_refresh_interval` seconds,
+and whenever a request names a server the cache does not know yet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import peewee
+
+from controller.models import utcnow
+from server.db import with_connection
+from server.errors import NotFound, Unavailable, VmattachError
+from server.grpcutil import call, channel
+from server.models import ServerRecord
+from vmattach.v1 import node_pb2 as npb
+from vmattach.v1 import node_pb2_grpc
+
+LOG = logging.getLogger(__name__)
+NODE_CALL_TIMEOUT = 10.0
+
+
+@dataclass
+class NodeHandle:
+    node_id: str
+    address: str
+    stub: node_pb2_grpc.NodeStub
+    max_volumes_per_server: int
+
+
+class NodeDirectory:
+    def __init__(self, db: peewee.Database, addresses: list[str]):
+        self.db = db
+        self.addresses = addresses
+        self._channels = {a: channel(a) for a in addresses}
+        self._nodes: dict[str, NodeHandle] = {}
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = 0.0
+        self._stop = threading.Event()
+
+    def close(self) -> None:
+        self._stop.set()
+        for ch in self._channels.values():
+            ch.close()
+
+    # -- refreshing the cache -----------------------------------------------------------
+
+    @with_connection
+    def refresh(self, if_older_than: float | None = None) -> None:
+        """Ask every node for its servers. With if_older_than, skip when a
+        refresh finished after that moment (many callers wait for one)."""
+        with self._refresh_lock:
+            if if_older_than is not None and self._refreshed_at > if_older_than:
+                return
+            for address in self.addresses:
+                try:
+                    self._refresh_node(address)
+                except VmattachError as exc:
+                    LOG.warning("node at %s did not answer: %s", address, exc.message)
+            self._refreshed_at = time.monotonic()
+
+    def _refresh_node(self, address: str) -> None:
+        stub = node_pb2_grpc.NodeStub(self._channels[address])
+        info = call(stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=NODE_CALL_TIMEOUT)
+        servers = call(stub.ListServers, npb.NodeListServersRequest(),
+                       timeout=NODE_CALL_TIMEOUT).servers
+        self._nodes[info.node_id] = NodeHandle(info.node_id, address, stub,
+                                               info.max_volumes_per_server or 26)
+        now = utcnow()
+        rows = [dict(server_id=s.server_id, name=s.name, state=s.state,
+                     device_prefix=s.device_prefix or "vd", root_device=s.root_device,
+                     disks=json.dumps([{"device": d.device, "serial": d.serial, "bus": d.bus}
+                                       for d in s.disks]),
+                     node_id=info.node_id, updated_at=now) for s in servers]
+        with self.db.atomic():
+            for start in range(0, len(rows), 200):
+                (ServerRecord.insert_many(rows[start:start + 200])
+                 .on_conflict(conflict_target=[ServerRecord.server_id],
+                              preserve=[ServerRecord.name, ServerRecord.state,
+                                        ServerRecord.device_prefix, ServerRecord.root_device,
+                                        ServerRecord.disks, ServerRecord.node_id,
+                                        ServerRecord.updated_at])
+                 .execute())
+            (ServerRecord.delete()
+             .where((ServerRecord.node_id == info.node_id) & (ServerRecord.updated_at < now))
+             .execute())
+
+    def run_periodic(self, interval: float) -> threading.Thread:
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - the loop must survive a bad round
+                    LOG.exception("server refresh failed")
+        thread = threading.Thread(target=loop, name="server-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def node(self, node_id: str) -> NodeHandle:
+        handle = self._nodes.get(node_id)
+        if handle is None:
+            self.refresh(if_older_than=time.monotonic())
+            handle = self._nodes.get(node_id)
+        if handle is None:
+            raise Unavailable(f"node {node_id} is not reachable", reason="NODE_UNAVAILABLE",
+                              metadata={"node_id": node_id})
+        return handle
+
+    @with_connection
+    def server(self, server_id: str) -> ServerRecord:
+        record = ServerRecord.get_or_none(ServerRecord.server_id == server_id)
+        if record is None:
+            self.refresh(if_older_than=time.monotonic())
+            record = ServerRecord.get_or_none(ServerRecord.server_id == server_id)
+        if record is None:
+            raise NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
+                           metadata={"server_id": server_id})
+        return record
+
+    @with_connection
+    def list_servers(self, page_size: int, page_token: str) -> tuple[list[ServerRecord], str]:
+        query = ServerRecord.select().order_by(ServerRecord.server_id)
+        if page_token:
+            query = query.where(ServerRecord.server_id > page_token)
+        rows = list(query.limit(page_size + 1))
+        token = rows[page_size - 1].server_id if len(rows) > page_size else ""
+        return rows[:page_size], token
