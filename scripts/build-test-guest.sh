@@ -127,6 +127,24 @@ done
 true
 SH
 
+cat >"$root/bin/vmattach-bylink" <<'SH'
+#!/bin/sh
+# vmattach-bylink add|remove <name> <serial>: the /dev/disk/by-id link udev
+# would make (virtio-<serial> for vd*, scsi-0QEMU_QEMU_HARDDISK_<serial> for sd*).
+[ -n "$3" ] || exit 0
+case "$2" in
+    vd*) link=/dev/disk/by-id/virtio-$3 ;;
+    sd*) link=/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_$3 ;;
+    *) exit 0 ;;
+esac
+if [ "$1" = add ]; then
+    mkdir -p /dev/disk/by-id
+    ln -sf "../../$2" "$link"
+else
+    rm -f "$link"
+fi
+SH
+
 cat >"$root/bin/vmattach-diskmon" <<'SH'
 #!/bin/sh
 # Poll /sys/block every 100 ms; report DISK-ADDED / DISK-REMOVED.
@@ -148,6 +166,7 @@ while :; do
             n=${k%%:*}
             s=; read -r s <"/tmp/disks/$k" 2>/dev/null || true
             rm -f "/tmp/disks/$k"
+            vmattach-bylink remove "$n" "$s"
             printf 'DISK-REMOVED name=%s serial=%s\n' "$n" "$s"
         done
         for k in $cur; do
@@ -156,6 +175,7 @@ while :; do
             line=$(vmattach-diskinfo DISK-ADDED "$n")
             s=${line#* serial=}; s=${s%% size=*}
             printf '%s\n' "$s" >"/tmp/disks/$k"
+            vmattach-bylink add "$n" "$s"
             printf '%s\n' "$line"
         done
         known=$cur
@@ -196,7 +216,7 @@ while :; do
 done
 SH
 sed -i "s/@MODULES@/${MODULES[*]}/" "$root/init"
-chmod 755 "$root/init" "$root/bin/vmattach-diskinfo" "$root/bin/vmattach-disks" "$root/bin/vmattach-diskmon"
+chmod 755 "$root/init" "$root/bin/vmattach-diskinfo" "$root/bin/vmattach-disks" "$root/bin/vmattach-diskmon" "$root/bin/vmattach-bylink"
 
 # --- pack and install -----------------------------------------------------
 (cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null) | gzip -9 >"$work/initrd.gz"

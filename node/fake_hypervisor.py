@@ -1,0 +1,145 @@
+"""FakeHypervisor: an in-memory hypervisor for unit tests and scale
+benchmarks. A fake, never the default: node/app.py always builds the
+libvirt one.
+
+Cheap enough for 10,000 domains; behaves like libvirt where the Node
+depends on it (transient domains refuse CONFIG, inactive ones refuse LIVE,
+a taken target is an error) and can simulate a guest that never releases a
+disk, a removal that fails, and injected errors."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from node.hypervisor import (DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec)
+from server.errors import BackendError, NotFound
+
+
+@dataclass
+class FakeDomain:
+    uuid: str
+    name: str
+    state: str = "running"
+    persistent: bool = True
+    live: list[Disk] = field(default_factory=list)
+    config: list[Disk] = field(default_factory=list)
+    never_releases: bool = False     # live detach never completes (no guest OS)
+    removal_fails: bool = False      # DEVICE_REMOVAL_FAILED instead of DEVICE_REMOVED
+
+    @property
+    def active(self) -> bool:
+        return self.state not in ("shutoff", "nostate")
+
+    def view(self) -> Domain:
+        return Domain(self.uuid, self.name, self.state, self.active, self.persistent,
+                      tuple(self.live if self.active else self.config))
+
+
+class FakeHypervisor(Hypervisor):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.domains: dict[str, FakeDomain] = {}
+        self.secrets: dict[str, SecretSpec] = {}
+        self.attached: dict[tuple[str, str], DiskSpec] = {}  # (uuid, device) -> last spec
+        self.calls: collections.deque[tuple] = collections.deque(maxlen=10_000)  # recent calls
+        self._errors: dict[str, list[Exception]] = {}
+        self.closed = False
+
+    # -- set-up helpers for tests -------------------------------------------------------
+
+    def add_domain(self, name: str | None = None, *, uuid: str | None = None,
+                   state: str = "running", persistent: bool = True,
+                   disks: tuple[Disk, ...] = (), never_releases: bool = False) -> FakeDomain:
+        uuid = uuid or str(uuidlib.uuid4())
+        dom = FakeDomain(uuid, name or f"instance-{uuid[:8]}", state, persistent,
+                         live=list(disks) if state not in ("shutoff", "nostate") else [],
+                         config=list(disks) if persistent else [],
+                         never_releases=never_releases)
+        with self._lock:
+            self.domains[uuid] = dom
+        return dom
+
+    def inject_error(self, operation: str, error: Exception, times: int = 1) -> None:
+        """The next `times` calls of operation (a method name) raise error."""
+        self._errors.setdefault(operation, []).extend([error] * times)
+
+    def _enter(self, operation: str, *args) -> None:
+        self.calls.append((operation, *args))
+        pending = self._errors.get(operation)
+        if pending:
+            raise pending.pop(0)
+
+    def _dom(self, server_id: str) -> FakeDomain:
+        dom = self.domains.get(server_id)
+        if dom is None:
+            raise NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
+                           metadata={"server_id": server_id})
+        return dom
+
+    # -- Hypervisor ---------------------------------------------------------------------
+
+    def list_domains(self) -> list[Domain]:
+        self._enter("list_domains")
+        with self._lock:
+            return [dom.view() for dom in self.domains.values()]
+
+    def get_domain(self, server_id: str) -> Domain:
+        self._enter("get_domain", server_id)
+        with self._lock:
+            return self._dom(server_id).view()
+
+    def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
+        self._enter("attach_disk", server_id, spec.device, live, config)
+        disk = Disk(spec.device, spec.bus, spec.serial, spec.alias)
+        with self._lock:
+            dom = self._dom(server_id)
+            if config and not dom.persistent:
+                raise BackendError("libvirt could not attach disk: cannot modify the persistent "
+                                   "configuration of a transient domain", reason="LIBVIRT_ERROR")
+            if live and not dom.active:
+                raise BackendError("libvirt could not attach disk: domain is not running",
+                                   reason="LIBVIRT_ERROR")
+            targets = [(live, dom.live), (config, dom.config)]
+            if any(on and any(d.device == spec.device for d in disks) for on, disks in targets):
+                raise BackendError(f"libvirt could not attach disk: target {spec.device} "
+                                   "already exists", reason="LIBVIRT_ERROR")
+            for on, disks in targets:
+                if on:
+                    disks.append(disk)
+            self.attached[(server_id, spec.device)] = spec
+
+    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
+                    timeout: float) -> DetachOutcome:
+        self._enter("detach_disk", server_id, device, live, config)
+        with self._lock:
+            dom = self._dom(server_id)
+            if config:
+                dom.config = [d for d in dom.config if d.device != device]
+            if not live or not any(d.device == device for d in dom.live):
+                return DetachOutcome.REMOVED
+            if dom.never_releases:
+                return DetachOutcome.TIMED_OUT
+            if dom.removal_fails:
+                return DetachOutcome.FAILED
+            dom.live = [d for d in dom.live if d.device != device]
+            return DetachOutcome.REMOVED
+
+    def define_secret(self, spec: SecretSpec) -> None:
+        self._enter("define_secret", spec.usage)
+        with self._lock:
+            self.secrets[spec.usage] = spec
+
+    def undefine_secret(self, usage: str) -> bool:
+        self._enter("undefine_secret", usage)
+        with self._lock:
+            return self.secrets.pop(usage, None) is not None
+
+    def has_secret(self, usage: str) -> bool:
+        self._enter("has_secret", usage)
+        return usage in self.secrets
+
+    def close(self) -> None:
+        self.closed = True

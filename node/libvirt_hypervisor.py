@@ -1,0 +1,274 @@
+"""The hypervisor adapter on libvirt: the only module that imports libvirt.
+
+One connection per adapter, opened lazily, reopened once when libvirtd went
+away (restart); device-removal events arrive on libvirt's default event loop,
+run by one daemon thread per process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, TypeVar
+
+import libvirt
+
+from node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
+from node.events import DeviceWaiters
+from node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
+from server.errors import BackendError, NotFound
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CONNECTION_ERRORS = frozenset({libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
+                                libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN})
+_ALREADY_UNPLUGGING = "already in the process of unplug"
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ignore_libvirt_error(_ctx, _err) -> None:
+    """libvirt prints every error on stderr by default; they are raised instead."""
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event implementation (before any connection
+    is opened) and run it on a daemon thread; once per process."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def _is_connection_error(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() in _CONNECTION_ERRORS
+
+
+def _error_message(exc: libvirt.libvirtError) -> str:
+    return exc.get_error_message() or str(exc)
+
+
+class LibvirtHypervisor(Hypervisor):
+    def __init__(self, uri: str, opener: Callable[[str], "libvirt.virConnect"] | None = None):
+        self.uri = uri
+        self._opener = opener or libvirt.open
+        self._lock = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._waiters = DeviceWaiters()
+        start_event_loop()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connection(self) -> "libvirt.virConnect":
+        with self._lock:
+            if self._conn is not None and self._alive(self._conn):
+                return self._conn
+            self._drop()
+            self._conn = self._open()
+            return self._conn
+
+    @staticmethod
+    def _alive(conn) -> bool:
+        try:
+            return conn.isAlive() == 1
+        except libvirt.libvirtError:
+            return False
+
+    def _open(self) -> "libvirt.virConnect":
+        try:
+            conn = self._opener(self.uri)
+        except libvirt.libvirtError as exc:
+            raise BackendError(f"cannot connect to libvirt at {self.uri}: {_error_message(exc)}",
+                               reason="LIBVIRT_UNAVAILABLE") from None
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError:
+            LOG.debug("libvirt keepalive not available on %s", self.uri)
+        self._callback_ids = [
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                                        self._on_device_removed, None),
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                                        self._on_device_removal_failed, None),
+        ]
+        LOG.info("connected to libvirt at %s", self.uri)
+        return conn
+
+    def _drop(self) -> None:
+        """Close the current connection, if any (caller holds self._lock)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback_id in self._callback_ids:
+            try:
+                conn.domainEventDeregisterAny(callback_id)
+            except libvirt.libvirtError:
+                pass
+        self._callback_ids = []
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def _forget(self, conn) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._drop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _call(self, what: str, fn: Callable[["libvirt.virConnect"], T],
+              server_id: str = "") -> T:
+        """fn(connection), reconnecting once when the connection was lost;
+        libvirt errors become NotFound / BackendError."""
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as exc:
+                if attempt == 1 and _is_connection_error(exc):
+                    LOG.warning("libvirt connection lost (%s); reconnecting", _error_message(exc))
+                    self._forget(conn)
+                    continue
+                raise self._mapped(exc, what, server_id) from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _mapped(exc: libvirt.libvirtError, what: str, server_id: str) -> Exception:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
+                            metadata={"server_id": server_id})
+        return BackendError(f"libvirt could not {what}: {_error_message(exc)}",
+                            reason="LIBVIRT_ERROR")
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_device_removed(self, _conn, dom, alias, _opaque) -> None:
+        LOG.debug("DEVICE_REMOVED %s on %s", alias, dom.UUIDString())
+        self._waiters.resolve(dom.UUIDString(), alias, DetachOutcome.REMOVED)
+
+    def _on_device_removal_failed(self, _conn, dom, alias, _opaque) -> None:
+        LOG.info("DEVICE_REMOVAL_FAILED %s on %s", alias, dom.UUIDString())
+        self._waiters.resolve(dom.UUIDString(), alias, DetachOutcome.FAILED)
+
+    # -- domains ------------------------------------------------------------------------
+
+    @staticmethod
+    def _domain(dom) -> Domain:
+        state = dom.state()[0]
+        return Domain(uuid=dom.UUIDString(), name=dom.name(),
+                      state=STATES[state] if 0 <= state < len(STATES) else "nostate",
+                      active=dom.isActive() == 1, persistent=dom.isPersistent() == 1,
+                      disks=parse_disks(dom.XMLDesc(0)))
+
+    def list_domains(self) -> list[Domain]:
+        def _list(conn) -> list[Domain]:
+            domains = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    domains.append(self._domain(dom))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise  # a domain that vanished meanwhile is skipped
+            return domains
+        return self._call("list domains", _list)
+
+    def get_domain(self, server_id: str) -> Domain:
+        return self._call("read the domain", lambda conn: self._domain(
+            conn.lookupByUUIDString(server_id)), server_id)
+
+    def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
+        flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+                 | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
+        xml = disk_xml(spec)
+        self._call(f"attach disk {spec.device}", lambda conn: conn.lookupByUUIDString(
+            server_id).attachDeviceFlags(xml, flags), server_id)
+
+    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
+                    timeout: float) -> DetachOutcome:
+        def _detach(conn) -> DetachOutcome:
+            dom = conn.lookupByUUIDString(server_id)
+            if config:
+                self._detach_config(dom, device)
+            return self._detach_live(dom, device, timeout) if live else DetachOutcome.REMOVED
+        return self._call(f"detach disk {device}", _detach, server_id)
+
+    @staticmethod
+    def _detach_config(dom, device: str) -> None:
+        xml = find_disk_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), device)
+        if xml is not None:
+            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    def _detach_live(self, dom, device: str, timeout: float) -> DetachOutcome:
+        disk = next((d for d in parse_disks(dom.XMLDesc(0)) if d.device == device), None)
+        if disk is None:
+            return DetachOutcome.REMOVED
+        waiter = self._waiters.expect(dom.UUIDString(), disk.alias)  # before the detach
+        try:
+            self._send_detach(dom, disk.alias)
+            outcome = waiter.wait(timeout)
+        finally:
+            self._waiters.discard(waiter)
+        if outcome is DetachOutcome.TIMED_OUT and not any(
+                d.device == device for d in parse_disks(dom.XMLDesc(0))):
+            return DetachOutcome.REMOVED  # removed while no event could reach us
+        return outcome
+
+    @staticmethod
+    def _send_detach(dom, alias: str) -> None:
+        """Ask QEMU to unplug (asynchronous: completion is DEVICE_REMOVED)."""
+        try:
+            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            if _ALREADY_UNPLUGGING not in _error_message(exc):
+                raise
+            LOG.debug("%s is already being unplugged", alias)
+
+    # -- secrets ------------------------------------------------------------------------
+
+    @staticmethod
+    def _secret(conn, usage: str):
+        try:
+            return conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, usage)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return None
+            raise
+
+    def define_secret(self, spec: SecretSpec) -> None:
+        def _define(conn) -> None:
+            secret = self._secret(conn, spec.usage)
+            created = secret is None
+            if created:
+                secret = conn.secretDefineXML(secret_xml(spec), 0)
+            try:
+                secret.setValue(spec.value, 0)
+            except libvirt.libvirtError:
+                if created:
+                    secret.undefine()
+                raise
+        self._call(f"define the secret {spec.usage}", _define)
+
+    def undefine_secret(self, usage: str) -> bool:
+        def _undefine(conn) -> bool:
+            secret = self._secret(conn, usage)
+            if secret is None:
+                return False
+            secret.undefine()
+            return True
+        return self._call(f"undefine the secret {usage}", _undefine)
+
+    def has_secret(self, usage: str) -> bool:
+        return self._call(f"look up the secret {usage}",
+                          lambda conn: self._secret(conn, usage) is not None)
