@@ -4,6 +4,7 @@ portal port and control port, so that it never meets another tgtd."""
 from __future__ import annotations
 
 import random
+import re
 import socket
 import subprocess
 import time
@@ -63,7 +64,13 @@ class TgtDaemon:
         """Stop this tgtd (and only it): ask it to exit, then kill it."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self._tgtadm("--mode", "system", "--op", "delete", "--force")
+        if self._tgtadm("--mode", "system", "--op", "delete", "--force").returncode != 0:
+            # tgtd refuses to exit ("invalid request") while it has targets
+            show = self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "show").stdout
+            for tid in re.findall(r"^Target (\d+):", show, re.M):
+                self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "delete", "--force",
+                             "--tid", tid)
+            self._tgtadm("--mode", "system", "--op", "delete", "--force")
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

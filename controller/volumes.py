@@ -173,9 +173,10 @@ class VolumeManager:
     @with_connection
     def delete(self, volume_id: str) -> None:
         with write_transaction(self.db):
+            # "deleting" too: retrying a delete that failed or crashed half-way
             changed = (Volume.update(status="deleting", updated_at=utcnow())
                        .where((Volume.id == volume_id)
-                              & Volume.status.in_(["available", "error", "creating"])
+                              & Volume.status.in_(["available", "error", "creating", "deleting"])
                               & ~peewee.fn.EXISTS(VolumeAttachment.select().where(
                                   VolumeAttachment.volume == Volume.id)))
                        .execute())

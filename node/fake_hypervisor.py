@@ -14,7 +14,7 @@ import threading
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from node.hypervisor import (DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec)
+from node.hypervisor import DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec
 from server.errors import BackendError, NotFound
 
 
@@ -139,7 +139,8 @@ class FakeHypervisor(Hypervisor):
 
     def has_secret(self, usage: str) -> bool:
         self._enter("has_secret", usage)
-        return usage in self.secrets
+        with self._lock:
+            return usage in self.secrets
 
     def close(self) -> None:
         self.closed = True

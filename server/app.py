@@ -38,8 +38,10 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
                    ControllerServicer(manager), on_stop=[db.close])
 
 
-def build_node(settings: Settings, runner: CommandRunner) -> Service:
-    from node.app import build
+def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Service:
+    from node.app import build, build_with
+    if hypervisor is not None:  # tests and benchmarks pass a fake
+        return build_with(settings, runner, hypervisor)
     return build(settings, runner)
 
 
@@ -48,8 +50,8 @@ def build_servers(settings: Settings, own_address: str) -> Service:
     return build(settings, own_address)
 
 
-def build_services(settings: Settings, own_address: str,
-                   runner: CommandRunner | None = None) -> list[Service]:
+def build_services(settings: Settings, own_address: str, runner: CommandRunner | None = None,
+                   hypervisor=None) -> list[Service]:
     runner = runner or CommandRunner()
     names = settings.service_list()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,7 @@ def build_services(settings: Settings, own_address: str,
     if "controller" in names:
         services.append(build_controller(settings, runner))
     if "node" in names:
-        services.append(build_node(settings, runner))
+        services.append(build_node(settings, runner, hypervisor))
     if "servers" in names:
         services.append(build_servers(settings, own_address))
     return services
@@ -76,14 +78,14 @@ class Running:
                 hook()
 
 
-def start(settings: Settings, runner: CommandRunner | None = None) -> Running:
+def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None) -> Running:
     """Bind, build the services (the facade talks to this process's own port
     when no other address is configured), start."""
     server, port = new_server(settings.listen)
     host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
-    services = build_services(settings, f"{host}:{port}", runner)
+    services = build_services(settings, f"{host}:{port}", runner, hypervisor)
     start_server(server, services)
     return Running(server, port, services)
 

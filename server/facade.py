@@ -154,10 +154,10 @@ class Facade:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _step(self, name: str, fn: Callable, *args):
+    def _step(self, name: str, fn: Callable, *args, **kwargs):
         """Run one saga step between its two fault-injection points."""
         self.faults.check("before", name)
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         self.faults.check("after", name)
         return result
 
@@ -206,37 +206,41 @@ class Facade:
                              min(self.max_volumes_per_server, node.max_volumes_per_server))
         except SameRequest as same:
             return same.bdm
+        # Each undo is registered before its step: every undo is idempotent, and a
+        # step that timed out or lost its connection may have happened all the same.
         saga = Saga(f"attach {req.volume_id} to {req.server_id}")
         saga.on_failure("delete the BDM row", lambda: self._delete_bdm(bdm.id))
         try:
             # 3. get the volume from the Controller
             volume = self._step("get_volume", self._get_volume, req.volume_id, deadline)
             # 4. reserve it (one compare-and-swap at the Controller)
-            self._step("reserve", self._reserve, req, deadline)
             saga.on_failure("unreserve", lambda: self._unreserve(req.volume_id, req.server_id))
+            self._step("reserve", self._reserve, req, deadline)
             self._progress(bdm.id, "reserve", volume_size=volume.size_gb, node_id=node.node_id)
             # 5. the connector of the node that hosts the server
             connector = self._step("get_connector", self._connector, node, deadline)
             # 6. publish at the Controller (initialize_connection) -> connection_info
-            info = self._step("controller_publish", self._controller_publish, req, connector,
-                              deadline)
             saga.on_failure("unpublish at the controller",
                             lambda: self._controller_unpublish(req.volume_id, req.server_id,
                                                                connector))
+            info = self._step("controller_publish", self._controller_publish, req, connector,
+                              deadline)
             # 7. (a failure of 5-6 rolls back: unpublish, unreserve, delete the BDM row)
             self._progress(bdm.id, "controller_publish", connector=json_format.MessageToJson(
                 connector, indent=None), connection_info=self._seal(info))
             # 8. stage and publish on the node
-            staged = self._step("node_stage", self._node_stage, node, req.volume_id, info,
-                                deadline)
             saga.on_failure("unstage on the node",
                             lambda: self._node_unstage(node, req.volume_id, info))
-            self._step("node_publish", self._node_publish, node, req, bdm.device_name, info,
-                       staged, deadline)
+            staged = self._step("node_stage", self._node_stage, node, req.volume_id, info,
+                                deadline)
             saga.on_failure("unpublish on the node",
                             lambda: self._node_unpublish(node, req.server_id, req.volume_id))
+            self._step("node_publish", self._node_publish, node, req, bdm.device_name, info,
+                       staged, deadline)
             self._progress(bdm.id, "node_publish")
             # 9. mark attached at the Controller (os-attach)
+            saga.on_failure("mark detached", lambda: self._mark_detached(
+                req.server_id, req.volume_id, UNDO_TIMEOUT))
             self._step("mark_attached", self._mark_attached, req, bdm.device_name, deadline)
             # 10. save the connection_info (sealed above), state attached
             self._step("bdm_attached", self._progress, bdm.id, "mark_attached",
@@ -308,7 +312,7 @@ class Facade:
         prefix = server.device_prefix or "vd"
         if req.device:
             name = req.device.removeprefix("/dev/")
-            if not name.startswith(prefix) or name[len(prefix):].startswith("d"):
+            if not name.startswith(prefix) or not name[len(prefix):].isalpha():
                 raise invalid_device(req.device, f" The server's disks use /dev/{prefix}*.")
             if name in used:
                 raise FailedPrecondition(f"The supplied device path ({req.device}) is in use.",
@@ -417,10 +421,8 @@ class Facade:
             volume_id, server_id, connector, timeout=max(deadline.remaining(), UNDO_TIMEOUT)))
         self._progress(bdm.id, "controller_unpublish")
         # 6. mark detached at the Controller (os-detach)
-        self._step("mark_detached", lambda: call(
-            self.controller.MarkDetached,
-            cpb.MarkDetachedRequest(volume_id=volume_id, server_id=server_id),
-            timeout=max(deadline.remaining(), UNDO_TIMEOUT)))
+        self._step("mark_detached", lambda: self._mark_detached(
+            server_id, volume_id, max(deadline.remaining(), UNDO_TIMEOUT)))
         # 7. soft-delete the BDM row
         self._step("bdm_delete", self._soft_delete, bdm.id)
         LOG.info("detached volume %s from server %s", volume_id, server_id)
@@ -429,6 +431,10 @@ class Facade:
         call(self.controller.BeginDetaching,
              cpb.BeginDetachingRequest(volume_id=volume_id, server_id=server_id),
              timeout=deadline.remaining())
+
+    def _mark_detached(self, server_id: str, volume_id: str, timeout: float) -> None:
+        call(self.controller.MarkDetached,
+             cpb.MarkDetachedRequest(volume_id=volume_id, server_id=server_id), timeout=timeout)
 
     def _roll_detaching(self, server_id: str, volume_id: str) -> None:
         try:

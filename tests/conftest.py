@@ -48,7 +48,7 @@ def tgtd(tmp_path):
 
 def make_settings(tmp_path, **overrides) -> Settings:
     state = tmp_path / "state"
-    state.mkdir(exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
     values = dict(listen="127.0.0.1:0", state_dir=str(state), log_level="WARNING")
     values.update(overrides)
     return Settings(**values)
@@ -59,8 +59,8 @@ def serve():
     """serve(settings) starts vmattach in this process; stopped after the test."""
     started: list[Running] = []
 
-    def _serve(settings: Settings) -> Running:
-        running = start(settings)
+    def _serve(settings: Settings, **kw) -> Running:
+        running = start(settings, **kw)
         started.append(running)
         return running
 

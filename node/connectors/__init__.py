@@ -1,0 +1,47 @@
+"""Volume connectors, one per driver_volume_type (os-brick style), and the
+factory that picks one."""
+
+from __future__ import annotations
+
+from node.connectors.base import ConnectionInfo, StagedVolume, VolumeConnector
+from node.connectors.file import FileConnector
+from node.connectors.iscsi_kernel import KernelIscsiConnector
+from node.connectors.iscsi_qemu import QemuIscsiConnector
+from node.hypervisor import Hypervisor
+from server.errors import InvalidArgument
+from server.runner import CommandRunner
+
+ISCSI_CONNECTORS = ("qemu", "kernel")
+
+
+class ConnectorFactory:
+    """driver_volume_type -> its connector."""
+
+    def __init__(self, connectors: list[VolumeConnector]):
+        self._by_type = {c.driver_volume_type: c for c in connectors}
+
+    def get(self, driver_volume_type: str) -> VolumeConnector:
+        connector = self._by_type.get(driver_volume_type)
+        if connector is None:
+            raise InvalidArgument(
+                f"driver_volume_type {driver_volume_type[:40]!r} is not supported "
+                f"(supported: {', '.join(sorted(self._by_type))})")
+        return connector
+
+
+def make_factory(iscsi_connector: str, hypervisor: Hypervisor, runner: CommandRunner,
+                 initiator_iqn: str) -> ConnectorFactory:
+    """The connectors of a node; iscsi_connector ("qemu" or "kernel") picks
+    the iSCSI initiator."""
+    if iscsi_connector == "qemu":
+        iscsi: VolumeConnector = QemuIscsiConnector(hypervisor, initiator_iqn)
+    elif iscsi_connector == "kernel":
+        iscsi = KernelIscsiConnector(runner)
+    else:
+        raise InvalidArgument(f"iscsi_connector {iscsi_connector!r} is not one of "
+                              f"{', '.join(ISCSI_CONNECTORS)}")
+    return ConnectorFactory([iscsi, FileConnector()])
+
+
+__all__ = ["ConnectionInfo", "ConnectorFactory", "FileConnector", "KernelIscsiConnector",
+           "QemuIscsiConnector", "StagedVolume", "VolumeConnector", "make_factory"]

@@ -1,0 +1,158 @@
+"""The Node's logic as plain Python (no gRPC): the host's connector, staging
+volumes through the connectors, and attaching/detaching disks through the
+hypervisor. No database: libvirt is the source of truth."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import socket
+from dataclasses import dataclass
+
+from node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
+from node.hypervisor import (BUS_BY_PREFIX, DetachOutcome, Disk, DiskSpec, Domain, Hypervisor,
+                             volume_alias)
+from server.errors import FailedPrecondition, InvalidArgument
+from server.locks import KeyedLocks
+
+LOG = logging.getLogger(__name__)
+
+# Nova's check of a user-supplied device name.
+DEVICE_RE = re.compile(r"^/dev/x?[a-z]?d?[a-z]+[0-9]*$")
+
+
+@dataclass(frozen=True)
+class HostConnector:
+    """os-brick's connector properties of this host."""
+    ip: str
+    host: str
+    initiator: str
+    platform: str
+    os_type: str
+    multipath: bool = False
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    connector: HostConnector
+    max_volumes_per_server: int
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    node_ip: str
+    initiator_iqn: str
+    max_volumes_per_server: int = 26
+    detach_timeout: float = 10.0
+    detach_retries: int = 3
+
+
+def parse_device(device: str) -> tuple[str, str]:
+    """"/dev/vdb" -> ("vdb", "virtio"); InvalidArgument for anything else."""
+    name = device.removeprefix("/dev/")
+    bus = BUS_BY_PREFIX.get(name[:2])
+    if not DEVICE_RE.match(device or "") or bus is None:
+        raise InvalidArgument(f"The supplied device path ({device[:80]}) is invalid.",
+                              reason="INVALID_DEVICE", metadata={"device": device[:80]})
+    return name, bus
+
+
+def _device_in_use(device: str) -> FailedPrecondition:
+    return FailedPrecondition(f"The supplied device path ({device}) is in use.",
+                              reason="DEVICE_IN_USE", metadata={"device": device})
+
+
+class NodeManager:
+    def __init__(self, config: NodeConfig, hypervisor: Hypervisor, connectors: ConnectorFactory):
+        self.config = config
+        self.hypervisor = hypervisor
+        self.connectors = connectors
+        self._server_locks = KeyedLocks()
+        self._volume_locks = KeyedLocks()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def info(self) -> NodeInfo:
+        connector = HostConnector(ip=self.config.node_ip, host=socket.gethostname(),
+                                  initiator=self.config.initiator_iqn,
+                                  platform=platform.machine(), os_type="linux")
+        return NodeInfo(self.config.node_id, connector, self.config.max_volumes_per_server)
+
+    def list_servers(self) -> list[Domain]:
+        return self.hypervisor.list_domains()
+
+    def _volume_in_use(self, volume_id: str) -> Domain | None:
+        """A domain on this host that has a disk of the volume."""
+        return next((d for d in self.hypervisor.list_domains() if d.disk_of_volume(volume_id)),
+                    None)
+
+    # -- stage --------------------------------------------------------------------------
+
+    def stage(self, volume_id: str, info: ConnectionInfo) -> StagedVolume:
+        connector = self.connectors.get(info.driver_volume_type)
+        with self._volume_locks.hold(volume_id):
+            return connector.stage(volume_id, info)
+
+    def unstage(self, volume_id: str, info: ConnectionInfo) -> bool:
+        """Disconnect the volume; False (nothing done) when a disk on this
+        host still uses it (another server of a multiattach volume)."""
+        connector = self.connectors.get(info.driver_volume_type)
+        with self._volume_locks.hold(volume_id):
+            user = self._volume_in_use(volume_id)
+            if user is not None:
+                LOG.info("volume %s stays staged: server %s still uses it", volume_id, user.uuid)
+                return False
+            connector.unstage(volume_id, info)
+            return True
+
+    # -- publish ------------------------------------------------------------------------
+
+    def publish(self, server_id: str, volume_id: str, device: str, info: ConnectionInfo,
+                staged: StagedVolume | None = None) -> Disk:
+        """Attach the volume as device; the disk already attached when the
+        volume is there (same serial)."""
+        name, bus = parse_device(device)
+        connector = self.connectors.get(info.driver_volume_type)
+        with self._server_locks.hold(server_id):
+            domain = self.hypervisor.get_domain(server_id)
+            existing = domain.disk_of_volume(volume_id)
+            if existing is not None:
+                return existing
+            if domain.disk_named(name) is not None:
+                raise _device_in_use(device)
+            spec = DiskSpec(device=name, bus=bus, serial=volume_id, alias=volume_alias(volume_id),
+                            source=connector.disk_source(volume_id, info, staged),
+                            readonly=info.access_mode == "ro")
+            self.hypervisor.attach_disk(server_id, spec, live=domain.active,
+                                        config=domain.persistent)
+            LOG.info("attached volume %s to server %s as %s", volume_id, server_id, name)
+            return Disk(name, bus, volume_id, spec.alias)
+
+    def unpublish(self, server_id: str, volume_id: str) -> None:
+        """Detach the volume's disk and wait until the guest released it;
+        FailedPrecondition when it never does (the disk stays)."""
+        with self._server_locks.hold(server_id):
+            domain = self.hypervisor.get_domain(server_id)
+            disk = domain.disk_of_volume(volume_id)
+            attempts = max(self.config.detach_retries, 1)
+            for attempt in range(1, attempts + 1):
+                if disk is None:
+                    return
+                outcome = self.hypervisor.detach_disk(
+                    server_id, disk.device, live=domain.active, config=domain.persistent,
+                    timeout=self.config.detach_timeout)
+                LOG.info("detach of %s from server %s, attempt %d/%d: %s", disk.device,
+                         server_id, attempt, attempts, outcome.value)
+                if outcome is DetachOutcome.REMOVED:
+                    return
+                domain = self.hypervisor.get_domain(server_id)
+                disk = domain.disk_of_volume(volume_id)
+            if disk is None:
+                return
+            raise FailedPrecondition(
+                f"The guest did not release the device {disk.device} of server {server_id} "
+                f"after {attempts} attempts", reason="DETACH_NOT_COMPLETED",
+                metadata={"server_id": server_id, "volume_id": volume_id, "device": disk.device})

@@ -1,0 +1,90 @@
+"""vmattach.v1.Node: validate, call NodeManager, build the answer."""
+
+from __future__ import annotations
+
+from node.connectors import ConnectionInfo, StagedVolume
+from node.hypervisor import Disk, Domain
+from node.manager import NodeManager
+from server.errors import InvalidArgument
+from server.validate import require_uuid
+from vmattach.v1 import node_pb2 as pb
+from vmattach.v1 import node_pb2_grpc, types_pb2
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
+
+
+def connection_info_from_pb(msg: types_pb2.ConnectionInfo) -> ConnectionInfo:
+    if not msg.driver_volume_type:
+        raise InvalidArgument("connection_info.driver_volume_type is required")
+    d = msg.data
+    return ConnectionInfo(
+        driver_volume_type=msg.driver_volume_type, target_portal=d.target_portal,
+        target_iqn=d.target_iqn, target_lun=d.target_lun, auth_method=d.auth_method,
+        auth_username=d.auth_username, auth_password=d.auth_password,
+        access_mode=d.access_mode or "rw", device_path=d.device_path, serial=msg.serial)
+
+
+def staged_from_pb(msg: pb.StagedVolume) -> StagedVolume:
+    return StagedVolume(msg.volume_id, msg.driver_volume_type, msg.device_path, msg.secret_usage)
+
+
+def staged_to_pb(staged: StagedVolume) -> pb.StagedVolume:
+    return pb.StagedVolume(volume_id=staged.volume_id, driver_volume_type=staged.driver_volume_type,
+                           device_path=staged.device_path, secret_usage=staged.secret_usage)
+
+
+def disk_to_pb(disk: Disk) -> types_pb2.ServerDisk:
+    return types_pb2.ServerDisk(device=disk.device, serial=disk.serial, bus=disk.bus)
+
+
+def server_to_pb(domain: Domain) -> types_pb2.Server:
+    root = domain.root_disk
+    return types_pb2.Server(server_id=domain.uuid, name=domain.name, state=domain.state,
+                            device_prefix=domain.device_prefix,
+                            root_device=root.device if root else "",
+                            disks=[disk_to_pb(d) for d in domain.disks])
+
+
+def _volume_id(request) -> str:
+    return require_uuid(request.volume_id, "volume_id")
+
+
+def _connection_info(request) -> ConnectionInfo:
+    if not request.HasField("connection_info"):
+        raise InvalidArgument("connection_info is required")
+    return connection_info_from_pb(request.connection_info)
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    def __init__(self, manager: NodeManager):
+        self.m = manager
+
+    def NodeGetInfo(self, request, context):
+        info = self.m.info()
+        c = info.connector
+        return pb.NodeGetInfoResponse(
+            node_id=info.node_id, max_volumes_per_server=info.max_volumes_per_server,
+            connector=types_pb2.Connector(ip=c.ip, host=c.host, initiator=c.initiator,
+                                          platform=c.platform, os_type=c.os_type,
+                                          multipath=c.multipath))
+
+    def ListServers(self, request, context):
+        return pb.NodeListServersResponse(servers=[server_to_pb(d) for d in self.m.list_servers()])
+
+    def NodeStageVolume(self, request, context):
+        staged = self.m.stage(_volume_id(request), _connection_info(request))
+        return pb.NodeStageVolumeResponse(staged=staged_to_pb(staged))
+
+    def NodeUnstageVolume(self, request, context):
+        self.m.unstage(_volume_id(request), _connection_info(request))
+        return pb.NodeUnstageVolumeResponse()
+
+    def NodePublishVolume(self, request, context):
+        staged = staged_from_pb(request.staged) if request.HasField("staged") else None
+        disk = self.m.publish(require_uuid(request.server_id, "server_id"), _volume_id(request),
+                              request.device, _connection_info(request), staged)
+        return pb.NodePublishVolumeResponse(disk=disk_to_pb(disk))
+
+    def NodeUnpublishVolume(self, request, context):
+        self.m.unpublish(require_uuid(request.server_id, "server_id"), _volume_id(request))
+        return pb.NodeUnpublishVolumeResponse()

@@ -1,0 +1,588 @@
+"""The Controller's state machine (controller/volumes.py VolumeManager) on a
+real SQLite file, with a fake tgtd behind the real TgtAdm command builder."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from controller.models import MODELS
+from controller.tgt import IQN_PREFIX
+from controller.volumes import ConnectionInfo, Connector, VolumeManager
+from server.db import open_database
+from server.errors import (AlreadyExists, BackendError, FailedPrecondition, InvalidArgument,
+                           NotFound)
+from server.secretbox import SecretBox
+from tests.support.fake_tgt import FakeTarget, FakeTgtAdm, FakeTgtRunner
+
+PORTAL = "127.0.0.1:3260"
+GIB = 1 << 30
+DETACH_MESSAGE = ("Unable to detach volume. Volume status must be 'in-use' and attach_status"
+                  " must be 'attached' to detach.")
+
+
+def initiator(tag: str = "a") -> str:
+    return f"iqn.1993-08.org.debian:01:host-{tag}"
+
+
+def connector(tag: str = "a") -> Connector:
+    return Connector(initiator=initiator(tag), ip="127.0.0.1", host=f"host-{tag}",
+                     platform="x86_64", os_type="linux")
+
+
+@dataclass
+class Env:
+    m: VolumeManager
+    tgt: FakeTgtRunner
+    db_path: Path
+    box: SecretBox
+
+
+@pytest.fixture
+def env(tmp_path):
+    db_path = tmp_path / "controller.db"
+    db = open_database(f"sqlite:///{db_path}", MODELS)
+    tgt = FakeTgtAdm()
+    box = SecretBox.from_state_dir(tmp_path)
+    manager = VolumeManager(db, tmp_path / "volumes", tgt, PORTAL, box, max_volume_gb=100)
+    yield Env(manager, tgt.fake, db_path, box)
+    db.close()
+
+
+def server() -> str:
+    return str(uuid.uuid4())
+
+
+def status(m: VolumeManager, volume_id: str) -> tuple[str, str]:
+    volume, _ = m.get(volume_id)
+    return volume.status, volume.attach_status
+
+
+def attached(env: Env, name: str = "vol") -> tuple[str, str, ConnectionInfo]:
+    """A volume reserved, published (connector "a") and marked attached to a
+    new server: (volume id, server id, connection info)."""
+    volume_id = env.m.create(name, 1).id
+    srv = server()
+    env.m.reserve(volume_id, srv)
+    info = env.m.publish(volume_id, srv, connector())
+    env.m.mark_attached(volume_id, srv, "/dev/vdb", "rw")
+    return volume_id, srv, info
+
+
+# -- create --------------------------------------------------------------------------
+
+
+def test_create_makes_an_available_sparse_file_of_the_size(env):
+    vol = env.m.create("data-1", 2)
+    assert (vol.status, vol.attach_status, vol.size_gb, vol.multiattach) == \
+        ("available", "detached", 2, False)
+    path = Path(vol.path)
+    assert path.parent == env.m.volume_dir
+    st = path.stat()
+    assert st.st_size == 2 * GIB
+    assert st.st_blocks * 512 < 1 << 20  # sparse: (almost) nothing allocated
+    assert env.tgt.calls == []  # creating a volume does not export it
+
+
+def test_create_is_idempotent_by_name(env):
+    first = env.m.create("same", 1)
+    again = env.m.create("same", 1)
+    assert again.id == first.id
+    assert len(os.listdir(env.m.volume_dir)) == 1
+
+
+@pytest.mark.parametrize("size,multiattach", [(2, False), (1, True)])
+def test_create_same_name_other_size_or_flag_is_already_exists(env, size, multiattach):
+    first = env.m.create("same", 1)
+    with pytest.raises(AlreadyExists) as err:
+        env.m.create("same", size, multiattach)
+    assert err.value.reason == "VOLUME_NAME_EXISTS"
+    assert err.value.metadata["volume_id"] == first.id
+    assert len(os.listdir(env.m.volume_dir)) == 1
+
+
+@pytest.mark.parametrize("name", ["", "a" * 256, "bad/name", "../up", "new\nline", "trailing\n",
+                                  "semi;colon", "<xml/>"])
+def test_create_rejects_bad_names(env, name):
+    with pytest.raises(InvalidArgument) as err:
+        env.m.create(name, 1)
+    assert "name" in err.value.message
+    assert env.m.list(10)[0] == []
+    assert os.listdir(env.m.volume_dir) == []
+
+
+@pytest.mark.parametrize("size", [0, -1, 101, 2 ** 40])
+def test_create_rejects_bad_sizes(env, size):
+    with pytest.raises(InvalidArgument) as err:
+        env.m.create("vol", size)
+    assert "size_gb must be between 1 and 100" in err.value.message
+    assert env.m.list(10)[0] == []
+
+
+# -- delete --------------------------------------------------------------------------
+
+
+def test_delete_removes_the_file_and_the_volume(env):
+    vol = env.m.create("gone", 1)
+    env.m.delete(vol.id)
+    assert not Path(vol.path).exists()
+    with pytest.raises(NotFound) as err:
+        env.m.get(vol.id)
+    assert err.value.message == f"Volume {vol.id} could not be found."
+    assert err.value.reason == "VOLUME_NOT_FOUND"
+
+
+def test_delete_of_an_unknown_volume_is_ok(env):
+    env.m.delete(str(uuid.uuid4()))
+
+
+def test_delete_of_a_reserved_volume_fails_and_keeps_it(env):
+    vol = env.m.create("busy", 1)
+    env.m.reserve(vol.id, server())
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.delete(vol.id)
+    assert "the status is attaching" in err.value.message
+    assert Path(vol.path).exists()
+    assert status(env.m, vol.id) == ("attaching", "attaching")
+
+
+def test_delete_of_an_attached_volume_fails_and_keeps_its_export(env):
+    volume_id, _, _ = attached(env)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.delete(volume_id)
+    assert err.value.reason == "VOLUME_IN_USE"
+    assert status(env.m, volume_id) == ("in-use", "attached")
+    assert len(env.tgt.targets) == 1
+
+
+# -- reserve / unreserve ---------------------------------------------------------------
+
+
+def test_reserve_moves_available_to_attaching(env):
+    vol = env.m.create("r", 1)
+    srv = server()
+    volume, atts = env.m.reserve(vol.id, srv)
+    assert (volume.status, volume.attach_status) == ("attaching", "attaching")
+    assert [(a.instance_uuid, a.attach_status) for a in atts] == [(srv, "reserved")]
+
+
+@pytest.mark.parametrize("same_server", [True, False])
+def test_second_reserve_fails(env, same_server):
+    vol = env.m.create("r", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.reserve(vol.id, srv if same_server else server())
+    assert err.value.message.startswith("Invalid volume: status must be 'available'")
+    assert "the status is attaching" in err.value.message
+    assert err.value.reason == "VOLUME_NOT_AVAILABLE"
+    _, atts = env.m.get(vol.id)
+    assert [a.instance_uuid for a in atts] == [srv]
+
+
+def test_reserve_of_an_attached_volume_names_the_instance(env):
+    volume_id, srv, _ = attached(env)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.reserve(volume_id, server())
+    assert err.value.message == \
+        f"Invalid volume: volume {volume_id} is already attached to instances: {srv}"
+    assert status(env.m, volume_id) == ("in-use", "attached")
+
+
+def test_reserve_of_an_unknown_volume_is_not_found(env):
+    missing = str(uuid.uuid4())
+    with pytest.raises(NotFound) as err:
+        env.m.reserve(missing, server())
+    assert err.value.message == f"Volume {missing} could not be found."
+
+
+def test_multiattach_volume_can_be_reserved_while_in_use(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b = server(), server()
+    env.m.reserve(vol.id, a)
+    env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    volume, atts = env.m.reserve(vol.id, b)
+    assert volume.status == "attaching"
+    assert {(x.instance_uuid, x.attach_status) for x in atts} == {(a, "attached"), (b, "reserved")}
+    volume, atts = env.m.mark_attached(vol.id, b, "/dev/vdc", "rw")
+    assert (volume.status, volume.attach_status) == ("in-use", "attached")
+    assert {(x.instance_uuid, x.mountpoint) for x in atts} == {(a, "/dev/vdb"), (b, "/dev/vdc")}
+
+
+def test_multiattach_reserve_by_an_attached_server_is_already_exists_and_changes_nothing(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a = server()
+    env.m.reserve(vol.id, a)
+    env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    with pytest.raises(AlreadyExists) as err:
+        env.m.reserve(vol.id, a)
+    assert err.value.message == f"Invalid volume: volume {vol.id} already attached"
+    assert status(env.m, vol.id) == ("in-use", "attached")  # the status change was rolled back
+
+
+def test_unreserve_goes_back_to_available_and_is_idempotent(env):
+    vol = env.m.create("u", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    for _ in range(2):
+        volume, atts = env.m.unreserve(vol.id, srv)
+        assert (volume.status, volume.attach_status, atts) == ("available", "detached", [])
+    env.m.reserve(vol.id, server())  # reservable again
+
+
+def test_unreserve_by_another_server_changes_nothing(env):
+    vol = env.m.create("u", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    volume, atts = env.m.unreserve(vol.id, server())
+    assert volume.status == "attaching"
+    assert [a.instance_uuid for a in atts] == [srv]
+
+
+def test_unreserve_of_a_published_reservation_removes_the_export(env):
+    vol = env.m.create("u", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    env.m.publish(vol.id, srv, connector())
+    assert len(env.tgt.targets) == 1
+    volume, _ = env.m.unreserve(vol.id, srv)
+    assert volume.status == "available"
+    assert env.tgt.targets == {} and env.tgt.accounts == {}
+
+
+def test_unreserve_of_an_attached_server_keeps_the_attachment(env):
+    volume_id, srv, _ = attached(env)
+    volume, atts = env.m.unreserve(volume_id, srv)
+    assert (volume.status, [a.attach_status for a in atts]) == ("in-use", ["attached"])
+
+
+def test_unreserve_of_an_unknown_volume_is_not_found(env):
+    with pytest.raises(NotFound):
+        env.m.unreserve(str(uuid.uuid4()), server())
+
+
+# -- publish / unpublish --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "not-an-iqn", "iqn.1993-08.org.debian:01:x\n",
+                                 "iqn.1993-08.org.debian:01:a b"])
+def test_publish_needs_a_valid_initiator(env, bad):
+    vol = env.m.create("p", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    with pytest.raises(InvalidArgument) as err:
+        env.m.publish(vol.id, srv, Connector(initiator=bad))
+    assert "initiator" in err.value.message
+    assert env.tgt.targets == {}
+
+
+def test_publish_when_not_reserved_fails(env):
+    vol = env.m.create("p", 1)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.publish(vol.id, server(), connector())
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    assert env.tgt.targets == {}
+
+
+def test_publish_for_another_server_than_the_reserving_one_fails(env):
+    vol = env.m.create("p", 1)
+    env.m.reserve(vol.id, server())
+    with pytest.raises(FailedPrecondition):
+        env.m.publish(vol.id, server(), connector())
+
+
+def test_publish_of_an_unknown_volume_is_not_found(env):
+    with pytest.raises(NotFound):
+        env.m.publish(str(uuid.uuid4()), server(), connector())
+
+
+def test_publish_exports_the_volume_with_chap_and_authorises_the_initiator(env):
+    vol = env.m.create("p", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    info = env.m.publish(vol.id, srv, connector())
+    assert info.target_iqn == IQN_PREFIX + vol.id
+    assert (info.target_portal, info.target_lun, info.auth_method, info.driver_volume_type,
+            info.access_mode, info.volume_id) == (PORTAL, 1, "CHAP", "iscsi", "rw", vol.id)
+    assert len(info.auth_username) >= 12 and len(info.auth_password) >= 12
+    [target] = env.tgt.targets.values()
+    assert target.iqn == info.target_iqn
+    assert target.luns == {1: vol.path}
+    assert target.accounts == [info.auth_username]
+    assert env.tgt.accounts[info.auth_username] == info.auth_password
+    assert target.acls == [initiator()]
+    _, [att] = env.m.get(vol.id)
+    assert Connector.from_json(att.connector) == connector()
+    assert info.auth_password not in repr(info)
+
+
+def test_publish_twice_with_the_same_connector_gives_the_same_answer(env):
+    vol = env.m.create("p", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    first = env.m.publish(vol.id, srv, connector())
+    second = env.m.publish(vol.id, srv, connector())
+    assert second == first
+    assert (second.auth_username, second.auth_password) == (first.auth_username, first.auth_password)
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator()]
+    assert len(env.tgt.commands("target", "new")) == 1
+
+
+def test_publish_to_a_second_connector_reuses_the_export_and_credentials(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b = server(), server()
+    env.m.reserve(vol.id, a)
+    first = env.m.publish(vol.id, a, connector("a"))
+    env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    env.m.reserve(vol.id, b)
+    second = env.m.publish(vol.id, b, connector("b"))
+    assert (second.target_iqn, second.auth_username, second.auth_password) == \
+        (first.target_iqn, first.auth_username, first.auth_password)
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("a"), initiator("b")]
+
+
+def test_publish_when_tgt_fails_reports_a_backend_error_without_the_secret(env):
+    vol = env.m.create("p", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    env.tgt.fail_on("account", "bind")
+    with pytest.raises(BackendError) as err:
+        env.m.publish(vol.id, srv, connector())
+    assert env.tgt.targets == {}  # the half-made target was removed
+    info = env.m.publish(vol.id, srv, connector())  # and a retry works
+    assert info.auth_password not in err.value.message
+    assert len(env.tgt.targets) == 1
+
+
+def test_publish_failing_at_account_creation_does_not_leak_the_password(env):
+    vol = env.m.create("p", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    env.tgt.fail_on("account", "new")
+    with pytest.raises(BackendError) as err:
+        env.m.publish(vol.id, srv, connector())
+    info = env.m.publish(vol.id, srv, connector())
+    assert "--password ***" in err.value.message
+    assert info.auth_password not in err.value.message
+
+
+def test_unpublish_removes_the_export_and_is_idempotent(env):
+    volume_id, srv, _ = attached(env)
+    for _ in range(2):
+        env.m.unpublish(volume_id, srv, connector())
+        assert env.tgt.targets == {} and env.tgt.accounts == {}
+    _, [att] = env.m.get(volume_id)
+    assert att.connector is None
+    assert status(env.m, volume_id) == ("in-use", "attached")  # unpublish is not detach
+
+
+def test_unpublish_of_an_unknown_volume_or_initiator_is_ok(env):
+    env.m.unpublish(str(uuid.uuid4()), server(), connector())
+    volume_id, srv, _ = attached(env)
+    env.m.unpublish(volume_id, server(), connector("other"))
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("a")]
+
+
+def test_unpublish_of_one_of_two_connectors_revokes_only_that_one(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b = server(), server()
+    env.m.reserve(vol.id, a)
+    env.m.publish(vol.id, a, connector("a"))
+    env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    env.m.reserve(vol.id, b)
+    env.m.publish(vol.id, b, connector("b"))
+    env.m.unpublish(vol.id, a, connector("a"))
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("b")]
+    env.m.unpublish(vol.id, b, connector("b"))
+    assert env.tgt.targets == {}
+
+
+def test_the_chap_secret_is_not_stored_in_plain_text(env):
+    vol = env.m.create("secret", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    info = env.m.publish(vol.id, srv, connector())
+    env.m.db.close()
+    stored = b"".join(p.read_bytes() for p in env.db_path.parent.glob("controller.db*"))
+    assert info.auth_username.encode() in stored  # the file does hold the volume's export...
+    assert info.auth_password.encode() not in stored  # ...but not the password
+    with sqlite3.connect(env.db_path) as conn:
+        [(secret,)] = conn.execute("SELECT chap_secret FROM controller_volume").fetchall()
+        rows = conn.execute("SELECT * FROM controller_volume_attachment").fetchall()
+    assert secret and info.auth_password not in secret
+    assert env.box.decrypt(secret) == info.auth_password
+    assert info.auth_password not in repr(rows)
+
+
+def test_the_chap_password_is_never_logged(env, caplog):
+    caplog.set_level("DEBUG")
+    vol = env.m.create("secret", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    info = env.m.publish(vol.id, srv, connector())
+    env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    env.m.unpublish(vol.id, srv, connector())
+    assert caplog.records  # the manager does log
+    for record in caplog.records:
+        assert info.auth_password not in record.getMessage()
+
+
+# -- attach bookkeeping ------------------------------------------------------------------
+
+
+def test_mark_attached_records_the_attachment(env):
+    vol = env.m.create("m", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    env.m.publish(vol.id, srv, connector())
+    volume, [att] = env.m.mark_attached(vol.id, srv, "/dev/vdc", "ro")
+    assert (volume.status, volume.attach_status) == ("in-use", "attached")
+    assert (att.instance_uuid, att.attach_status, att.mountpoint, att.attach_mode) == \
+        (srv, "attached", "/dev/vdc", "ro")
+    volume, atts = env.m.mark_attached(vol.id, srv, "/dev/vdc", "ro")  # idempotent
+    assert volume.status == "in-use" and len(atts) == 1
+
+
+def test_mark_attached_without_a_reservation_fails(env):
+    vol = env.m.create("m", 1)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.mark_attached(vol.id, server(), "/dev/vdb", "rw")
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    assert status(env.m, vol.id) == ("available", "detached")
+
+
+def test_mark_attached_rejects_a_bad_mode(env):
+    vol = env.m.create("m", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    with pytest.raises(InvalidArgument):
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rwx")
+    assert status(env.m, vol.id) == ("attaching", "attaching")
+
+
+@pytest.mark.parametrize("state", ["available", "reserved", "detaching-other-server"])
+def test_begin_detaching_needs_an_attached_volume(env, state):
+    vol = env.m.create("d", 1)
+    srv = server()
+    if state == "reserved":
+        env.m.reserve(vol.id, srv)
+    elif state == "detaching-other-server":
+        env.m.reserve(vol.id, srv)
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+        env.m.begin_detaching(vol.id, srv)
+        srv = server()
+    before = status(env.m, vol.id)
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.begin_detaching(vol.id, srv)
+    assert err.value.message == DETACH_MESSAGE
+    assert status(env.m, vol.id) == before
+
+
+def test_detach_bookkeeping_round_trip(env):
+    volume_id, srv, _ = attached(env)
+    volume, [att] = env.m.begin_detaching(volume_id, srv)
+    assert (volume.status, att.attach_status) == ("detaching", "detaching")
+    volume, _ = env.m.begin_detaching(volume_id, srv)  # idempotent
+    assert volume.status == "detaching"
+    volume, [att] = env.m.roll_detaching(volume_id, srv)
+    assert (volume.status, volume.attach_status, att.attach_status) == ("in-use", "attached", "attached")
+    volume, _ = env.m.roll_detaching(volume_id, srv)  # idempotent: not detaching
+    assert volume.status == "in-use"
+    env.m.begin_detaching(volume_id, srv)
+    env.m.unpublish(volume_id, srv, connector())
+    for _ in range(2):  # idempotent
+        volume, atts = env.m.mark_detached(volume_id, srv)
+        assert (volume.status, volume.attach_status, atts) == ("available", "detached", [])
+    assert env.tgt.targets == {}
+    env.m.delete(volume_id)
+
+
+def test_detaching_one_of_two_attachments_leaves_the_volume_in_use(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b = server(), server()
+    for srv, dev in ((a, "/dev/vdb"), (b, "/dev/vdc")):
+        env.m.reserve(vol.id, srv)
+        env.m.mark_attached(vol.id, srv, dev, "rw")
+    env.m.begin_detaching(vol.id, a)
+    volume, atts = env.m.mark_detached(vol.id, a)
+    assert (volume.status, volume.attach_status) == ("in-use", "attached")
+    assert [x.instance_uuid for x in atts] == [b]
+
+
+@pytest.mark.parametrize("op", ["mark_attached", "begin_detaching", "roll_detaching", "mark_detached"])
+def test_bookkeeping_of_an_unknown_volume_is_not_found(env, op):
+    args = ("/dev/vdb", "rw") if op == "mark_attached" else ()
+    with pytest.raises(NotFound):
+        getattr(env.m, op)(str(uuid.uuid4()), server(), *args)
+
+
+# -- listing -------------------------------------------------------------------------------
+
+
+def test_list_pages_through_all_volumes_once_in_creation_order(env):
+    ids = [env.m.create(f"v{i}", 1).id for i in range(5)]
+    seen, token, pages = [], "", 0
+    while True:
+        volumes, attachments, token = env.m.list(2, token)
+        pages += 1
+        assert len(volumes) <= 2
+        seen += [v.id for v in volumes]
+        assert set(attachments) == {v.id for v in volumes}
+        if not token:
+            break
+    assert seen == ids
+    assert pages == 3
+
+
+@pytest.mark.parametrize("token", ["garbage", "!!!", "eHl6", "MjAyNC0wMS0wMXxhfGI="])
+def test_list_rejects_a_bad_page_token(env, token):
+    env.m.create("v", 1)
+    with pytest.raises(InvalidArgument) as err:
+        env.m.list(2, token)
+    assert "page_token" in err.value.message
+
+
+# -- restart ---------------------------------------------------------------------------------
+
+
+def test_ensure_exports_recreates_targets_and_acls_after_a_tgtd_restart(env):
+    volume_id, srv, info = attached(env)
+    stale_tid = 77
+    env.tgt.restart()
+    env.tgt.targets[stale_tid] = FakeTarget(stale_tid, IQN_PREFIX + str(uuid.uuid4()))
+    assert env.m.ensure_exports() == 1
+    [target] = env.tgt.targets.values()
+    assert target.iqn == info.target_iqn
+    assert target.acls == [initiator()]
+    assert env.tgt.accounts == {info.auth_username: info.auth_password}
+    assert env.m.ensure_exports() == 0  # nothing to do the second time
+    assert env.m.publish(volume_id, srv, connector()) == info
+
+
+def test_a_delete_that_stopped_half_way_can_be_retried(env):
+    vol = env.m.create("half", 1)
+    with sqlite3.connect(env.db_path) as conn:  # as if the process died after "deleting"
+        conn.execute("UPDATE controller_volume SET status = 'deleting' WHERE id = ?", (vol.id,))
+    assert status(env.m, vol.id) == ("deleting", "detached")
+    env.m.delete(vol.id)
+    assert not Path(vol.path).exists()
+    with pytest.raises(NotFound):
+        env.m.get(vol.id)
+
+
+def test_delete_after_a_detach_without_unpublish_removes_the_export(env):
+    volume_id, srv, _ = attached(env)
+    env.m.begin_detaching(volume_id, srv)
+    env.m.mark_detached(volume_id, srv)
+    assert len(env.tgt.targets) == 1  # nobody unpublished
+    env.m.delete(volume_id)
+    assert env.tgt.targets == {} and env.tgt.accounts == {}

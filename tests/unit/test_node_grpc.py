@@ -1,0 +1,154 @@
+"""The Node through gRPC (a real server on port 0, the fake hypervisor):
+codes and messages of the error mapping, and one servicer test with
+grpc_testing."""
+
+from __future__ import annotations
+
+import grpc
+import grpc_testing
+import pytest
+
+from node.app import build_with
+from node.fake_hypervisor import FakeHypervisor
+from node.hypervisor import Disk
+from node.servicer import connection_info_from_pb
+from server.errors import BackendError
+from server.grpcutil import call, create_server, error_from_rpc
+from tests.conftest import make_settings
+from tests.support.fake_runner import FakeRunner
+from tests.support.node_helpers import CHAP_PASSWORD, iscsi_info, new_id
+from vmattach.v1 import node_pb2 as pb
+from vmattach.v1 import node_pb2_grpc, types_pb2
+
+
+def iscsi_pb(volume_id: str) -> types_pb2.ConnectionInfo:
+    i = iscsi_info(volume_id)
+    return types_pb2.ConnectionInfo(
+        driver_volume_type="iscsi", serial=volume_id,
+        data=types_pb2.ConnectionData(target_portal=i.target_portal, target_iqn=i.target_iqn,
+                                      target_lun=1, auth_method="CHAP",
+                                      auth_username=i.auth_username,
+                                      auth_password=i.auth_password))
+
+
+@pytest.fixture
+def node(tmp_path):
+    hv = FakeHypervisor()
+    service = build_with(make_settings(tmp_path, node_id="node-a", initiator_iqn="iqn.2000-01.x:n"),
+                         FakeRunner(), hv)
+    server, port = create_server([service])
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = node_pb2_grpc.NodeStub(ch)
+    stub.hv = hv
+    yield stub
+    ch.close()
+    server.stop(0)
+    for hook in service.on_stop:
+        hook()
+    assert hv.closed
+
+
+def code_of(method, request) -> tuple[grpc.StatusCode, str, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        method(request, timeout=10)
+    exc = error_from_rpc(err.value)
+    return err.value.code(), err.value.details(), exc.reason
+
+
+def test_info_and_list_servers(node):
+    info = node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=10)
+    assert info.node_id == "node-a" and info.connector.initiator == "iqn.2000-01.x:n"
+    assert info.max_volumes_per_server == 26 and info.connector.os_type == "linux"
+    dom = node.hv.add_domain("vm", disks=(Disk("sda", "scsi", "s1", "scsi0-0-0-0"),))
+    (server,) = node.ListServers(pb.NodeListServersRequest(), timeout=10).servers
+    assert (server.server_id, server.name, server.state) == (dom.uuid, "vm", "running")
+    assert (server.device_prefix, server.root_device) == ("sd", "sda")
+    assert [(d.device, d.serial, d.bus) for d in server.disks] == [("sda", "s1", "scsi")]
+
+
+def test_full_cycle_and_idempotency(node):
+    dom = node.hv.add_domain(persistent=False)
+    vid = new_id()
+    stage = pb.NodeStageVolumeRequest(volume_id=vid, connection_info=iscsi_pb(vid))
+    staged = node.NodeStageVolume(stage, timeout=10).staged
+    assert staged.secret_usage == f"volume-{vid}" and node.NodeStageVolume(stage).staged == staged
+    publish = pb.NodePublishVolumeRequest(server_id=dom.uuid, volume_id=vid, device="/dev/vdb",
+                                          connection_info=iscsi_pb(vid), staged=staged)
+    disk = node.NodePublishVolume(publish, timeout=10).disk
+    assert (disk.device, disk.serial, disk.bus) == ("vdb", vid, "virtio")
+    assert node.NodePublishVolume(publish, timeout=10).disk == disk
+    unpublish = pb.NodeUnpublishVolumeRequest(server_id=dom.uuid, volume_id=vid)
+    node.NodeUnpublishVolume(unpublish, timeout=10)
+    node.NodeUnpublishVolume(unpublish, timeout=10)
+    unstage = pb.NodeUnstageVolumeRequest(volume_id=vid, connection_info=iscsi_pb(vid))
+    node.NodeUnstageVolume(unstage, timeout=10)
+    node.NodeUnstageVolume(unstage, timeout=10)
+    assert node.hv.secrets == {}
+
+
+def test_error_codes(node):
+    dom = node.hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),))
+    vid = new_id()
+    publish = lambda sid, device: pb.NodePublishVolumeRequest(  # noqa: E731
+        server_id=sid, volume_id=vid, device=device, connection_info=iscsi_pb(vid))
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, connection_info=iscsi_pb(vid)))
+    assert code_of(node.NodePublishVolume, publish(dom.uuid, "/dev/v d")) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "The supplied device path (/dev/v d) is invalid.",
+        "INVALID_DEVICE")
+    assert code_of(node.NodePublishVolume, publish(dom.uuid, "/dev/vda")) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "The supplied device path (/dev/vda) is in use.",
+        "DEVICE_IN_USE")
+    missing = new_id()
+    assert code_of(node.NodePublishVolume, publish(missing, "/dev/vdb")) == (
+        grpc.StatusCode.NOT_FOUND, f"Server {missing} could not be found.", "SERVER_NOT_FOUND")
+    assert code_of(node.NodePublishVolume, publish("not-a-uuid", "/dev/vdb"))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(volume_id=vid))[1] == \
+        "connection_info is required"
+    assert code_of(node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
+        server_id=missing, volume_id=vid))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_backend_error_is_internal_without_secret(node):
+    vid = new_id()
+    node.hv.inject_error("define_secret", BackendError("libvirt could not define the secret"))
+    code, message, reason = code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vid, connection_info=iscsi_pb(vid)))
+    assert (code, reason) == (grpc.StatusCode.INTERNAL, "BACKEND_ERROR")
+    assert CHAP_PASSWORD not in message
+
+
+def test_never_releasing_guest_is_failed_precondition(node):
+    dom = node.hv.add_domain(never_releases=True)
+    vid = new_id()
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, connection_info=iscsi_pb(vid)))
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        server_id=dom.uuid, volume_id=vid, device="/dev/vdb", connection_info=iscsi_pb(vid)))
+    code, message, reason = code_of(node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
+        server_id=dom.uuid, volume_id=vid))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "DETACH_NOT_COMPLETED"
+    assert message.startswith(f"The guest did not release the device vdb of server {dom.uuid}")
+    (server,) = call(node.ListServers, pb.NodeListServersRequest()).servers
+    assert [d.serial for d in server.disks] == [vid]
+
+
+def test_servicer_with_grpc_testing(tmp_path):
+    """A narrow check of the servicer alone, without a network server."""
+    hv = FakeHypervisor()
+    service = build_with(make_settings(tmp_path, initiator_iqn="iqn.2000-01.x:n"), FakeRunner(), hv)
+    descriptor = pb.DESCRIPTOR.services_by_name["Node"]
+    server = grpc_testing.server_from_dictionary({descriptor: service.servicer},
+                                                 grpc_testing.strict_real_time())
+    dom = hv.add_domain("vm", state="shutoff")
+    rpc = server.invoke_unary_unary(descriptor.methods_by_name["ListServers"], (),
+                                    pb.NodeListServersRequest(), None)
+    response, _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert [(s.server_id, s.state, s.device_prefix, s.root_device) for s in response.servers] == [
+        (dom.uuid, "shutoff", "vd", "")]
+
+
+def test_connection_info_from_pb_keeps_every_field():
+    vid = new_id()
+    info = connection_info_from_pb(iscsi_pb(vid))
+    assert info == iscsi_info(vid)

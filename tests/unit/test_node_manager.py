@@ -1,0 +1,223 @@
+"""NodeManager on the fake hypervisor: publish/unpublish/stage/unstage,
+validation, idempotency and the guest that never lets go."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.fake_hypervisor import FakeHypervisor
+from node.hypervisor import Disk
+from node.manager import parse_device
+from server.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
+from tests.support.node_helpers import NODE_IQN, file_info, iscsi_info, make_manager, new_id
+
+
+@pytest.fixture
+def hv():
+    return FakeHypervisor()
+
+
+@pytest.fixture
+def manager(hv):
+    return make_manager(hv)
+
+
+@pytest.fixture
+def volume_file(tmp_path):
+    path = tmp_path / "volume.img"
+    path.write_bytes(b"\0" * 512)
+    return path
+
+
+def attach_file(manager, server_id, path, device="/dev/vdb", volume_id=None):
+    volume_id = volume_id or new_id()
+    info = file_info(path)
+    staged = manager.stage(volume_id, info)
+    return volume_id, manager.publish(server_id, volume_id, device, info, staged)
+
+
+# -- devices ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device, expected", [("/dev/vdb", ("vdb", "virtio")),
+                                              ("/dev/sdc", ("sdc", "scsi")),
+                                              ("/dev/hdb", ("hdb", "ide")),
+                                              ("/dev/vdaa", ("vdaa", "virtio"))])
+def test_parse_device(device, expected):
+    assert parse_device(device) == expected
+
+
+@pytest.mark.parametrize("device", ["vdb", "/dev/", "/dev/vdb/../x", "/dev/vd b",
+                                    "/dev/vdb'/><x", "/dev/VDB", "/dev/xvdb", "/dev/nbd0", ""])
+def test_bad_device_is_invalid_argument(manager, hv, volume_file, device):
+    dom = hv.add_domain()
+    with pytest.raises(InvalidArgument, match=r"The supplied device path \(.*\) is invalid\."):
+        attach_file(manager, dom.uuid, volume_file, device)
+    assert dom.live == []
+
+
+# -- publish ---------------------------------------------------------------------------
+
+def test_publish_running_persistent_domain_affects_live_and_config(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid, disk = attach_file(manager, dom.uuid, volume_file, "/dev/sdb")
+    assert disk == Disk("sdb", "scsi", vid, f"ua-{vid}")
+    assert ("attach_disk", dom.uuid, "sdb", True, True) in hv.calls
+    assert dom.live == dom.config == [disk]
+    spec = hv.attached[(dom.uuid, "sdb")]
+    assert spec.serial == vid and spec.cache == "none" and spec.source.path == str(volume_file)
+
+
+def test_publish_transient_domain_affects_live_only(manager, hv, volume_file):
+    dom = hv.add_domain(persistent=False)
+    attach_file(manager, dom.uuid, volume_file)
+    assert ("attach_disk", dom.uuid, "vdb", True, False) in hv.calls and dom.config == []
+
+
+def test_publish_shutoff_domain_affects_config_only(manager, hv, volume_file):
+    dom = hv.add_domain(state="shutoff")
+    attach_file(manager, dom.uuid, volume_file)
+    assert ("attach_disk", dom.uuid, "vdb", False, True) in hv.calls and len(dom.config) == 1
+
+
+def test_publish_is_idempotent(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid, disk = attach_file(manager, dom.uuid, volume_file)
+    assert manager.publish(dom.uuid, vid, "/dev/vdc", file_info(volume_file)) == disk
+    assert len(dom.live) == 1
+
+
+def test_publish_device_in_use(manager, hv, volume_file):
+    dom = hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),))
+    with pytest.raises(FailedPrecondition,
+                       match=r"The supplied device path \(/dev/vda\) is in use\."):
+        attach_file(manager, dom.uuid, volume_file, "/dev/vda")
+
+
+def test_publish_unknown_server_is_not_found(manager, volume_file):
+    with pytest.raises(NotFound):
+        attach_file(manager, new_id(), volume_file)
+
+
+def test_publish_qemu_iscsi_needs_stage(manager, hv):
+    dom = hv.add_domain()
+    vid = new_id()
+    with pytest.raises(FailedPrecondition, match="not staged"):
+        manager.publish(dom.uuid, vid, "/dev/vdb", iscsi_info(vid))
+    staged = manager.stage(vid, iscsi_info(vid))
+    disk = manager.publish(dom.uuid, vid, "/dev/vdb", iscsi_info(vid), staged)
+    source = hv.attached[(dom.uuid, "vdb")].source
+    assert disk.serial == vid and source.initiator_iqn == NODE_IQN
+    assert source.secret_usage == staged.secret_usage == f"volume-{vid}"
+
+
+def test_publish_backend_error_propagates(manager, hv, volume_file):
+    dom = hv.add_domain()
+    hv.inject_error("attach_disk", BackendError("libvirt could not attach disk: boom"))
+    with pytest.raises(BackendError, match="boom"):
+        attach_file(manager, dom.uuid, volume_file)
+
+
+# -- unpublish -------------------------------------------------------------------------
+
+def test_unpublish_detaches_and_is_idempotent(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid, _ = attach_file(manager, dom.uuid, volume_file)
+    manager.unpublish(dom.uuid, vid)
+    assert dom.live == dom.config == []
+    manager.unpublish(dom.uuid, vid)  # already gone: OK
+    assert [c for c in hv.calls if c[0] == "detach_disk"] == [
+        ("detach_disk", dom.uuid, "vdb", True, True)]
+
+
+def test_unpublish_finds_disk_by_alias(manager, hv):
+    vid = new_id()
+    dom = hv.add_domain(disks=(Disk("vdb", "virtio", "other-serial", f"ua-{vid}"),))
+    manager.unpublish(dom.uuid, vid)
+    assert dom.live == []
+
+
+def test_unpublish_never_releasing_guest_fails_and_disk_stays(hv, volume_file):
+    manager = make_manager(hv, detach_retries=2)
+    dom = hv.add_domain(persistent=False, never_releases=True)
+    vid, disk = attach_file(manager, dom.uuid, volume_file)
+    with pytest.raises(FailedPrecondition) as err:
+        manager.unpublish(dom.uuid, vid)
+    assert err.value.message == (f"The guest did not release the device vdb of server "
+                                 f"{dom.uuid} after 2 attempts")
+    assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 2
+    listed = next(d for d in manager.list_servers() if d.uuid == dom.uuid)
+    assert listed.disks == (disk,)
+
+
+def test_unpublish_removal_failed_is_retried_then_fails(hv, volume_file):
+    manager = make_manager(hv, detach_retries=3)
+    dom = hv.add_domain()
+    vid, _ = attach_file(manager, dom.uuid, volume_file)
+    dom.removal_fails = True
+    with pytest.raises(FailedPrecondition, match="did not release"):
+        manager.unpublish(dom.uuid, vid)
+    assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 3
+
+
+def test_unpublish_unknown_server_is_not_found(manager):
+    with pytest.raises(NotFound):
+        manager.unpublish(new_id(), new_id())
+
+
+# -- stage / unstage -------------------------------------------------------------------
+
+def test_stage_and_unstage_are_idempotent(manager, hv):
+    vid = new_id()
+    assert manager.stage(vid, iscsi_info(vid)) == manager.stage(vid, iscsi_info(vid))
+    assert list(hv.secrets) == [f"volume-{vid}"]
+    assert manager.unstage(vid, iscsi_info(vid)) is True
+    assert manager.unstage(vid, iscsi_info(vid)) is True
+    assert hv.secrets == {}
+
+
+def test_unstage_keeps_a_volume_another_server_uses(manager, hv):
+    first, second = hv.add_domain(), hv.add_domain()
+    vid = new_id()
+    staged = manager.stage(vid, iscsi_info(vid))
+    for dom in (first, second):
+        manager.publish(dom.uuid, vid, "/dev/vdb", iscsi_info(vid), staged)
+    manager.unpublish(first.uuid, vid)
+    assert manager.unstage(vid, iscsi_info(vid)) is False
+    assert f"volume-{vid}" in hv.secrets
+    manager.unpublish(second.uuid, vid)
+    assert manager.unstage(vid, iscsi_info(vid)) is True
+    assert hv.secrets == {}
+
+
+def test_unknown_driver_volume_type(manager):
+    vid = new_id()
+    with pytest.raises(InvalidArgument, match="not supported"):
+        manager.stage(vid, iscsi_info(vid, driver_volume_type="rbd"))
+
+
+# -- info and listing ------------------------------------------------------------------
+
+def test_info(manager):
+    info = manager.info()
+    assert info.node_id == "node-1" and info.max_volumes_per_server == 26
+    c = info.connector
+    assert (c.ip, c.initiator, c.os_type, c.multipath) == ("127.0.0.1", NODE_IQN, "linux", False)
+    assert c.host and c.platform
+
+
+def test_list_servers_prefix_and_root(manager, hv, volume_file):
+    scsi = hv.add_domain("scsi-vm", disks=(Disk("sda", "scsi", "", "scsi0-0-0-0"),))
+    diskless = hv.add_domain("empty", state="paused")
+    attach_file(manager, diskless.uuid, volume_file, "/dev/sdb")
+    by_name = {d.name: d for d in manager.list_servers()}
+    assert (by_name["scsi-vm"].device_prefix, by_name["scsi-vm"].root_disk.device) == ("sd", "sda")
+    assert by_name["empty"].device_prefix == "vd" and by_name["empty"].root_disk is None
+    assert by_name["empty"].state == "paused" and len(by_name["empty"].disks) == 1
+
+
+def test_fake_holds_ten_thousand_domains_cheaply(hv):
+    for i in range(10_000):
+        hv.add_domain(f"vm-{i}", uuid=f"00000000-0000-0000-0000-{i:012d}")
+    manager = make_manager(hv)
+    assert len(manager.list_servers()) == 10_000
+    assert manager.unstage(new_id(), iscsi_info(new_id())) is True
