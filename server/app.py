@@ -50,44 +50,46 @@ def build_servers(settings: Settings, own_address: str) -> Service:
     return build(settings, own_address)
 
 
-def build_services(settings: Settings, own_address: str, runner: CommandRunner | None = None,
-                   hypervisor=None) -> list[Service]:
-    runner = runner or CommandRunner()
-    names = settings.service_list()
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-    services = []
-    if "controller" in names:
-        services.append(build_controller(settings, runner))
-    if "node" in names:
-        services.append(build_node(settings, runner, hypervisor))
-    if "servers" in names:
-        services.append(build_servers(settings, own_address))
-    return services
-
-
 class Running:
     """A started vmattach server: its port, services and a stop()."""
 
-    def __init__(self, server: grpc.Server, port: int, services: list[Service]):
-        self.server, self.port, self.services = server, port, services
+    def __init__(self, server: grpc.Server, port: int, services: list[Service],
+                 internal: grpc.Server | None = None):
+        self.server, self.port, self.services, self.internal = server, port, services, internal
 
     def stop(self, grace: float = 5.0) -> None:
         self.server.stop(grace).wait()
+        if self.internal is not None:
+            self.internal.stop(grace).wait()
         for svc in self.services:
             for hook in svc.on_stop:
                 hook()
 
 
 def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None) -> Running:
-    """Bind, build the services (the facade talks to this process's own port
-    when no other address is configured), start."""
+    """Bind, build the services, start. The servers facade talks to the
+    Controller and Node of its own process (unless other addresses are
+    configured) through a second, loopback-only server with threads of its
+    own, so that facade calls in flight can never starve the calls they make."""
+    names = settings.service_list()
+    runner = runner or CommandRunner()
+    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     server, port = new_server(settings.listen)
-    host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
-    if host in ("0.0.0.0", "[::]", "::"):
-        host = "127.0.0.1"
-    services = build_services(settings, f"{host}:{port}", runner, hypervisor)
+    services: list[Service] = []
+    if "controller" in names:
+        services.append(build_controller(settings, runner))
+    if "node" in names:
+        services.append(build_node(settings, runner, hypervisor))
+    internal = None
+    if "servers" in names:
+        own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
+        if services:
+            internal, internal_port = new_server("127.0.0.1:0")
+            start_server(internal, services)
+            own_address = f"127.0.0.1:{internal_port}"
+        services.append(build_servers(settings, own_address))
     start_server(server, services)
-    return Running(server, port, services)
+    return Running(server, port, services, internal)
 
 
 def serve(settings: Settings) -> int:
