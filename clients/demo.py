@@ -136,9 +136,13 @@ class Demo:
 
         self.section("the guest's own view")
         seen = guest.wait_disk(volume_id, timeout=30)
-        rc, by_id = guest.run(f"ls -l {attachment['guest_path_hint']} 2>&1 || true")
+        hint = attachment["guest_path_hint"]
+        rc, target = guest.run(f"readlink -f {hint}")
         print(f"  guest disk: name {seen['name']}, serial {seen['serial']},"
               f" size {seen['size']} bytes, sha256 of the first 4 MiB {seen['sha256'][:16]}...")
+        print(f"  in the guest, {hint} -> {target.strip()}")
+        self.check(rc == 0 and target.strip() == f"/dev/{seen['name']}",
+                   "the attachment's path hint names the disk in the guest")
         self.check(volume_id.startswith(seen["serial"]), "guest sees the volume's serial")
         self.check(seen["size"] == 1 << 30, "guest sees 1 GiB")
         self.check(seen["sha256"] == digest, "guest reads the pattern written on the host")
