@@ -15,8 +15,7 @@ host:
 	bash scripts/setup-host.sh
 
 # The virtual environment with the project and its dev tools.
-$(VENV)/.stamp: pyproject.toml
-	@command -v python3 >/dev/null || (apt-get update -q && apt-get install -y -q python3 python3-venv)
+$(VENV)/.stamp: pyproject.toml | host
 	python3 -m venv $(VENV)
 	mkdir -p gen/vmattach/v1
 	touch gen/vmattach/__init__.py gen/vmattach/v1/__init__.py

@@ -13,6 +13,8 @@ MARKER="# vmattach: real-stack settings (scripts/setup-host.sh)"
 WAIT_SECONDS="${VMATTACH_LIBVIRT_WAIT:-30}"
 
 PACKAGES=(
+    # the virtual environment and libvirt-python's build
+    python3 python3-venv python3-dev gcc make
     pkg-config libvirt-dev
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-block-extra qemu-utils
