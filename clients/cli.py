@@ -57,6 +57,11 @@ def cmd_serve(args) -> int:
     return serve(config.load(args))
 
 
+def cmd_audit(args) -> int:
+    from server.audit import run
+    return run(config.load(args), args.repair)
+
+
 def cmd_volume_create(args, c):
     args.many = False
     _show(args, [c.create_volume(args.name, args.size, args.multiattach)], VOLUME_COLUMNS)
@@ -117,6 +122,12 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start vmattach services")
     config.add_arguments(serve)
     serve.set_defaults(func=cmd_serve, local=True)
+
+    audit = sub.add_parser("audit", help="compare the facade, the Controller, tgtd and libvirt;"
+                                         " exit 1 on any divergence")
+    config.add_arguments(audit)
+    audit.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    audit.set_defaults(func=cmd_audit, local=True)
 
     volume = sub.add_parser("volume", help="volumes and their attachment").add_subparsers(
         dest="action", required=True)

@@ -142,5 +142,9 @@ class FakeHypervisor(Hypervisor):
         with self._lock:
             return usage in self.secrets
 
+    def secret_usages(self) -> list[str]:
+        with self._lock:
+            return sorted(self.secrets)
+
     def close(self) -> None:
         self.closed = True

@@ -148,5 +148,9 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def has_secret(self, usage: str) -> bool: ...
 
+    @abc.abstractmethod
+    def secret_usages(self) -> list[str]:
+        """The usage names of the iSCSI secrets on this host."""
+
     def close(self) -> None:
         """Release connections; the default has none."""

@@ -272,3 +272,8 @@ class LibvirtHypervisor(Hypervisor):
     def has_secret(self, usage: str) -> bool:
         return self._call(f"look up the secret {usage}",
                           lambda conn: self._secret(conn, usage) is not None)
+
+    def secret_usages(self) -> list[str]:
+        return self._call("list the secrets", lambda conn: sorted(
+            s.usageID() for s in conn.listAllSecrets()
+            if s.usageType() == libvirt.VIR_SECRET_USAGE_TYPE_ISCSI))

@@ -31,11 +31,23 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
                             settings.tgt_portal, SecretBox.from_state_dir(settings.state_dir),
                             settings.max_volume_gb)
-    restored = manager.ensure_exports()
-    if restored:
-        LOG.info("re-created %d tgt exports", restored)
+    stop = threading.Event()
+
+    def ensure_exports_periodically():
+        # at start, and again every interval: a restarted tgtd has no targets
+        while not stop.wait(settings.reconcile_interval):
+            try:
+                restored = manager.ensure_exports()
+                if restored:
+                    LOG.warning("re-created %d tgt exports", restored)
+            except Exception:  # noqa: BLE001 - the loop must survive a bad round
+                LOG.exception("re-creating the tgt exports failed")
+
+    manager.ensure_exports()
+    threading.Thread(target=ensure_exports_periodically, name="ensure-exports",
+                     daemon=True).start()
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
-                   ControllerServicer(manager), on_stop=[db.close])
+                   ControllerServicer(manager), on_stop=[stop.set, db.close])
 
 
 def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Service:

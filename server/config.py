@@ -44,7 +44,11 @@ class Settings:
     controller_address: str = _opt("", "HOST:PORT of the Controller (default: this process)")
     nodes: str = _opt("", "NODE_ID=HOST:PORT,... of the Nodes (default: this process's node)")
     server_refresh_interval: float = _opt(30.0, "seconds between refreshes of the server list", float)
-    fault_injection: str = _opt("", "tests only: STEP[:ACTION],... steps to make fail")
+    reconcile_interval: float = _opt(10.0, "seconds between two runs of the reconcilers", float)
+    owner_lease: float = _opt(15.0, "seconds after which an operation whose facade stopped"
+                              " sending heartbeats is recovered by another", float)
+    fault_injection: str = _opt("", "tests only: before|after:STEP[=ACTION],... (ACTION: error,"
+                                " unavailable, deadline, kill)")
 
     def service_list(self) -> list[str]:
         names = [s.strip() for s in self.services.split(",") if s.strip()]

@@ -151,6 +151,8 @@ class Facade:
         self.max_volumes_per_server = max_volumes_per_server
         self.call_cap = call_cap
         self._server_locks = KeyedLocks()
+        # this process's operations carry this id; see server/reconciler.py
+        self.instance_id = str(uuid.uuid4())
 
     # -- helpers -----------------------------------------------------------------
 
@@ -209,7 +211,6 @@ class Facade:
         # Each undo is registered before its step: every undo is idempotent, and a
         # step that timed out or lost its connection may have happened all the same.
         saga = Saga(f"attach {req.volume_id} to {req.server_id}")
-        saga.on_failure("delete the BDM row", lambda: self._delete_bdm(bdm.id))
         try:
             # 3. get the volume from the Controller
             volume = self._step("get_volume", self._get_volume, req.volume_id, deadline)
@@ -244,15 +245,11 @@ class Facade:
             self._step("mark_attached", self._mark_attached, req, bdm.device_name, deadline)
             # 10. save the connection_info (sealed above), state attached
             self._step("bdm_attached", self._progress, bdm.id, "mark_attached",
-                       state="attached")
-        except VmattachError as exc:
+                       state="attached", owner=None)
+        except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,
-                     exc.reason)
-            saga.rollback()
-            raise
-        except Exception:
-            LOG.exception("attach %s to %s failed; rolling back", req.volume_id, req.server_id)
-            saga.rollback()
+                     getattr(exc, "reason", type(exc).__name__))
+            self._finish_rollback(saga, bdm.id)
             raise
         LOG.info("attached volume %s to server %s as %s", req.volume_id, req.server_id,
                  bdm.device_name)
@@ -279,7 +276,7 @@ class Facade:
                             device_name=device, volume_id=req.volume_id,
                             instance_uuid=req.server_id, attachment_id=str(uuid.uuid4()),
                             tag=req.tag or None, delete_on_termination=req.delete_on_termination,
-                            state="attaching", progress="bdm_insert",
+                            state="attaching", progress="bdm_insert", owner=self.instance_id,
                             request_id=req.request_id or None, node_id=server.node_id)
                 except peewee.IntegrityError:
                     if req.device:
@@ -325,8 +322,16 @@ class Facade:
         raise ResourceExhausted(f"no free device name on server {req.server_id}",
                                 reason="TOO_MANY_VOLUMES")
 
-    def _delete_bdm(self, bdm_id: int) -> None:
-        BDM.delete().where(BDM.id == bdm_id).execute()
+    def _finish_rollback(self, saga: Saga, bdm_id: int) -> None:
+        """7. the BDM row goes once every undo step succeeded; otherwise the row
+        stays `attaching`, released to the reconciler, which retries the undo."""
+        if saga.rollback():
+            BDM.delete().where(BDM.id == bdm_id).execute()
+        else:
+            self._release(bdm_id)
+
+    def _release(self, bdm_id: int) -> None:
+        BDM.update(owner=None, updated_at=utcnow()).where(BDM.id == bdm_id).execute()
 
     def _get_volume(self, volume_id: str, deadline: Deadline) -> cpb.Volume:
         return call(self.controller.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id),
@@ -388,15 +393,11 @@ class Facade:
         bdm = self._live(server_id, volume_id)
         if bdm is None:
             raise not_attached(server_id, volume_id)
-        taken = (BDM.update(state="detaching", progress="begin", updated_at=utcnow())
-                 .where((BDM.id == bdm.id) & (BDM.state == "attached")).execute())
-        if not taken:
+        if not self._step("bdm_detaching", self._take_for_detach, bdm):
             raise Aborted(f"volume {volume_id} is being {bdm.state[:-3]}ed on server {server_id}",
                           reason="OPERATION_IN_PROGRESS")
-        node = self.nodes.node(bdm.node_id)
-        info = self._unseal(bdm.connection_info)
-        connector = json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
         try:
+            node = self.nodes.node(bdm.node_id)
             # 2. begin detaching at the Controller (in-use -> detaching)
             self._step("begin_detaching", self._begin_detaching, server_id, volume_id, deadline)
             try:
@@ -408,24 +409,38 @@ class Facade:
                 raise
             self._progress(bdm.id, "node_unpublish")
         except VmattachError:
-            BDM.update(state="attached", progress="mark_attached", updated_at=utcnow()).where(
-                BDM.id == bdm.id).execute()
+            self._progress(bdm.id, "mark_attached", state="attached", owner=None)
             raise
         # From here the disk has left the guest: the remaining steps only roll forward.
+        try:
+            self._finish_detach(bdm, node, lambda: max(deadline.remaining(), UNDO_TIMEOUT))
+        except Exception:
+            self._release(bdm.id)  # the reconciler finishes it
+            raise
+        LOG.info("detached volume %s from server %s", volume_id, server_id)
+
+    def _take_for_detach(self, bdm: BDM) -> bool:
+        return bool(BDM.update(state="detaching", progress="bdm_detaching",
+                               owner=self.instance_id, updated_at=utcnow())
+                    .where((BDM.id == bdm.id) & (BDM.state == "attached")).execute())
+
+    def _finish_detach(self, bdm: BDM, node, timeout: Callable[[], float]) -> None:
+        """Detach steps 4-7, once the disk has left the guest."""
+        info = self._unseal(bdm.connection_info)
+        connector = json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
+        server_id, volume_id = bdm.instance_uuid, bdm.volume_id
         # 4. unstage on the node
-        self._step("node_unstage", lambda: self._node_unstage(
-            node, volume_id, info, timeout=max(deadline.remaining(), UNDO_TIMEOUT)))
+        self._step("node_unstage", lambda: self._node_unstage(node, volume_id, info,
+                                                              timeout=timeout()))
         self._progress(bdm.id, "node_unstage")
         # 5. unpublish at the Controller (terminate_connection)
         self._step("controller_unpublish", lambda: self._controller_unpublish(
-            volume_id, server_id, connector, timeout=max(deadline.remaining(), UNDO_TIMEOUT)))
+            volume_id, server_id, connector, timeout=timeout()))
         self._progress(bdm.id, "controller_unpublish")
         # 6. mark detached at the Controller (os-detach)
-        self._step("mark_detached", lambda: self._mark_detached(
-            server_id, volume_id, max(deadline.remaining(), UNDO_TIMEOUT)))
+        self._step("mark_detached", lambda: self._mark_detached(server_id, volume_id, timeout()))
         # 7. soft-delete the BDM row
         self._step("bdm_delete", self._soft_delete, bdm.id)
-        LOG.info("detached volume %s from server %s", volume_id, server_id)
 
     def _begin_detaching(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
         call(self.controller.BeginDetaching,
@@ -446,7 +461,8 @@ class Facade:
 
     def _soft_delete(self, bdm_id: int) -> None:
         now = utcnow()
-        BDM.update(deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete").where(
+        BDM.update(deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete",
+                   owner=None).where(
             BDM.id == bdm_id).execute()
 
     # -- reading ------------------------------------------------------------------------

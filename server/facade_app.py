@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from server.config import Settings
 from server.db import open_database
 from server.facade import Facade
@@ -10,11 +12,14 @@ from server.faults import Faults
 from server.grpcutil import Service, channel
 from server.models import MODELS
 from server.nodes import NodeDirectory
+from server.reconciler import Reconciler
 from server.secretbox import SecretBox
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
 
-def build(settings: Settings, own_address: str) -> Service:
+def build_facade(settings: Settings, own_address: str) -> tuple[Facade, Callable[[], None]]:
+    """The Facade with its database, its Controller channel and its nodes;
+    returns it with the function that closes them."""
     db = open_database(settings.database_url_for("servers"), MODELS)
     addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
     nodes = NodeDirectory(db, addresses or [own_address])
@@ -23,7 +28,19 @@ def build(settings: Settings, own_address: str) -> Service:
                     SecretBox.from_state_dir(settings.state_dir, "servers-secret.key"),
                     Faults(settings.fault_injection),
                     max_volumes_per_server=settings.max_volumes_per_server)
-    nodes.run_periodic(settings.server_refresh_interval)
+
+    def close() -> None:
+        nodes.close()
+        controller_channel.close()
+        db.close()
+
+    return facade, close
+
+
+def build(settings: Settings, own_address: str) -> Service:
+    facade, close = build_facade(settings, own_address)
+    facade.nodes.run_periodic(settings.server_refresh_interval)
+    reconciler = Reconciler(facade, settings.owner_lease)
+    reconciler.run_periodic(settings.reconcile_interval)
     return Service(SERVICE_NAME, servers_pb2_grpc.add_ServersServicer_to_server,
-                   ServersServicer(facade),
-                   on_stop=[nodes.close, controller_channel.close, db.close])
+                   ServersServicer(facade), on_stop=[reconciler.stop, close])

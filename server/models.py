@@ -45,6 +45,8 @@ class BlockDeviceMapping(BaseModel):
     node_id = peewee.CharField(max_length=255, null=True)
     # the node's connector (JSON), needed to terminate the connection
     connector = peewee.TextField(null=True)
+    # the facade instance running the attach/detach; NULL: nobody (recover it)
+    owner = peewee.CharField(max_length=36, null=True, index=True)
 
     class Meta:
         table_name = "block_device_mapping"
@@ -70,4 +72,14 @@ class ServerRecord(BaseModel):
         table_name = "servers_server"
 
 
-MODELS = [BlockDeviceMapping, ServerRecord]
+class FacadeInstance(BaseModel):
+    """A running facade process; its heartbeat says its operations are alive."""
+    id = peewee.CharField(primary_key=True, max_length=36)
+    started_at = peewee.DateTimeField(default=utcnow)
+    heartbeat_at = peewee.DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        table_name = "facade_instance"
+
+
+MODELS = [BlockDeviceMapping, ServerRecord, FacadeInstance]

@@ -82,3 +82,120 @@ def controller(tmp_path, tgtd, serve):
     c.settings, c.running, c.tgtd = settings, running, tgtd
     c.address = f"127.0.0.1:{running.port}"
     return c
+
+
+# -- databases: every repository test runs on SQLite and on PostgreSQL ------------------------
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_USER = os.environ.get("VMATTACH_TEST_PG_USER", "postgres")
+PG_UNREACHABLE = f"PostgreSQL not reachable on {PG_HOST}:{PG_PORT}"
+_pg_state: dict = {}
+
+
+def _pg_admin_connection():
+    """An autocommit connection to the server's maintenance database, or None."""
+    import psycopg2
+    for dbname in ("postgres", "test"):
+        try:
+            conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname,
+                                    connect_timeout=3)
+        except psycopg2.OperationalError as exc:
+            _pg_state["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            continue
+        conn.autocommit = True
+        return conn
+    return None
+
+
+def postgres_reachable() -> bool:
+    if "reachable" not in _pg_state:
+        conn = _pg_admin_connection()
+        _pg_state["reachable"] = conn is not None
+        if conn is not None:
+            conn.close()
+    return _pg_state["reachable"]
+
+
+def need_postgres() -> None:
+    """Skip (also under `make test`: PostgreSQL is optional) when the server is absent."""
+    _pg_state.setdefault("wanted", 0)
+    _pg_state["wanted"] += 1
+    if not postgres_reachable():
+        detail = _pg_state.get("error")
+        pytest.skip(PG_UNREACHABLE + (f" ({detail})" if detail else ""))
+    _pg_state["ran"] = _pg_state.get("ran", 0) + 1
+
+
+class FreshPostgres:
+    """A new, uniquely named database on the test server, dropped by drop()."""
+
+    def __init__(self, prefix: str = "vmattach_test"):
+        import uuid
+        self.name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        conn = _pg_admin_connection()
+        if conn is None:
+            pytest.skip(PG_UNREACHABLE)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{self.name}"')
+        finally:
+            conn.close()
+        self.url = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.name}"
+
+    def connect(self):
+        import psycopg2
+        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.name,
+                                connect_timeout=5)
+        conn.autocommit = True
+        return conn
+
+    def drop(self) -> None:
+        conn = _pg_admin_connection()
+        if conn is None:
+            return
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = %s AND pid <> pg_backend_pid()", (self.name,))
+                cur.execute(f'DROP DATABASE IF EXISTS "{self.name}"')
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh PostgreSQL database (FreshPostgres: .url, .name, .connect());
+    skips when the server is not reachable."""
+    need_postgres()
+    fresh = FreshPostgres()
+    yield fresh
+    fresh.drop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path):
+    """A fresh, empty database's URL: a SQLite file of this test, or a new
+    PostgreSQL database on 127.0.0.1:5432 (dropped afterwards; the test is
+    skipped when the server is not reachable)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'vmattach-test.db'}"
+        return
+    need_postgres()
+    fresh = FreshPostgres()
+    yield fresh.url
+    fresh.drop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say whether the PostgreSQL variants ran (`make test` runs them when the
+    server is there and skips them, saying so, when it is not)."""
+    wanted = _pg_state.get("wanted", 0)
+    if not wanted:
+        return
+    ran = _pg_state.get("ran", 0)
+    if ran:
+        terminalreporter.write_line(
+            f"PostgreSQL: {ran} test(s) ran on a fresh database on {PG_HOST}:{PG_PORT}")
+    else:
+        terminalreporter.write_line(
+            f"PostgreSQL: {wanted} test(s) SKIPPED - {PG_UNREACHABLE}", yellow=True, bold=True)

@@ -1,17 +1,18 @@
 """The Controller's state machine (controller/volumes.py VolumeManager) on a
-real SQLite file, with a fake tgtd behind the real TgtAdm command builder."""
+real database (a SQLite file, and a fresh PostgreSQL database: the
+`database_url` fixture), with a fake tgtd behind the real TgtAdm command
+builder."""
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from controller.models import MODELS
+from controller.models import MODELS, Volume, VolumeAttachment
 from controller.tgt import IQN_PREFIX
 from controller.volumes import ConnectionInfo, Connector, VolumeManager
 from server.db import open_database
@@ -39,18 +40,22 @@ def connector(tag: str = "a") -> Connector:
 class Env:
     m: VolumeManager
     tgt: FakeTgtRunner
-    db_path: Path
+    db_url: str
     box: SecretBox
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return Path(self.db_url.removeprefix("sqlite:///")) if self.db_url.startswith("sqlite") \
+            else None
 
 
 @pytest.fixture
-def env(tmp_path):
-    db_path = tmp_path / "controller.db"
-    db = open_database(f"sqlite:///{db_path}", MODELS)
+def env(tmp_path, database_url):
+    db = open_database(database_url, MODELS)
     tgt = FakeTgtAdm()
     box = SecretBox.from_state_dir(tmp_path)
     manager = VolumeManager(db, tmp_path / "volumes", tgt, PORTAL, box, max_volume_gb=100)
-    yield Env(manager, tgt.fake, db_path, box)
+    yield Env(manager, tgt.fake, database_url, box)
     db.close()
 
 
@@ -411,16 +416,20 @@ def test_the_chap_secret_is_not_stored_in_plain_text(env):
     srv = server()
     env.m.reserve(vol.id, srv)
     info = env.m.publish(vol.id, srv, connector())
-    env.m.db.close()
-    stored = b"".join(p.read_bytes() for p in env.db_path.parent.glob("controller.db*"))
-    assert info.auth_username.encode() in stored  # the file does hold the volume's export...
-    assert info.auth_password.encode() not in stored  # ...but not the password
-    with sqlite3.connect(env.db_path) as conn:
-        [(secret,)] = conn.execute("SELECT chap_secret FROM controller_volume").fetchall()
-        rows = conn.execute("SELECT * FROM controller_volume_attachment").fetchall()
+    with env.m.db.connection_context():
+        [secret] = [v.chap_secret for v in Volume.select(Volume.chap_secret)]
+        volumes = list(Volume.select().tuples())
+        rows = list(VolumeAttachment.select().tuples())
+    assert info.auth_username in repr(volumes)  # the database does hold the volume's export...
+    assert info.auth_password not in repr(volumes) + repr(rows)  # ...but not the password
     assert secret and info.auth_password not in secret
     assert env.box.decrypt(secret) == info.auth_password
-    assert info.auth_password not in repr(rows)
+    env.m.db.close()
+    if env.sqlite_path is not None:  # nor do the database's files, journal included
+        stored = b"".join(p.read_bytes() for p in env.sqlite_path.parent.glob(
+            env.sqlite_path.name + "*"))
+        assert info.auth_username.encode() in stored
+        assert info.auth_password.encode() not in stored
 
 
 def test_the_chap_password_is_never_logged(env, caplog):
@@ -570,8 +579,8 @@ def test_ensure_exports_recreates_targets_and_acls_after_a_tgtd_restart(env):
 
 def test_a_delete_that_stopped_half_way_can_be_retried(env):
     vol = env.m.create("half", 1)
-    with sqlite3.connect(env.db_path) as conn:  # as if the process died after "deleting"
-        conn.execute("UPDATE controller_volume SET status = 'deleting' WHERE id = ?", (vol.id,))
+    with env.m.db.connection_context():  # as if the process died after "deleting"
+        Volume.update(status="deleting").where(Volume.id == vol.id).execute()
     assert status(env.m, vol.id) == ("deleting", "detached")
     env.m.delete(vol.id)
     assert not Path(vol.path).exists()

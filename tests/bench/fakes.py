@@ -1,0 +1,63 @@
+"""The benchmark's fakes, at the outermost boundary only (docs/design.md):
+the in-memory hypervisor of node/fake_hypervisor.py and the fake tgtd of
+tests/support/fake_tgt.py. Never imported by production code."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+from node.fake_hypervisor import FakeHypervisor
+from node.hypervisor import Disk, volume_alias
+from tests.bench.common import node_id, server_uuid
+from tests.support.fake_tgt import FakeTarget, FakeTgtRunner
+
+
+def attached_volume_uuid(node: int, index: int) -> str:
+    """The pre-filled volume attached (as vdb) to domain `index` of `node`."""
+    import uuid
+    from tests.bench.common import NAMESPACE
+    return str(uuid.uuid5(NAMESPACE, f"node-{node}/server-{index}/attached"))
+
+
+def fake_hypervisor(node: int, domains: int, prefilled: bool) -> FakeHypervisor:
+    """`domains` running fake domains; with prefilled, each has the disk of its
+    pre-filled attachment (what the databases say is attached)."""
+    hv = FakeHypervisor()
+    for i in range(domains):
+        disks = ()
+        if prefilled:
+            vol = attached_volume_uuid(node, i)
+            disks = (Disk("vdb", "virtio", vol, volume_alias(vol)),)
+        hv.add_domain(f"{node_id(node)}-vm{i}", uuid=server_uuid(node, i), disks=disks)
+    return hv
+
+
+class BenchTgtRunner(FakeTgtRunner):
+    """FakeTgtRunner that keeps only its last calls (the test fake records all
+    of them, which would grow the server's memory with every cycle)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.deque(maxlen=64)
+
+    def preload(self, db_path: str) -> int:
+        """The targets the pre-filled database says exist, as a tgtd that kept
+        running across the Controller's restart would have them."""
+        from controller.models import MODELS, Export, Volume, VolumeAttachment
+        from server.db import open_database
+        db = open_database(f"sqlite:///{db_path}", MODELS)
+        acls: dict[str, list[str]] = collections.defaultdict(list)
+        with db.connection_context():
+            for att in (VolumeAttachment.select(VolumeAttachment.volume, VolumeAttachment.connector)
+                        .where(VolumeAttachment.connector.is_null(False)).tuples()):
+                acls[att[0]].append(json.loads(att[1])["initiator"])
+            rows = (Export.select(Export.tid, Export.target_iqn, Volume.id, Volume.path,
+                                  Volume.chap_username).join(Volume).tuples())
+            for tid, iqn, vid, path, user in rows:
+                self.targets[tid] = FakeTarget(tid, iqn, {1: path}, [user] if user else [],
+                                               acls.get(vid, []))
+                if user:
+                    self.accounts[user] = "x"
+        db.close()
+        return len(self.targets)

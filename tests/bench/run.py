@@ -1,0 +1,408 @@
+"""`make bench`: every figure of the benchmark issue in one run, on this
+machine, printed as one table and written to bench/results.json.
+
+    python -m tests.bench.run [--smoke] [--out FILE]
+
+1. floor         a no-op unary call (health Check) from this process to a
+                 tiny server subprocess, both on our gRPC set-up
+2. orchestration attach+detach cycles through the facade of the bench
+                 server process (tests/bench/server.py: all three services,
+                 fake hypervisor, Controller on SQLite and a fake tgtd);
+                 the gRPC calls of one attach counted by an interceptor
+3. real stack    the same through `vmattach serve` on a real tgtd,
+                 libvirtd and QEMU (a diskless guest with a SCSI root disk)
+4. scale         (2) again with the databases pre-filled (tests/bench/prefill.py)
+                 and 99 more fake nodes in a farm process (tests/bench/farm.py)
+
+Every figure is the median over several runs. See bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from clients.client import VmattachClient
+from server.grpcutil import call, channel
+from tests.bench.common import (REPO_ROOT, Child, median, percentile, server_uuid, vm_hwm_mb)
+from tests.bench.prefill import prefill
+
+FULL = dict(floor_runs=5, floor_calls=2000, count_attaches=10,
+            lat_runs=5, lat_cycles=100, tput_runs=3, tput_seconds=3.0, conc=[1, 8, 32],
+            warmup=30, domains=64,
+            real_runs=5, real_cycles=10,
+            realtgt_runs=3, realtgt_cycles=30,
+            scale_volumes=100_000, scale_nodes=100, scale_per_node=100)
+SMOKE = dict(floor_runs=2, floor_calls=100, count_attaches=2,
+             lat_runs=2, lat_cycles=5, tput_runs=2, tput_seconds=0.3, conc=[1, 8, 32],
+             warmup=3, domains=32,
+             real_runs=2, real_cycles=2,
+             realtgt_runs=2, realtgt_cycles=3,
+             scale_volumes=1000, scale_nodes=4, scale_per_node=32)
+
+TARGETS = {
+    "orchestration_ratio": ("<=", 1.3),
+    "cycles_per_s_32": (">=", 300.0),
+    "real_attach_p50_ms": ("<=", 100.0),
+    "real_detach_p50_ms": ("<=", 150.0),
+    "scale_ratio": ("<=", 1.2),
+    "peak_rss_mb": ("<=", 150.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- 1. the floor ---------------------------------------------------------------------
+
+def measure_floor(cfg, work: Path) -> dict:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with Child("tests.bench.floor_server", [], work / "floor.log") as srv:
+        ch = channel(srv.address)
+        stub = health_pb2_grpc.HealthStub(ch)
+        req = health_pb2.HealthCheckRequest(service="")
+        for _ in range(200):
+            call(stub.Check, req, timeout=10)
+        p50s, p99s = [], []
+        for _ in range(cfg["floor_runs"]):
+            samples = []
+            for _ in range(cfg["floor_calls"]):
+                t0 = time.perf_counter()
+                call(stub.Check, req, timeout=10)
+                samples.append((time.perf_counter() - t0) * 1000)
+            p50s.append(percentile(samples, 50))
+            p99s.append(percentile(samples, 99))
+        ch.close()
+    return {"floor_p50_ms": median(p50s), "floor_p99_ms": median(p99s), "floor_runs_p50_ms": p50s}
+
+
+# -- 2. orchestration -----------------------------------------------------------------
+
+def make_pairs(client: VmattachClient, count: int, node: int = 0) -> list[tuple[str, str]]:
+    tag = uuid.uuid4().hex[:6]
+    return [(server_uuid(node, i), client.create_volume(f"bench-{tag}-{i}", 1).volume_id)
+            for i in range(count)]
+
+
+def cycle(client, server_id, volume_id) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    client.attach_volume(server_id, volume_id)
+    t1 = time.perf_counter()
+    client.detach_volume(server_id, volume_id)
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1000, (t2 - t1) * 1000
+
+
+def latency(client, pairs, runs: int, cycles: int, device: str = "") -> dict:
+    """c=1: per run the p50/p99 of attach and of detach; the medians over runs."""
+    per_run = {"attach_p50": [], "attach_p99": [], "detach_p50": [], "detach_p99": []}
+    for _ in range(runs):
+        att, det = [], []
+        for k in range(cycles):
+            s, v = pairs[k % len(pairs)]
+            t0 = time.perf_counter()
+            client.attach_volume(s, v, device=device)
+            t1 = time.perf_counter()
+            client.detach_volume(s, v)
+            t2 = time.perf_counter()
+            att.append((t1 - t0) * 1000)
+            det.append((t2 - t1) * 1000)
+        per_run["attach_p50"].append(percentile(att, 50))
+        per_run["attach_p99"].append(percentile(att, 99))
+        per_run["detach_p50"].append(percentile(det, 50))
+        per_run["detach_p99"].append(percentile(det, 99))
+    out = {k + "_ms": median(v) for k, v in per_run.items()}
+    out["runs_attach_p50_ms"] = per_run["attach_p50"]
+    return out
+
+
+def throughput(clients, pairs, concurrency: int, seconds: float) -> float:
+    """Cycles per second with `concurrency` callers, each on its own server
+    and volume, for about `seconds`."""
+    done = [0] * concurrency
+    errors: list[BaseException] = []
+    start = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def worker(k):
+        client = clients[k % len(clients)]
+        s, v = pairs[k]
+        start.wait()
+        try:
+            while time.perf_counter() < deadline[0]:
+                client.attach_volume(s, v)
+                client.detach_volume(s, v)
+                done[k] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    deadline[0] = t0 + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(done) / elapsed
+
+
+def count_calls(cfg, work: Path) -> dict:
+    """Run a bench server with the counting interceptor; count the calls of
+    `count_attaches` attaches and as many detaches."""
+    state = work / "count-state"
+    counts_file = work / "counts.json"
+
+    def snapshot(srv) -> dict:
+        counts_file.unlink(missing_ok=True)
+        srv.signal(signal.SIGUSR1)
+        for _ in range(200):
+            if counts_file.exists():
+                return json.loads(counts_file.read_text())
+            time.sleep(0.05)
+        raise TimeoutError("the bench server did not write its counts")
+
+    with Child("tests.bench.server", ["--state-dir", str(state), "--domains", "8",
+                                      "--count-calls", str(counts_file)],
+               work / "count-server.log") as srv:
+        with VmattachClient(srv.address, timeout=60) as client:
+            pairs = make_pairs(client, cfg["count_attaches"])
+            s, v = pairs[0]
+            cycle(client, s, v)  # the first request also fills the node directory
+            before = snapshot(srv)
+            for s, v in pairs:
+                client.attach_volume(s, v)
+            mid = snapshot(srv)
+            for s, v in pairs:
+                client.detach_volume(s, v)
+            after = snapshot(srv)
+    n = len(pairs)
+    attach = {m: (mid.get(m, 0) - before.get(m, 0)) / n for m in mid
+              if mid.get(m, 0) != before.get(m, 0)}
+    detach = {m: (after.get(m, 0) - mid.get(m, 0)) / n for m in after
+              if after.get(m, 0) != mid.get(m, 0)}
+    return {"calls_per_attach": sum(attach.values()), "calls_per_detach": sum(detach.values()),
+            "attach_calls_by_method": attach, "detach_calls_by_method": detach}
+
+
+def orchestration(cfg, work: Path, name: str, server_args: list[str],
+                  domains: int, throughput_too: bool = True,
+                  runs: int | None = None, cycles: int | None = None) -> dict:
+    """Start a bench server, create volumes, warm up, measure c=1 latency and
+    the throughput at each concurrency; read the server's peak RSS."""
+    state = work / f"{name}-state"
+    args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
+    t0 = time.monotonic()
+    with Child("tests.bench.server", args, work / f"{name}-server.log", timeout=300) as srv:
+        started = time.monotonic() - t0
+        clients = [VmattachClient(srv.address, timeout=120) for _ in range(4)]
+        try:
+            pairs = make_pairs(clients[0], max(cfg["conc"]) if throughput_too else 4)
+            t1 = time.monotonic()
+            for k in range(cfg["warmup"]):
+                cycle(clients[0], *pairs[k % len(pairs)])
+            warm = time.monotonic() - t1
+            out = latency(clients[0], pairs, runs or cfg["lat_runs"], cycles or cfg["lat_cycles"])
+            if throughput_too:
+                tput = {}
+                for c in cfg["conc"]:
+                    throughput(clients, pairs, c, min(1.0, cfg["tput_seconds"]))  # warm threads
+                    tput[str(c)] = median([throughput(clients, pairs, c, cfg["tput_seconds"])
+                                           for _ in range(cfg["tput_runs"])])
+                out["cycles_per_s"] = tput
+            out["peak_rss_mb"] = vm_hwm_mb(srv.pid)
+            out["start_s"] = round(started, 2)
+            out["warmup_s"] = round(warm, 2)
+        finally:
+            for c in clients:
+                c.close()
+    return out
+
+
+# -- 3. the real stack ----------------------------------------------------------------
+
+def real_stack(cfg, work: Path) -> dict:
+    from controller.tgtd import TgtDaemon
+    from tests.support.guest import TestGuest, virsh
+    from tests.support.vmattach_process import ServeProcess
+    state = work / "real-state"
+    state.mkdir(parents=True, exist_ok=True)
+    root = work / "real-root.img"
+    with open(root, "wb") as fh:
+        fh.truncate(16 << 20)
+    tgtd = TgtDaemon(log_path=work / "real-tgtd.log").start()
+    guest = serve = None
+    try:
+        serve = ServeProcess(["--state-dir", str(state), "--listen", "127.0.0.1:0",
+                              "--tgt-portal", tgtd.portal,
+                              "--tgt-control-port", str(tgtd.control_port),
+                              "--log-level", "WARNING", "--detach-timeout", "5",
+                              "--detach-retries", "2"], work / "real-server.log")
+        guest = TestGuest.start(kind="diskless")
+        # the diskless guest gets a SCSI root disk (a plain file, not a vmattach
+        # volume): the facade then names volumes sd*, and a SCSI disk detaches
+        # at once from a guest with no OS (a virtio one never does)
+        virsh(guest.uri, "attach-disk", guest.uuid, str(root), "sda", "--targetbus", "scsi",
+              "--live")
+        with VmattachClient(serve.address, timeout=120) as client:
+            volume = client.create_volume(f"bench-real-{uuid.uuid4().hex[:6]}", 1).volume_id
+            pairs = [(guest.uuid, volume)]
+            assert client.get_server(guest.uuid).device_prefix == "sd"
+            for _ in range(2):  # warm up
+                client.attach_volume(guest.uuid, volume, device="/dev/sdb")
+                client.detach_volume(guest.uuid, volume)
+            out = latency(client, pairs, cfg["real_runs"], cfg["real_cycles"], device="/dev/sdb")
+            out["server_rss_mb"] = vm_hwm_mb(serve.proc.pid)
+    finally:
+        if guest is not None:
+            guest.destroy()
+        if serve is not None:
+            serve.stop()
+        tgtd.stop()
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------
+
+def met(value: float, rule) -> bool:
+    op, bound = rule
+    return value <= bound if op == "<=" else value >= bound
+
+
+def table(res: dict) -> str:
+    o, s, cpa = res["orchestration"], res["scale"], res["calls_per_attach"]
+    rows = [
+        ("floor: no-op unary call p50 / p99", f"{res['floor_p50_ms']:.3f} / {res['floor_p99_ms']:.3f} ms", "", ""),
+        ("gRPC calls per attach / per detach (counted)", f"{cpa:g} / {res['calls_per_detach']:g}", "", ""),
+        ("orchestration attach p50 / p99 (c=1)", f"{o['attach_p50_ms']:.2f} / {o['attach_p99_ms']:.2f} ms", "", ""),
+        ("orchestration detach p50 / p99 (c=1)", f"{o['detach_p50_ms']:.2f} / {o['detach_p99_ms']:.2f} ms", "", ""),
+        ("orchestration ratio attach p50 / (calls x floor p50)", f"{res['orchestration_ratio']:.2f}", "<= 1.3", "orchestration_ratio"),
+    ]
+    for c, v in res["cycles_per_s"].items():
+        rows.append((f"orchestration cycles/s at concurrency {c}", f"{v:.1f}",
+                     ">= 300" if c == "32" else "", "cycles_per_s_32" if c == "32" else ""))
+    rt = res.get("orchestration_real_tgtd", {})
+    if rt:
+        rows.append(("  same with a real tgtd: attach / detach p50 (c=1)",
+                     f"{rt['attach_p50_ms']:.2f} / {rt['detach_p50_ms']:.2f} ms", "", ""))
+    rows += [
+        ("real stack attach p50 / p99", f"{res['real_attach_p50_ms']:.1f} / {res['real_attach_p99_ms']:.1f} ms", "p50 <= 100", "real_attach_p50_ms"),
+        ("real stack detach p50 / p99", f"{res['real_detach_p50_ms']:.1f} / {res['real_detach_p99_ms']:.1f} ms", "p50 <= 150", "real_detach_p50_ms"),
+        ("scale attach p50 / p99 (c=1)", f"{s['attach_p50_ms']:.2f} / {s['attach_p99_ms']:.2f} ms", "", ""),
+        ("scale detach p50 / p99 (c=1)", f"{s['detach_p50_ms']:.2f} / {s['detach_p99_ms']:.2f} ms", "", ""),
+        ("scale cycles/s at concurrency " + "/".join(s["cycles_per_s"]),
+         " / ".join(f"{v:.1f}" for v in s["cycles_per_s"].values()), "", ""),
+        ("scale ratio attach p50 full / empty", f"{res['scale_ratio']:.2f}", "<= 1.2", "scale_ratio"),
+        ("scale ratio detach p50 full / empty", f"{res['scale_detach_ratio']:.2f}", "", ""),
+        ("all-in-one peak RSS, empty / full database", f"{res['empty_peak_rss_mb']:.1f} / {res['peak_rss_mb']:.1f} MB", "full <= 150", "peak_rss_mb"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    vw = max(len(r[1]) for r in rows)
+    lines = [f"{'figure'.ljust(w)}  {'value'.ljust(vw)}  {'target'.ljust(11)}  met",
+             "-" * (w + vw + 22)]
+    for label, value, target, key in rows:
+        flag = ""
+        if key:
+            flag = "yes" if res["targets"][key]["met"] else "NO"
+        lines.append(f"{label.ljust(w)}  {value.ljust(vw)}  {target.ljust(11)}  {flag}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs)")
+    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results.json"))
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    cfg = SMOKE if args.smoke or os.environ.get("VMATTACH_BENCH_SMOKE") == "1" else FULL
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="vmattach-bench-"))
+    res: dict = {"mode": "smoke" if cfg is SMOKE else "full", "config": cfg,
+                 "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    try:
+        log("1/5 floor")
+        res.update(measure_floor(cfg, work))
+        log("2/5 counting the gRPC calls of one attach")
+        res.update(count_calls(cfg, work))
+        log("3/5 orchestration (empty databases, fake hypervisor, fake tgtd)")
+        o = orchestration(cfg, work, "empty", [], cfg["domains"])
+        res["orchestration"] = o
+        log("    orchestration with a real tgtd (c=1)")
+        from controller.tgtd import TgtDaemon
+        with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
+            res["orchestration_real_tgtd"] = orchestration(
+                cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,
+                                       "--tgt-control-port", str(tgtd.control_port)],
+                8, throughput_too=False, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
+        log("4/5 real stack (tgtd + libvirtd + QEMU)")
+        real = real_stack(cfg, work)
+        res["real_stack"] = real
+        log("5/5 scale: pre-filling the databases")
+        scale_state = work / "scale-state"
+        res["prefill"] = prefill(scale_state, cfg["scale_volumes"], cfg["scale_nodes"],
+                                 cfg["scale_per_node"])
+        log(f"    pre-filled {res['prefill']}; starting {cfg['scale_nodes'] - 1} fake nodes")
+        with Child("tests.bench.farm", ["--state-dir", str(work / "farm"), "--first", "1",
+                                        "--nodes", str(cfg["scale_nodes"] - 1),
+                                        "--domains", str(cfg["scale_per_node"]), "--prefilled"],
+                   work / "farm.log", timeout=300) as farm:
+            farm_addrs = farm.first_line.split(" ", 1)[1]
+            log("    scale: orchestration on the full databases")
+            s = orchestration(cfg, work, "scale", ["--prefilled", "--farm", farm_addrs],
+                              cfg["scale_per_node"])
+        res["scale"] = s
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work directory kept: {work}")
+    o, s = res["orchestration"], res["scale"]
+    res.update({
+        "orchestration_attach_p50_ms": o["attach_p50_ms"],
+        "orchestration_attach_p99_ms": o["attach_p99_ms"],
+        "orchestration_detach_p50_ms": o["detach_p50_ms"],
+        "orchestration_detach_p99_ms": o["detach_p99_ms"],
+        "orchestration_ratio": o["attach_p50_ms"] / (res["calls_per_attach"] * res["floor_p50_ms"]),
+        "cycles_per_s": o["cycles_per_s"],
+        "real_attach_p50_ms": real["attach_p50_ms"],
+        "real_attach_p99_ms": real["attach_p99_ms"],
+        "real_detach_p50_ms": real["detach_p50_ms"],
+        "real_detach_p99_ms": real["detach_p99_ms"],
+        "scale_attach_p50_ms": s["attach_p50_ms"],
+        "scale_detach_p50_ms": s["detach_p50_ms"],
+        "scale_cycles_per_s": s["cycles_per_s"],
+        "scale_ratio": s["attach_p50_ms"] / o["attach_p50_ms"],
+        "scale_detach_ratio": s["detach_p50_ms"] / o["detach_p50_ms"],
+        "scale_cycles_ratio": {c: s["cycles_per_s"][c] / o["cycles_per_s"][c]
+                               for c in o["cycles_per_s"]},
+        "peak_rss_mb": s["peak_rss_mb"],
+        "empty_peak_rss_mb": o["peak_rss_mb"],
+    })
+    values = {**res, "cycles_per_s_32": res["cycles_per_s"].get("32", 0.0)}
+    res["targets"] = {k: {"value": values[k], "rule": f"{op} {b}", "met": met(values[k], (op, b))}
+                      for k, (op, b) in TARGETS.items()}
+    res["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    print(table(res))
+    print(f"\n{res['mode']} run in {res['elapsed_s']} s on {os.cpu_count()} CPUs; "
+          f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The benchmark's vmattach server: the three services in one process (the
+all-in-one), built with server.app.start, the Node on the FAKE hypervisor
+with N fake domains, the Controller on SQLite with a fake or a real tgtd.
+
+    python -m tests.bench.server --state-dir D --domains 64 [--tgt fake|real]
+        [--farm HOST:PORT,...] [--prefilled] [--count-calls FILE]
+
+Two start() calls in this one process: the Node alone (its own loopback
+port, like the internal server of the all-in-one) and then the Controller
+and the servers facade, whose `nodes` setting lists that Node and the fake
+nodes of the farm process (tests/bench/farm.py), if any. Prints
+`listening on 127.0.0.1:PORT` (the Controller + Servers port) and serves
+until SIGTERM. With --count-calls, every gRPC call the facade makes goes
+through a counting client interceptor and SIGUSR1 writes the counts (JSON)
+to FILE."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+import grpc
+
+from server.app import start
+from server.config import Settings
+from tests.bench.common import INITIATOR, node_id
+from tests.bench.fakes import BenchTgtRunner, fake_hypervisor
+
+
+class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def intercept_unary_unary(self, continuation, details, request):
+        with self._lock:
+            self.counts[details.method] += 1
+        return continuation(details, request)
+
+
+def install_counter() -> CountingInterceptor:
+    """Wrap every channel the facade opens (to the Controller and the Nodes)."""
+    import server.facade_app
+    import server.nodes
+    from server.grpcutil import channel as plain_channel
+    counter = CountingInterceptor()
+
+    def counting_channel(address: str, retries: bool = True):
+        return grpc.intercept_channel(plain_channel(address, retries), counter)
+
+    server.facade_app.channel = counting_channel
+    server.nodes.channel = counting_channel
+    return counter
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--domains", type=int, default=64)
+    p.add_argument("--tgt", choices=["fake", "real"], default="fake")
+    p.add_argument("--tgt-portal", default="127.0.0.1:3260")
+    p.add_argument("--tgt-control-port", type=int, default=0)
+    p.add_argument("--farm", default="", help="addresses of the farm's fake nodes")
+    p.add_argument("--prefilled", action="store_true")
+    p.add_argument("--count-calls", default="")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="WARNING", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    counter = install_counter() if args.count_calls else None
+    runner = None
+    if args.tgt == "fake":
+        runner = BenchTgtRunner()
+        if args.prefilled:
+            runner.preload(f"{args.state_dir}/controller.db")
+
+    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir,
+                             node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING")
+    node = start(node_settings, runner=runner,
+                 hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
+    nodes = [f"127.0.0.1:{node.port}"] + [a for a in args.farm.split(",") if a]
+    settings = Settings(services="controller,servers", listen="127.0.0.1:0",
+                        state_dir=args.state_dir, tgt_portal=args.tgt_portal,
+                        tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
+                        log_level="WARNING")
+    running = start(settings, runner=runner)
+    print(f"listening on 127.0.0.1:{running.port}", flush=True)
+
+    stopped = threading.Event()
+
+    def dump(*_):
+        if counter is not None:
+            with open(args.count_calls + ".tmp", "w") as fh:
+                json.dump(dict(counter.counts), fh)
+            os.replace(args.count_calls + ".tmp", args.count_calls)
+
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    signal.signal(signal.SIGUSR1, dump)
+    while not stopped.wait(0.2):
+        pass
+    running.stop(1)
+    node.stop(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
