@@ -23,7 +23,7 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     from controller.servicer import SERVICE_NAME, ControllerServicer
     from controller.tgt import TgtAdm
     from controller.volumes import VolumeManager
-    from server.db import open_database
+    from server.db import close_database, open_database
     from server.secretbox import SecretBox
     from vmattach.v1 import controller_pb2_grpc
 
@@ -47,7 +47,7 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     threading.Thread(target=ensure_exports_periodically, name="ensure-exports",
                      daemon=True).start()
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
-                   ControllerServicer(manager), on_stop=[stop.set, db.close])
+                   ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)])
 
 
 def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Service:

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import peewee
 from playhouse.db_url import connect
+from playhouse.pool import PooledDatabase
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -22,7 +23,14 @@ SQLITE_PRAGMAS = {
 def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Database:
     """Connect lazily to url (sqlite:///path, postgresql://..., postgres+pool://...),
     bind the models to it and create their tables."""
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite:"):
+        # A pool (one connection per worker thread, kept between requests):
+        # closing the last connection of a WAL database checkpoints it, an
+        # fsync on every request when each request opened and closed its own.
+        db = connect("sqlite+pool:" + url[len("sqlite:"):], pragmas=SQLITE_PRAGMAS,
+                     autoconnect=False, check_same_thread=False, max_connections=0,
+                     stale_timeout=None)
+    elif url.startswith("sqlite"):
         db = connect(url, pragmas=SQLITE_PRAGMAS, autoconnect=False,
                      check_same_thread=False)
     else:
@@ -32,6 +40,13 @@ def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Data
     with db.connection_context():
         db.create_tables(models, safe=True)
     return db
+
+
+def close_database(db: peewee.Database) -> None:
+    """Close this thread's connection and, for a pool, the idle ones."""
+    db.close()
+    if isinstance(db, PooledDatabase):
+        db.close_idle()
 
 
 def is_sqlite(db: peewee.Database) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from server.config import Settings
-from server.db import open_database
+from server.db import close_database, open_database
 from server.facade import Facade
 from server.facade_servicer import SERVICE_NAME, ServersServicer
 from server.faults import Faults
@@ -32,7 +32,7 @@ def build_facade(settings: Settings, own_address: str) -> tuple[Facade, Callable
     def close() -> None:
         nodes.close()
         controller_channel.close()
-        db.close()
+        close_database(db)
 
     return facade, close
 

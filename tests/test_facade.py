@@ -1,6 +1,7 @@
 """The servers facade through its gRPC API: a real Controller on a real
 tgtd, a real Node service, and the fake hypervisor at the outermost boundary
 (the real-hypervisor versions are in tests/realstack/test_facade_realstack.py).
+Every test of the `stack` fixture runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path, tgtd, serve):
-    s = Stack(tmp_path, tgtd, serve)
+def stack(tmp_path, tgtd, serve, database_url):
+    """The stack on SQLite (the default: a file per service in the state
+    directory) and on PostgreSQL (both services in one fresh database)."""
+    s = Stack(tmp_path, tgtd, serve,
+              database_url=database_url if database_url.startswith("postgres") else "")
     yield s
     s.client.close()
 

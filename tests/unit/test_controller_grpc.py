@@ -1,5 +1,6 @@
 """vmattach.v1.Controller through a real gRPC server on port 0 (the real
-servicer, interceptor, VolumeManager and SQLite file; a fake tgtd), plus one
+servicer, interceptor, VolumeManager and database: a SQLite file, and a
+fresh PostgreSQL database; a fake tgtd), plus one
 narrow servicer test with grpcio-testing."""
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ DETACH_MESSAGE = ("Unable to detach volume. Volume status must be 'in-use' and a
 TIMEOUT = 10
 
 
-def make_manager(tmp_path) -> tuple[VolumeManager, FakeTgtAdm]:
-    db = open_database(f"sqlite:///{tmp_path / 'controller.db'}", MODELS)
+def make_manager(tmp_path, database_url: str = "") -> tuple[VolumeManager, FakeTgtAdm]:
+    db = open_database(database_url or f"sqlite:///{tmp_path / 'controller.db'}", MODELS)
     tgt = FakeTgtAdm()
     return VolumeManager(db, tmp_path / "volumes", tgt, PORTAL,
                          SecretBox.from_state_dir(tmp_path)), tgt
@@ -49,8 +50,8 @@ class Api:
 
 
 @pytest.fixture
-def ctl(tmp_path):
-    manager, tgt = make_manager(tmp_path)
+def ctl(tmp_path, database_url):
+    manager, tgt = make_manager(tmp_path, database_url)
     server, port = create_server([Service(
         SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
         ControllerServicer(manager))])

@@ -1,0 +1,226 @@
+"""Crash recovery on the real stack: the facade process is killed (SIGKILL)
+right after each step of an attach and of a detach; a new facade recovers
+the operation, `vmattach audit` finds nothing, and the volume attaches
+again. Also: tgtd killed and restarted under an attached volume."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clients.client import VmattachClient
+from controller.tgtd import TgtDaemon
+from server.errors import VmattachError
+from tests.conftest import need
+from tests.support.guest import TestGuest, ensure_guest_image
+from tests.support.vmattach_process import ServeProcess
+
+pytestmark = pytest.mark.realstack
+
+VMATTACH = str(Path(sys.executable).with_name("vmattach"))
+ATTACH_BOUNDARIES = ["bdm_insert", "get_volume", "reserve", "get_connector", "controller_publish",
+                     "node_stage", "node_publish", "mark_attached", "bdm_attached"]
+DETACH_BOUNDARIES = ["bdm_detaching", "begin_detaching", "node_unpublish", "node_unstage",
+                     "controller_unpublish", "mark_detached", "bdm_delete"]
+
+
+class Deployment:
+    """Controller + Node in one process, the facade in another (the one the
+    tests kill), sharing a state directory; a private tgtd; one Linux guest."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.state = tmp, tmp / "state"
+        self.state.mkdir()
+        self.tgtd = TgtDaemon(log_path=tmp / "tgtd.log").start()
+        self.backend = ServeProcess(self._common() + [
+            "--services", "controller,node", "--detach-timeout", "5",
+            "--reconcile-interval", "0.5"], tmp / "backend.log")
+        self.guest = TestGuest.start(kind="linux")
+        self.facade: ServeProcess | None = None
+
+    def _common(self) -> list[str]:
+        return ["--listen", "127.0.0.1:0", "--state-dir", str(self.state),
+                "--tgt-portal", self.tgtd.portal, "--tgt-control-port", str(self.tgtd.control_port),
+                "--log-level", "INFO"]
+
+    def start_facade(self, fault: str = "") -> VmattachClient:
+        args = self._common() + ["--services", "servers",
+                                 "--controller-address", self.backend.address,
+                                 "--nodes", self.backend.address,
+                                 "--owner-lease", "1", "--reconcile-interval", "0.3"]
+        if fault:
+            args += ["--fault-injection", fault]
+        self.facade = ServeProcess(args, self.tmp / "facade.log")
+        return VmattachClient(self.facade.address, self.backend.address, timeout=60)
+
+    def killed(self) -> int:
+        return self.facade.proc.wait(timeout=30)
+
+    def stop_facade(self) -> None:
+        if self.facade:
+            self.facade.stop()
+            self.facade = None
+
+    def unfinished(self) -> list[tuple]:
+        db = sqlite3.connect(self.state / "servers.db")
+        try:
+            return db.execute("SELECT id, state, progress FROM block_device_mapping"
+                              " WHERE deleted = 0 AND state != 'attached'").fetchall()
+        finally:
+            db.close()
+
+    def wait_recovered(self, client: VmattachClient, volume_id: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = client.get_volume(volume_id).status
+            if not self.unfinished() and status in ("available", "in-use"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not recovered: {self.unfinished()} volume {status}; "
+                                     f"log: {self.facade.log()}")
+            time.sleep(0.1)
+
+    def audit(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [VMATTACH, "audit", "--state-dir", str(self.state), "--tgt-control-port",
+             str(self.tgtd.control_port), "--listen", self.backend.address,
+             "--log-level", "WARNING"], capture_output=True, text=True, timeout=120)
+
+    def close(self) -> None:
+        self.stop_facade()
+        self.guest.destroy()
+        self.backend.stop()
+        self.tgtd.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    need("tgtd", "virsh")
+    ensure_guest_image()
+    d = Deployment(tmp_path_factory.mktemp("recovery"))
+    yield d
+    d.close()
+
+
+def _attach_cycle_works(client, deployment, volume_id):
+    att = client.attach_volume(deployment.guest.uuid, volume_id)
+    deployment.guest.wait_disk(volume_id, timeout=30)
+    client.detach_volume(deployment.guest.uuid, volume_id)
+    deployment.guest.wait_disk_gone(volume_id, timeout=30)
+    return att
+
+
+@pytest.mark.parametrize("step", ATTACH_BOUNDARIES)
+def test_facade_killed_after_attach_step_is_recovered(deployment, step):
+    client = deployment.start_facade(f"after:{step}=kill")
+    volume_id = client.create_volume(f"kill-a-{step}", 1).volume_id
+    with pytest.raises(VmattachError):
+        client.attach_volume(deployment.guest.uuid, volume_id)
+    assert deployment.killed() == -9
+    client.close()
+
+    client = deployment.start_facade()
+    deployment.wait_recovered(client, volume_id)
+    audit = deployment.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    print(f"attach killed after {step}: volume {client.get_volume(volume_id).status}; "
+          f"audit: {audit.stdout.strip()}")
+    # attached (rolled forward) or not: either way the volume is usable again
+    if client.get_volume(volume_id).status == "in-use":
+        client.detach_volume(deployment.guest.uuid, volume_id)
+    _attach_cycle_works(client, deployment, volume_id)
+    client.delete_volume(volume_id)
+    deployment.stop_facade()
+
+
+@pytest.mark.parametrize("step", DETACH_BOUNDARIES)
+def test_facade_killed_after_detach_step_is_recovered(deployment, step):
+    client = deployment.start_facade()
+    volume_id = client.create_volume(f"kill-d-{step}", 1).volume_id
+    client.attach_volume(deployment.guest.uuid, volume_id)
+    deployment.guest.wait_disk(volume_id, timeout=30)
+    deployment.stop_facade()
+
+    client = deployment.start_facade(f"after:{step}=kill")
+    with pytest.raises(VmattachError):
+        client.detach_volume(deployment.guest.uuid, volume_id)
+    assert deployment.killed() == -9
+    client.close()
+
+    client = deployment.start_facade()
+    deployment.wait_recovered(client, volume_id)
+    audit = deployment.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    # the detach the user asked for was finished
+    assert client.get_volume(volume_id).status == "available"
+    deployment.guest.wait_disk_gone(volume_id, timeout=30)
+    print(f"detach killed after {step}: finished; audit: {audit.stdout.strip()}")
+    _attach_cycle_works(client, deployment, volume_id)
+    client.delete_volume(volume_id)
+    deployment.stop_facade()
+
+
+def test_tgtd_restart_under_an_attached_volume(deployment):
+    client = deployment.start_facade()
+    volume_id = client.create_volume("tgtd-restart", 1).volume_id
+    client.attach_volume(deployment.guest.uuid, volume_id)
+    deployment.guest.wait_disk(volume_id, timeout=30)
+
+    portal, control = deployment.tgtd.portal_port, deployment.tgtd.control_port
+    deployment.tgtd.kill()
+    deployment.tgtd = TgtDaemon(portal, control, log_path=deployment.tmp / "tgtd2.log").start()
+    # the Controller brings the export back by itself
+    deadline = time.monotonic() + 20
+    while f"volume-{volume_id}" not in _tgt_show(control):
+        assert time.monotonic() < deadline, "the export did not come back"
+        time.sleep(0.1)
+    # the guest still reads its disk (QEMU's initiator logs in again)
+    rc, out = deployment.guest.run(f"head -c 512 /dev/disk/by-id/virtio-{volume_id[:20]} | wc -c",
+                                   timeout=60)
+    assert rc == 0 and out.strip().endswith("512")
+    # a new attach of another volume works, and everything agrees
+    other = client.create_volume("tgtd-restart-2", 1).volume_id
+    client.attach_volume(deployment.guest.uuid, other)
+    deployment.guest.wait_disk(other, timeout=30)
+    audit = deployment.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    for v in (volume_id, other):
+        client.detach_volume(deployment.guest.uuid, v)
+        client.delete_volume(v)
+    deployment.stop_facade()
+
+
+def _tgt_show(control_port: int) -> str:
+    return subprocess.run(["tgtadm", "--control-port", str(control_port), "--lld", "iscsi",
+                           "--mode", "target", "--op", "show"], capture_output=True,
+                          text=True).stdout
+
+
+def test_audit_reports_and_repairs_a_divergence(deployment, tmp_path):
+    """A secret left behind on the host (as a crash of the old flow would)
+    is reported, repaired, and the audit is clean again."""
+    client = deployment.start_facade()
+    orphan = str(uuid.uuid4())
+    subprocess.run(["virsh", "-c", "qemu:///system", "secret-define", "/dev/stdin"],
+                   input=f"<secret ephemeral='no' private='yes'><usage type='iscsi'>"
+                         f"<target>volume-{orphan}</target></usage></secret>",
+                   text=True, check=True, capture_output=True)
+    audit = deployment.audit()
+    assert audit.returncode == 1 and f"secret-without-bdm: volume {orphan}" in audit.stdout
+    repaired = subprocess.run(
+        [VMATTACH, "audit", "--repair", "--state-dir", str(deployment.state),
+         "--tgt-control-port", str(deployment.tgtd.control_port),
+         "--listen", deployment.backend.address, "--log-level", "WARNING"],
+        capture_output=True, text=True, timeout=120)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert deployment.audit().returncode == 0
+    client.close()
+    deployment.stop_facade()
+
