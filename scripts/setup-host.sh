@@ -97,6 +97,7 @@ else
     else
         say "starting libvirtd"
         libvirtd -d || die "libvirtd -d failed"
+        started_libvirtd=1
     fi
     deadline=$((SECONDS + WAIT_SECONDS))
     until virsh_ok; do
@@ -106,5 +107,10 @@ else
         fi
         sleep 0.2
     done
+    if [ -n "${started_libvirtd:-}" ]; then
+        # remember that this libvirtd is ours: tests may restart it, and only it
+        mkdir -p /run/vmattach
+        cp /run/libvirtd.pid /run/vmattach/libvirtd.pid
+    fi
 fi
 say "ready: $(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' | sed 's/^ *//')"
