@@ -237,7 +237,7 @@ def _extra_acls(volume_id: str, snap: Snapshot) -> list[str]:
 
 def _local_node_id(facade) -> str:
     facade.nodes.refresh()
-    handles = list(facade.nodes._nodes.values())
+    handles = facade.nodes.handles()
     if not handles:
         raise VmattachError("no node answers")
     return handles[0].node_id

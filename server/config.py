@@ -93,7 +93,7 @@ def load(args: argparse.Namespace | None = None, environ=None) -> Settings:
             if name not in known:
                 raise InvalidArgument(f"unknown setting {key!r} in {config}")
             values[name] = value
-    for name, f in known.items():
+    for name in known:
         if _env_name(name) in environ:
             values[name] = environ[_env_name(name)]
         if args is not None and getattr(args, name, None) is not None:

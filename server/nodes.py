@@ -105,6 +105,10 @@ class NodeDirectory:
 
     # -- lookups ----------------------------------------------------------------------
 
+    def handles(self) -> list[NodeHandle]:
+        """The nodes that answered the last refresh."""
+        return list(self._nodes.values())
+
     def node(self, node_id: str) -> NodeHandle:
         handle = self._nodes.get(node_id)
         if handle is None:

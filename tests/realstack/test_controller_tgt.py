@@ -126,7 +126,7 @@ def test_publishing_twice_is_idempotent_on_the_real_target(controller, api):
     first = api.ControllerPublishVolume(request)
     second = api.ControllerPublishVolume(request)
     assert second == first
-    assert targets(controller.tgtd).count(f"Target ") == 1
+    assert targets(controller.tgtd).count("Target ") == 1
     assert can_log_in(initiator, first.connection_info.data)
 
 

@@ -206,7 +206,7 @@ def test_info(manager):
 
 
 def test_list_servers_prefix_and_root(manager, hv, volume_file):
-    scsi = hv.add_domain("scsi-vm", disks=(Disk("sda", "scsi", "", "scsi0-0-0-0"),))
+    hv.add_domain("scsi-vm", disks=(Disk("sda", "scsi", "", "scsi0-0-0-0"),))
     diskless = hv.add_domain("empty", state="paused")
     attach_file(manager, diskless.uuid, volume_file, "/dev/sdb")
     by_name = {d.name: d for d in manager.list_servers()}
