@@ -88,6 +88,8 @@ def controller(tmp_path, tgtd, serve):
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_USER = os.environ.get("VMATTACH_TEST_PG_USER", "postgres")
+# postgresql (a connection per request) or postgres+pool (peewee's pool)
+PG_SCHEME = os.environ.get("VMATTACH_TEST_PG_SCHEME", "postgresql")
 PG_UNREACHABLE = f"PostgreSQL not reachable on {PG_HOST}:{PG_PORT}"
 _pg_state: dict = {}
 
@@ -140,7 +142,7 @@ class FreshPostgres:
                 cur.execute(f'CREATE DATABASE "{self.name}"')
         finally:
             conn.close()
-        self.url = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.name}"
+        self.url = f"{PG_SCHEME}://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.name}"
 
     def connect(self):
         import psycopg2

@@ -175,7 +175,8 @@ def count_calls(cfg, work: Path) -> dict:
             time.sleep(0.05)
         raise TimeoutError("the bench server did not write its counts")
 
-    with Child("tests.bench.server", ["--state-dir", str(state), "--domains", "8",
+    with Child("tests.bench.server", ["--state-dir", str(state),
+                                      "--domains", str(max(8, cfg["count_attaches"])),
                                       "--count-calls", str(counts_file)],
                work / "count-server.log") as srv:
         with VmattachClient(srv.address, timeout=60) as client:
