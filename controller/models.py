@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-
 import peewee
 
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+from server.db import utcnow
 
 
 class BaseModel(peewee.Model):

@@ -5,12 +5,19 @@ Each service owns its own Database object, opened at start-up from a URL
 
 from __future__ import annotations
 
+import datetime
 import functools
 from typing import Iterable
+from urllib.parse import parse_qs, urlparse
 
 import peewee
 from playhouse.db_url import connect
 from playhouse.pool import PooledDatabase
+
+def utcnow() -> datetime.datetime:
+    """Naive UTC, as every vmattach table stores it."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -18,6 +25,10 @@ SQLITE_PRAGMAS = {
     "busy_timeout": 30000,
     "synchronous": "normal",
 }
+# peewee's pool (postgres+pool://) raises at once when every connection is
+# checked out; a request waits for one instead (the URL's own ?max_connections=
+# and ?timeout= win). Enough for the gRPC workers plus the background threads.
+POOL_DEFAULTS = {"max_connections": 48, "timeout": 30}
 
 
 def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Database:
@@ -34,7 +45,11 @@ def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Data
         db = connect(url, pragmas=SQLITE_PRAGMAS, autoconnect=False,
                      check_same_thread=False)
     else:
-        db = connect(url, autoconnect=False)
+        options = {}
+        if "+pool" in urlparse(url).scheme:
+            given = parse_qs(urlparse(url).query)
+            options = {k: v for k, v in POOL_DEFAULTS.items() if k not in given}
+        db = connect(url, autoconnect=False, **options)
     models = list(models)
     db.bind(models, bind_refs=False, bind_backrefs=False)
     with db.connection_context():

@@ -17,11 +17,9 @@ from typing import Callable
 import peewee
 from google.protobuf import json_format
 
-from controller.models import utcnow
-from server.db import with_connection, write_transaction
-from server.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition,
-                           InvalidArgument, NotFound, ResourceExhausted, VmattachError,
-                           Aborted)
+from server.db import utcnow, with_connection, write_transaction
+from server.errors import (Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition,
+                           InvalidArgument, NotFound, ResourceExhausted, VmattachError)
 from server.faults import Faults
 from server.grpcutil import call
 from server.locks import KeyedLocks
@@ -36,7 +34,6 @@ LOG = logging.getLogger(__name__)
 
 # Nova's check of a requested device name (nova/block_device.py).
 DEVICE_RE = re.compile(r"^/dev/x?[a-z]?d?[a-z]+[0-9]*$")
-BUS_OF_PREFIX = {"vd": "virtio", "sd": "scsi", "hd": "ide", "xvd": "xen"}
 # Server states that can take a disk, and Nova's vm_state for each state.
 ATTACHABLE = {"running", "paused", "shutoff"}
 VM_STATE = {"running": "active", "paused": "paused", "shutoff": "stopped",

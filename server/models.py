@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import peewee
 
-from controller.models import utcnow
+from server.db import utcnow
+
 
 
 class BaseModel(peewee.Model):

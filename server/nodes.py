@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import peewee
 
-from controller.models import utcnow
-from server.db import with_connection
+from server.db import utcnow, with_connection
 from server.errors import NotFound, Unavailable, VmattachError
 from server.grpcutil import call, channel
 from server.models import ServerRecord

@@ -25,8 +25,7 @@ import threading
 import peewee
 from google.protobuf import json_format
 
-from controller.models import utcnow
-from server.db import with_connection
+from server.db import utcnow, with_connection
 from server.errors import FailedPrecondition, VmattachError
 from server.facade import UNDO_TIMEOUT, Facade
 from server.grpcutil import call
