@@ -1,0 +1,34 @@
+"""`make bench` with tiny sizes (tests/bench/run.py --smoke): every part
+runs and bench's JSON has every figure as a positive number."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import need
+
+pytestmark = pytest.mark.realstack
+
+KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
+        "orchestration_ratio", "real_attach_p50_ms", "real_detach_p50_ms", "scale_ratio",
+        "peak_rss_mb"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke_writes_every_figure(tmp_path):
+    need("tgtd", "virsh")
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.run", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
+    assert set(res["cycles_per_s"]) == {"1", "8", "32"}
+    assert all(v > 0 for v in res["cycles_per_s"].values())
+    assert res["calls_per_attach"] >= 7  # counted, not a constant
+    assert "orchestration ratio" in proc.stdout
