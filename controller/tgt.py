@@ -62,33 +62,52 @@ class TgtAdm:
         self.control_port = control_port
 
     def _run(self, *args: str, secrets=(), check=True):
-        argv = ["tgtadm"]
-        if self.control_port:
-            argv += ["--control-port", str(self.control_port)]
-        argv += ["--lld", "iscsi", *args]
-        return self.runner.run(argv, secrets=secrets, check=check)
+        return self.runner.run(self._argv(*args), secrets=secrets, check=check)
 
     def show(self) -> dict[int, Target]:
         return parse_show(self._run("--mode", "target", "--op", "show").stdout)
 
+    def _argv(self, *args: str) -> list[str]:
+        argv = ["tgtadm"]
+        if self.control_port:
+            argv += ["--control-port", str(self.control_port)]
+        return argv + ["--lld", "iscsi", *args]
+
     def create_target(self, tid: int, iqn: str, backing_store: str,
                       user: str, password: str) -> None:
-        """The target with LUN 1 and a CHAP account bound to it."""
-        self._run("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
+        """The target with LUN 1 and a CHAP account bound to it.
+
+        A target already there with this tid and IQN (made by another
+        Controller process sharing the database, or half-made by one that
+        died) is completed and never deleted; when a later step fails, only a
+        target this call created is removed."""
+        new = ("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
+        result = self._run(*new, check=False)
+        existing = None
+        if result.returncode != 0:
+            existing = self.show().get(tid)
+            if existing is None or existing.iqn != iqn:
+                raise CommandError(self._argv(*new), result)
         try:
-            self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
-                      "--lun", "1", "--backing-store", backing_store)
+            if existing is None or 1 not in existing.luns:
+                self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
+                          "--lun", "1", "--backing-store", backing_store)
             self.ensure_account(user, password)
-            self._run("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", user)
+            if existing is None or user not in existing.accounts:
+                self._run("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", user)
         except CommandError:
-            self.delete_target(tid, user)
+            if existing is None:
+                self.delete_target(tid, user)
             raise
 
     def ensure_account(self, user: str, password: str) -> None:
         listing = self._run("--mode", "account", "--op", "show").stdout.split()
         if user not in listing:
-            self._run("--mode", "account", "--op", "new", "--user", user,
-                      "--password", password, secrets=[password])
+            args = ("--mode", "account", "--op", "new", "--user", user, "--password", password)
+            result = self._run(*args, secrets=[password], check=False)
+            # "this account already exists": made by another process a moment ago
+            if result.returncode != 0 and "already exists" not in result.stderr + result.stdout:
+                raise CommandError(self._argv(*args), result, [password])
 
     def delete_target(self, tid: int, user: str | None) -> None:
         """Remove the target (even with sessions) and its account; missing is OK."""
@@ -103,7 +122,7 @@ class TgtAdm:
                 "--initiator-name", initiator)
         result = self._run(*args, check=False)
         if result.returncode != 0 and "already exists" not in result.stderr + result.stdout:
-            raise CommandError(["tgtadm", "--lld", "iscsi", *args], result)
+            raise CommandError(self._argv(*args), result)
 
     def disallow(self, tid: int, initiator: str) -> None:
         self._run("--mode", "target", "--op", "unbind", "--tid", str(tid),

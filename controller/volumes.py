@@ -2,11 +2,17 @@
 plain Python: no gRPC here.
 
 Every status change is a compare-and-swap UPDATE on the status it expects;
-the number of rows it changed says who won."""
+the number of rows it changed says who won. Several Controller processes may
+share one database (and one tgtd): a volume's export is created, changed and
+removed only while holding the volume's lock (_volume_lock), which is a lock
+in this process and a lock in the database; the write transactions that take
+a volume's row lock take it first, so that they cannot deadlock on
+PostgreSQL."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import logging
@@ -22,7 +28,7 @@ import peewee
 
 from controller.models import Export, Volume, VolumeAttachment, utcnow
 from controller.tgt import IQN_PREFIX, TgtAdm
-from server.db import with_connection, write_transaction
+from server.db import is_sqlite, with_connection, write_transaction
 from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
                            NotFound)
 from server.locks import KeyedLocks
@@ -109,6 +115,27 @@ class VolumeManager:
             raise not_found(volume_id)
         return volume
 
+    def _lock_row(self, volume_id: str) -> None:
+        """Inside a write transaction: hold the volume's row until it ends
+        (SELECT ... FOR UPDATE). On SQLite the IMMEDIATE transaction already
+        holds the database's write lock."""
+        if not is_sqlite(self.db):
+            list(Volume.select(Volume.id).where(Volume.id == volume_id).for_update())
+
+    @contextlib.contextmanager
+    def _volume_lock(self, volume_id: str):
+        """The volume's export lock: one thread of this process at a time, and
+        one Controller process of those sharing the database at a time (a
+        write transaction holding the volume's row, committed at the end;
+        rolled back when the block raises). The tgtadm commands run inside it,
+        so two processes never create or remove one target at once, and a
+        target is never there without its committed Export row for longer
+        than the lock is held."""
+        with self._export_locks.hold(volume_id):
+            with write_transaction(self.db):
+                self._lock_row(volume_id)
+                yield
+
     @with_connection
     def get(self, volume_id: str) -> "VolumeView":
         volume = self._get(volume_id)
@@ -187,8 +214,9 @@ class VolumeManager:
                 raise FailedPrecondition(
                     f"Invalid volume: Volume status must be available or error to delete,"
                     f" but the status is {volume.status}.", reason="VOLUME_IN_USE")
-        volume = Volume.get_by_id(volume_id)
-        self._remove_export(volume)
+        with self._volume_lock(volume_id):
+            volume = Volume.get_by_id(volume_id)
+            self._remove_export(volume)
         try:
             os.unlink(volume.path)
         except FileNotFoundError:
@@ -254,16 +282,15 @@ class VolumeManager:
     def unreserve(self, volume_id: str, server_id: str) -> "VolumeView":
         """os-unreserve: drop server_id's reservation (and its connection, if
         it was published); idempotent."""
-        with self._export_locks.hold(volume_id):
+        with self._volume_lock(volume_id):
             self._get(volume_id)
             att = self._attachment(volume_id, server_id)
             if att is not None and att.attach_status == "reserved":
-                with write_transaction(self.db):
-                    gone = (VolumeAttachment.delete()
-                            .where((VolumeAttachment.id == att.id)
-                                   & (VolumeAttachment.attach_status == "reserved")).execute())
-                    if gone:
-                        self._settle(volume_id, ["attaching"])
+                gone = (VolumeAttachment.delete()
+                        .where((VolumeAttachment.id == att.id)
+                               & (VolumeAttachment.attach_status == "reserved")).execute())
+                if gone:
+                    self._settle(volume_id, ["attaching"])
                 if gone and att.connector:
                     self._revoke(volume_id, Connector.from_json(att.connector).initiator)
             return self.get(volume_id)
@@ -281,7 +308,7 @@ class VolumeManager:
             raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
         if not IQN_RE.fullmatch(connector.initiator):
             raise InvalidArgument(f"connector.initiator {connector.initiator[:80]!r} is not an iSCSI name")
-        with self._export_locks.hold(volume_id):
+        with self._volume_lock(volume_id):
             volume = self._get(volume_id)
             att = self._attachment(volume_id, server_id)
             if att is None or att.attach_status not in ("reserved", "attached"):
@@ -298,8 +325,9 @@ class VolumeManager:
                 auth_password=self.secretbox.decrypt(volume.chap_secret))
 
     def _ensure_export(self, volume: Volume) -> tuple[Volume, Export]:
-        """The volume's target on tgtd, created when missing (caller holds the
-        volume's export lock)."""
+        """The volume's target on tgtd, created when missing (caller holds
+        _volume_lock: no other process creates the Export row or the target
+        meanwhile)."""
         if volume.chap_username is None:
             user = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
             password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
@@ -319,6 +347,7 @@ class VolumeManager:
         LOG.info("exported volume %s as %s (tid %d)", volume.id, export.target_iqn, export.tid)
 
     def _remove_export(self, volume: Volume) -> None:
+        """(caller holds _volume_lock)"""
         export = Export.get_or_none(Export.volume == volume.id)
         if export is not None:
             self.tgt.delete_target(export.tid, volume.chap_username)
@@ -328,7 +357,7 @@ class VolumeManager:
     @with_connection
     def unpublish(self, volume_id: str, server_id: str, connector: Connector) -> None:
         """os-terminate_connection; idempotent."""
-        with self._export_locks.hold(volume_id):
+        with self._volume_lock(volume_id):
             if Volume.get_or_none(Volume.id == volume_id) is None:
                 return
             (VolumeAttachment.update(connector=None, updated_at=utcnow())
@@ -340,7 +369,7 @@ class VolumeManager:
     def _revoke(self, volume_id: str, initiator: str) -> None:
         """Take initiator off the target unless an attachment still uses it;
         remove the export when no attachment is published any more (caller
-        holds the volume's export lock)."""
+        holds _volume_lock)."""
         export = Export.get_or_none(Export.volume == volume_id)
         if export is None:
             return
@@ -361,6 +390,7 @@ class VolumeManager:
         if mode not in ("rw", "ro"):
             raise InvalidArgument("mode must be 'rw' or 'ro'")
         with write_transaction(self.db):
+            self._lock_row(volume_id)
             self._get(volume_id)
             att = self._attachment(volume_id, server_id)
             if att is not None and att.attach_status == "attached" and att.mountpoint == mountpoint:
@@ -390,6 +420,7 @@ class VolumeManager:
     def begin_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
         """os-begin_detaching: in-use -> detaching."""
         with write_transaction(self.db):
+            self._lock_row(volume_id)
             self._get(volume_id)
             att = self._attachment(volume_id, server_id)
             if att is not None and att.attach_status == "detaching":
@@ -409,6 +440,7 @@ class VolumeManager:
     def roll_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
         """os-roll_detaching: detaching -> in-use; idempotent."""
         with write_transaction(self.db):
+            self._lock_row(volume_id)
             self._get(volume_id)
             rolled = (VolumeAttachment.update(attach_status="attached", updated_at=utcnow())
                       .where((VolumeAttachment.volume == volume_id)
@@ -423,6 +455,7 @@ class VolumeManager:
     def mark_detached(self, volume_id: str, server_id: str) -> "VolumeView":
         """os-detach: ends server_id's attachment; idempotent."""
         with write_transaction(self.db):
+            self._lock_row(volume_id)
             self._get(volume_id)
             gone = (VolumeAttachment.delete()
                     .where((VolumeAttachment.volume == volume_id)
@@ -439,28 +472,39 @@ class VolumeManager:
     def ensure_exports(self) -> int:
         """Re-create the targets the database says exist (a restarted tgtd has
         none) with their ACLs, and remove our targets that no export owns.
-        Returns the number of targets re-created."""
+        Returns the number of targets re-created. Safe while other Controller
+        processes sharing the database publish and unpublish: every change is
+        re-checked under the volume's lock."""
         present = self.tgt.show()
         owned = set()
         created = 0
-        for export in Export.select(Export, Volume).join(Volume):
-            owned.add(export.tid)
-            with self._export_locks.hold(export.volume.id):
-                if export.tid not in present:
-                    self._create_target(export.volume, export)
+        for tid, volume_id in list(Export.select(Export.tid, Export.volume).tuples()):
+            owned.add(tid)
+            with self._volume_lock(volume_id):
+                export = Export.get_or_none((Export.tid == tid) & (Export.volume == volume_id))
+                if export is None:
+                    continue  # removed meanwhile
+                if tid not in present:
+                    self._create_target(Volume.get_by_id(volume_id), export)
                     created += 1
                     present_acls: list[str] = []
                 else:
-                    present_acls = present[export.tid].acls
+                    present_acls = present[tid].acls
                 for att in VolumeAttachment.select().where(
-                        (VolumeAttachment.volume == export.volume.id)
+                        (VolumeAttachment.volume == volume_id)
                         & VolumeAttachment.connector.is_null(False)):
                     initiator = Connector.from_json(att.connector).initiator
                     if initiator not in present_acls:
-                        self.tgt.allow(export.tid, initiator)
+                        self.tgt.allow(tid, initiator)
                         present_acls = [*present_acls, initiator]
         for tid, target in present.items():
-            if tid not in owned and target.iqn.startswith(IQN_PREFIX):
+            if tid in owned or not target.iqn.startswith(IQN_PREFIX):
+                continue
+            # a publish elsewhere may have made it since the listing: look again
+            # under that volume's lock (its Export row is committed by then)
+            with self._volume_lock(target.iqn[len(IQN_PREFIX):]):
+                if Export.get_or_none(Export.tid == tid) is not None:
+                    continue
                 LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
                 self.tgt.delete_target(tid, None)
         return created

@@ -54,16 +54,19 @@ class NodeDirectory:
     @with_connection
     def refresh(self, if_older_than: float | None = None) -> None:
         """Ask every node for its servers. With if_older_than, skip when a
-        refresh finished after that moment (many callers wait for one)."""
+        refresh that started after that moment has finished (many callers
+        wait for one; a refresh that was already asking the nodes when the
+        caller came may have missed the server it is looking for)."""
         with self._refresh_lock:
             if if_older_than is not None and self._refreshed_at > if_older_than:
                 return
+            started = time.monotonic()
             for address in self.addresses:
                 try:
                     self._refresh_node(address)
                 except VmattachError as exc:
                     LOG.warning("node at %s did not answer: %s", address, exc.message)
-            self._refreshed_at = time.monotonic()
+            self._refreshed_at = started
 
     def _refresh_node(self, address: str) -> None:
         stub = node_pb2_grpc.NodeStub(self._channels[address])
@@ -92,12 +95,15 @@ class NodeDirectory:
              .execute())
 
     def run_periodic(self, interval: float) -> threading.Thread:
+        """Refresh now (at start), then every interval."""
         def loop():
-            while not self._stop.wait(interval):
+            while True:
                 try:
                     self.refresh()
                 except Exception:  # noqa: BLE001 - the loop must survive a bad round
                     LOG.exception("server refresh failed")
+                if self._stop.wait(interval):
+                    return
         thread = threading.Thread(target=loop, name="server-refresh", daemon=True)
         thread.start()
         return thread

@@ -10,6 +10,13 @@ from google.protobuf.message import Message
 REDACTED = "***"
 
 
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 dropped FieldDescriptor.label for is_repeated
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 def _scrub(msg: Message) -> None:
     for field, value in msg.ListFields():
         if field.GetOptions().debug_redact:
@@ -20,7 +27,7 @@ def _scrub(msg: Message) -> None:
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             if field.message_type.GetOptions().map_entry:
                 continue
-            if field.label == FieldDescriptor.LABEL_REPEATED:
+            if _is_repeated(field):
                 for item in value:
                     _scrub(item)
             else:

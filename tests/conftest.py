@@ -86,10 +86,12 @@ def controller(tmp_path, tgtd, serve):
 
 # -- databases: every repository test runs on SQLite and on PostgreSQL ------------------------
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_HOST = os.environ.get("VMATTACH_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("VMATTACH_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("VMATTACH_TEST_PG_USER", "postgres")
 # postgresql (a connection per request) or postgres+pool (peewee's pool)
 PG_SCHEME = os.environ.get("VMATTACH_TEST_PG_SCHEME", "postgresql")
+PG_SCHEMA_DB = "test"  # where the per-test schemas are made
 PG_UNREACHABLE = f"PostgreSQL not reachable on {PG_HOST}:{PG_PORT}"
 _pg_state: dict = {}
 
@@ -129,37 +131,68 @@ def need_postgres() -> None:
 
 
 class FreshPostgres:
-    """A new, uniquely named database on the test server, dropped by drop()."""
+    """A new, uniquely named PostgreSQL database on the test server (its URL
+    in .url), dropped by drop(). With schema=True, a new schema in the
+    existing database `test` instead, the URL's search_path pointing at it
+    (a hundred times quicker to make than a database: the suite makes one per
+    test)."""
 
-    def __init__(self, prefix: str = "vmattach_test"):
+    def __init__(self, prefix: str = "vmattach_test", schema: bool = False):
         import uuid
         self.name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        conn = _pg_admin_connection()
+        self.schema = schema
+        self.dbname = PG_SCHEMA_DB if schema else self.name
+        if schema:
+            conn = self._admin(PG_SCHEMA_DB)
+            statement = f'CREATE SCHEMA "{self.name}"'
+        else:
+            conn = _pg_admin_connection()
+            statement = f'CREATE DATABASE "{self.name}"'
         if conn is None:
             pytest.skip(PG_UNREACHABLE)
         try:
             with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{self.name}"')
+                cur.execute(statement)
         finally:
             conn.close()
-        self.url = f"{PG_SCHEME}://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.name}"
+        base = f"{PG_SCHEME}://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.dbname}"
+        # application_name: drop() finds the connections left open by name
+        self.url = (f"{base}?application_name={self.name}&options=-csearch_path%3D{self.name}"
+                    if schema else f"{base}?application_name={self.name}")
+
+    @staticmethod
+    def _admin(dbname: str):
+        import psycopg2
+        try:
+            conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname,
+                                    connect_timeout=3)
+        except psycopg2.OperationalError:
+            return None
+        conn.autocommit = True
+        return conn
 
     def connect(self):
+        """An autocommit psycopg2 connection to it (search_path set)."""
         import psycopg2
-        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.name,
-                                connect_timeout=5)
+        options = f"-csearch_path={self.name}" if self.schema else None
+        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.dbname,
+                                connect_timeout=5, options=options)
         conn.autocommit = True
         return conn
 
     def drop(self) -> None:
-        conn = _pg_admin_connection()
+        conn = self._admin(PG_SCHEMA_DB) if self.schema else _pg_admin_connection()
         if conn is None:
             return
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                            " WHERE datname = %s AND pid <> pg_backend_pid()", (self.name,))
-                cur.execute(f'DROP DATABASE IF EXISTS "{self.name}"')
+                            " WHERE (datname = %s OR application_name = %s)"
+                            " AND pid <> pg_backend_pid()", (self.name, self.name))
+                if self.schema:
+                    cur.execute(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+                else:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{self.name}"')
         finally:
             conn.close()
 
@@ -177,13 +210,13 @@ def postgres_database():
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
     """A fresh, empty database's URL: a SQLite file of this test, or a new
-    PostgreSQL database on 127.0.0.1:5432 (dropped afterwards; the test is
-    skipped when the server is not reachable)."""
+    schema of its own on the PostgreSQL server on 127.0.0.1:5432 (dropped
+    afterwards; the test is skipped when the server is not reachable)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'vmattach-test.db'}"
         return
     need_postgres()
-    fresh = FreshPostgres()
+    fresh = FreshPostgres(schema=True)
     yield fresh.url
     fresh.drop()
 

@@ -1,6 +1,6 @@
 """`vmattach serve --services controller` as a real child process: the
 printed address, settings from flags / environment / TOML file, SIGTERM, and
-two Controller processes racing on one SQLite database."""
+two Controller processes racing on one database (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.tgt import TgtAdm
 from controller.tgtd import free_ports
 from server.grpcutil import channel
+from server.runner import CommandRunner
 from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.v1 import controller_pb2 as pb
-from vmattach.v1 import controller_pb2_grpc
+from vmattach.v1 import controller_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -166,6 +168,71 @@ def test_two_controller_processes_on_one_database_let_exactly_one_reserve_win(tm
             got = s.GetVolume(pb.GetVolumeRequest(volume_id=vol.volume_id), timeout=TIMEOUT)
             assert got.status == "attaching"
             assert [x.server_id for x in got.attachments] == [winner.server_id]
+    finally:
+        for ch in channels:
+            ch.close()
+    assert a.terminate() == 0 and b.terminate() == 0
+
+
+def test_two_controller_processes_publishing_one_multiattach_volume_share_one_target(
+        tmp_path, tgtd, procs, database_url):
+    """The same multiattach volume published to two hosts at the same moment
+    through two Controller processes (one database, one tgtd, one state
+    directory), round after round: both get the same target and credentials,
+    and tgtd has that one target, complete, allowing both hosts (it used to
+    fail with an IntegrityError on controller_export.volume_id, and a loser
+    could remove the winner's target)."""
+    flags = ["--listen", "127.0.0.1:0", "--database-url", database_url,
+             *controller_flags(tmp_path, tgtd)]
+    a, b = procs(flags), procs(flags)
+    channels = [channel(a.address), channel(b.address)]
+    stubs = [controller_pb2_grpc.ControllerStub(ch) for ch in channels]
+    tgtadm = TgtAdm(CommandRunner(), tgtd.control_port)
+
+    def connector(tag: str) -> types_pb2.Connector:
+        return types_pb2.Connector(initiator=f"iqn.1993-08.org.debian:01:host-{tag}",
+                                   ip="127.0.0.1", host=f"host-{tag}")
+
+    try:
+        for round_ in range(15):
+            vol = stubs[0].CreateVolume(pb.CreateVolumeRequest(
+                name=f"shared-{round_}", size_gb=1, multiattach=True), timeout=TIMEOUT)
+            s1, s2 = str(uuid.uuid4()), str(uuid.uuid4())
+            stubs[0].ReserveVolume(pb.ReserveVolumeRequest(volume_id=vol.volume_id,
+                                                           server_id=s1), timeout=TIMEOUT)
+            stubs[0].MarkAttached(pb.MarkAttachedRequest(
+                volume_id=vol.volume_id, server_id=s1, mountpoint="/dev/vdb"), timeout=TIMEOUT)
+            stubs[1].ReserveVolume(pb.ReserveVolumeRequest(volume_id=vol.volume_id,
+                                                           server_id=s2), timeout=TIMEOUT)
+            barrier = threading.Barrier(2)
+            results: list[object] = [None, None]
+
+            def publish(i: int, server_id: str, vol=vol, barrier=barrier,
+                        results=results) -> None:
+                request = pb.ControllerPublishVolumeRequest(
+                    volume_id=vol.volume_id, server_id=server_id, connector=connector(str(i)))
+                barrier.wait(timeout=TIMEOUT)
+                try:
+                    results[i] = stubs[i].ControllerPublishVolume(request, timeout=TIMEOUT)
+                except grpc.RpcError as err:
+                    results[i] = err
+
+            threads = [threading.Thread(target=publish, args=(0, s1)),
+                       threading.Thread(target=publish, args=(1, s2))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=2 * TIMEOUT)
+            errors = [r.details() for r in results if isinstance(r, grpc.RpcError)]
+            assert not errors, errors
+            first, second = (r.connection_info.data for r in results)
+            assert (first.target_iqn, first.auth_username, first.auth_password) == \
+                (second.target_iqn, second.auth_username, second.auth_password)
+            [target] = [t for t in tgtadm.show().values() if t.iqn == first.target_iqn]
+            assert list(target.luns) == [1]
+            assert target.accounts == [first.auth_username]
+            assert sorted(target.acls) == [connector("0").initiator, connector("1").initiator]
+        assert len(tgtadm.show()) == 15
     finally:
         for ch in channels:
             ch.close()

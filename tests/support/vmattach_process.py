@@ -19,12 +19,14 @@ LISTENING_RE = re.compile(r"^listening on (\S+:\d+)$")
 
 class ServeProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, command: list[str] | None = None):
+        """command: what to run instead of `vmattach serve` (args follow it);
+        it must print `listening on HOST:PORT` first too."""
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")
         full_env = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen([VMATTACH, "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=self._log, env=full_env)
+        self.proc = subprocess.Popen([*(command or [VMATTACH, "serve"]), *args],
+                                     stdout=subprocess.PIPE, stderr=self._log, env=full_env)
         try:
             self.first_line = self._first_line(timeout)
         except BaseException:

@@ -6,14 +6,16 @@ builder."""
 from __future__ import annotations
 
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from controller.models import MODELS, Volume, VolumeAttachment
-from controller.tgt import IQN_PREFIX
+from controller.models import MODELS, Export, Volume, VolumeAttachment
+from controller.tgt import IQN_PREFIX, TgtAdm
 from controller.volumes import ConnectionInfo, Connector, VolumeManager
 from server.db import open_database
 from server.errors import (AlreadyExists, BackendError, FailedPrecondition, InvalidArgument,
@@ -595,3 +597,88 @@ def test_delete_after_a_detach_without_unpublish_removes_the_export(env):
     assert len(env.tgt.targets) == 1  # nobody unpublished
     env.m.delete(volume_id)
     assert env.tgt.targets == {} and env.tgt.accounts == {}
+
+
+# -- two Controller processes on one database --------------------------------------------------
+
+
+class SerialRunner:
+    """One tgtd for several managers: the daemon runs one command at a time."""
+
+    def __init__(self, fake: FakeTgtRunner):
+        self.fake = fake
+        self._lock = threading.Lock()
+
+    def run(self, argv, **kwargs):
+        with self._lock:
+            return self.fake.run(argv, **kwargs)
+
+
+def test_two_controllers_publishing_one_multiattach_volume_at_once_share_one_export(env):
+    """Two VolumeManagers (two Controller processes sharing one database and
+    one tgtd: their own in-process locks, a database connection per thread)
+    publish the same volume at the same moment, over and over: both succeed
+    with the same target and credentials, there is one export and one target,
+    and it allows both hosts."""
+    runner = SerialRunner(env.tgt)
+    managers = [VolumeManager(env.m.db, env.m.volume_dir, TgtAdm(runner, 3261), PORTAL,
+                              env.box, max_volume_gb=100) for _ in range(2)]
+    for round_ in range(25):
+        vol = env.m.create(f"shared-{round_}", 1, multiattach=True)
+        a, b = server(), server()
+        env.m.reserve(vol.id, a)
+        env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+        env.m.reserve(vol.id, b)
+        barrier = threading.Barrier(2)
+
+        def publish(manager, srv, tag, volume_id=vol.id, barrier=barrier):
+            barrier.wait()
+            return manager.publish(volume_id, srv, connector(tag))
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(publish, managers[0], a, "a"),
+                       pool.submit(publish, managers[1], b, "b")]
+            first, second = [f.result(timeout=60) for f in futures]
+        assert (first.target_iqn, first.auth_username, first.auth_password) == \
+            (second.target_iqn, second.auth_username, second.auth_password)
+        [target] = [t for t in env.tgt.targets.values() if t.iqn == first.target_iqn]
+        assert target.luns == {1: vol.path}
+        assert target.accounts == [first.auth_username]
+        assert sorted(target.acls) == [initiator("a"), initiator("b")]
+        assert env.tgt.accounts[first.auth_username] == first.auth_password
+        with env.m.db.connection_context():
+            assert Export.select().where(Export.volume == vol.id).count() == 1
+    assert len(env.tgt.targets) == 25
+    assert len(env.tgt.commands("target", "new")) == 25  # nobody made a target twice
+    assert env.tgt.commands("target", "delete") == []  # nor removed one
+
+
+def test_create_target_completes_a_target_of_the_same_name_and_never_deletes_it():
+    """tgtadm answers "this target already exists": when it is the same target
+    (another process made it, or half-made it and died) create_target finishes
+    it; when the tid holds another target, it fails and leaves that one alone."""
+    tgt = FakeTgtAdm()
+    iqn = IQN_PREFIX + "v1"
+    tgt.fake.targets[1] = FakeTarget(1, iqn)  # half-made: no LUN, no account
+    tgt.create_target(1, iqn, "/vol/v1", "user1", "password1")
+    assert (tgt.fake.targets[1].luns, tgt.fake.targets[1].accounts) == ({1: "/vol/v1"}, ["user1"])
+    tgt.create_target(1, iqn, "/vol/v1", "user1", "password1")  # complete: nothing to do
+    assert (tgt.fake.targets[1].luns, tgt.fake.targets[1].accounts) == ({1: "/vol/v1"}, ["user1"])
+    with pytest.raises(BackendError, match="this target already exists"):
+        tgt.create_target(1, IQN_PREFIX + "v2", "/vol/v2", "user2", "password2")
+    assert tgt.fake.targets[1].iqn == iqn and "user2" not in tgt.fake.accounts
+    assert tgt.fake.commands("target", "delete") == []
+
+
+def test_create_target_that_fails_half_way_removes_only_what_it_made():
+    tgt = FakeTgtAdm()
+    iqn = IQN_PREFIX + "v1"
+    tgt.fake.targets[1] = FakeTarget(1, iqn, luns={1: "/vol/v1"})
+    tgt.fake.fail_on("account", "bind")
+    with pytest.raises(BackendError):
+        tgt.create_target(1, iqn, "/vol/v1", "user1", "password1")
+    assert 1 in tgt.fake.targets  # someone else's target: kept
+    tgt.fake.fail_on("account", "bind")
+    with pytest.raises(BackendError):
+        tgt.create_target(2, IQN_PREFIX + "v2", "/vol/v2", "user2", "password2")
+    assert 2 not in tgt.fake.targets  # its own: removed
