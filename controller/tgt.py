@@ -67,6 +67,16 @@ class TgtAdm:
     def show(self) -> dict[int, Target]:
         return parse_show(self._run("--mode", "target", "--op", "show").stdout)
 
+    def has_target(self, tid: int) -> bool:
+        """Whether tgtd has target tid (without listing every target)."""
+        result = self._run("--mode", "target", "--op", "show", "--tid", str(tid), check=False)
+        if result.returncode == 0:
+            return True
+        if "can't find the target" in result.stderr + result.stdout:
+            return False
+        raise CommandError(self._argv("--mode", "target", "--op", "show", "--tid", str(tid)),
+                           result)
+
     def _argv(self, *args: str) -> list[str]:
         argv = ["tgtadm"]
         if self.control_port:
@@ -101,13 +111,11 @@ class TgtAdm:
             raise
 
     def ensure_account(self, user: str, password: str) -> None:
-        listing = self._run("--mode", "account", "--op", "show").stdout.split()
-        if user not in listing:
-            args = ("--mode", "account", "--op", "new", "--user", user, "--password", password)
-            result = self._run(*args, secrets=[password], check=False)
-            # "this account already exists": made by another process a moment ago
-            if result.returncode != 0 and "already exists" not in result.stderr + result.stdout:
-                raise CommandError(self._argv(*args), result, [password])
+        args = ("--mode", "account", "--op", "new", "--user", user, "--password", password)
+        result = self._run(*args, secrets=[password], check=False)
+        # "this account already exists": a re-export, or another process a moment ago
+        if result.returncode != 0 and "already exists" not in result.stderr + result.stdout:
+            raise CommandError(self._argv(*args), result, [password])
 
     def delete_target(self, tid: int, user: str | None) -> None:
         """Remove the target (even with sessions) and its account; missing is OK."""

@@ -337,7 +337,7 @@ class VolumeManager:
         export = Export.get_or_none(Export.volume == volume.id)
         if export is None:
             export = Export.create(volume=volume.id, target_iqn=IQN_PREFIX + volume.id)
-        if export.tid not in self.tgt.show():
+        if not self.tgt.has_target(export.tid):
             self._create_target(volume, export)
         return volume, export
 

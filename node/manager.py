@@ -116,7 +116,9 @@ class NodeManager:
         volume is there (same serial)."""
         name, bus = parse_device(device)
         connector = self.connectors.get(info.driver_volume_type)
-        with self._server_locks.hold(server_id):
+        # the volume's lock too: an unstage (which checks that no disk uses the
+        # volume) cannot run between the stage check and the attach
+        with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
             domain = self.hypervisor.get_domain(server_id)
             existing = domain.disk_of_volume(volume_id)
             if existing is not None:

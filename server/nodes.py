@@ -75,24 +75,33 @@ class NodeDirectory:
                        timeout=NODE_CALL_TIMEOUT).servers
         self._nodes[info.node_id] = NodeHandle(info.node_id, address, stub,
                                                info.max_volumes_per_server or 26)
+        fields = ("name", "state", "device_prefix", "root_device", "disks", "node_id")
+        reported = {s.server_id: (s.name, s.state, s.device_prefix or "vd", s.root_device,
+                                  json.dumps([{"device": d.device, "serial": d.serial,
+                                               "bus": d.bus} for d in s.disks]), info.node_id)
+                    for s in servers}
+        # write only what changed: a refresh of thousands of unchanged servers is one read
+        known = {row[0]: row[1:] for row in ServerRecord.select(
+            ServerRecord.server_id, *(getattr(ServerRecord, f) for f in fields))
+            .where(ServerRecord.node_id == info.node_id).tuples()}
         now = utcnow()
-        rows = [dict(server_id=s.server_id, name=s.name, state=s.state,
-                     device_prefix=s.device_prefix or "vd", root_device=s.root_device,
-                     disks=json.dumps([{"device": d.device, "serial": d.serial, "bus": d.bus}
-                                       for d in s.disks]),
-                     node_id=info.node_id, updated_at=now) for s in servers]
+        changed = [dict(zip(("server_id", *fields, "updated_at"), (sid, *values, now),
+                            strict=True))
+                   for sid, values in reported.items() if known.get(sid) != values]
+        gone = [sid for sid in known if sid not in reported]
+        if not changed and not gone:
+            return
         with self.db.atomic():
-            for start in range(0, len(rows), 200):
-                (ServerRecord.insert_many(rows[start:start + 200])
+            for start in range(0, len(changed), 200):
+                (ServerRecord.insert_many(changed[start:start + 200])
                  .on_conflict(conflict_target=[ServerRecord.server_id],
-                              preserve=[ServerRecord.name, ServerRecord.state,
-                                        ServerRecord.device_prefix, ServerRecord.root_device,
-                                        ServerRecord.disks, ServerRecord.node_id,
+                              preserve=[*(getattr(ServerRecord, f) for f in fields),
                                         ServerRecord.updated_at])
                  .execute())
-            (ServerRecord.delete()
-             .where((ServerRecord.node_id == info.node_id) & (ServerRecord.updated_at < now))
-             .execute())
+            for start in range(0, len(gone), 200):
+                ServerRecord.delete().where(
+                    ServerRecord.server_id.in_(gone[start:start + 200])
+                    & (ServerRecord.node_id == info.node_id)).execute()
 
     def run_periodic(self, interval: float) -> threading.Thread:
         """Refresh now (at start), then every interval."""

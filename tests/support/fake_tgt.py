@@ -85,6 +85,8 @@ class FakeTgtRunner:
         tid = int(o["--tid"]) if "--tid" in o else None
         target = self.targets.get(tid) if tid is not None else None
         if mode == "target" and op == "show":
+            if tid is not None:  # one target's parameters, as tgtd prints them
+                return _ok() if target is not None else _err("can't find the target")
             return Result(0, self._show(), "")
         if mode == "target" and op == "new":
             if target is not None:
