@@ -45,15 +45,18 @@ class VmattachClient:
     def get_volume(self, volume_id: str) -> cpb.Volume:
         return self._call(self.controller.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id))
 
-    def list_volumes(self, page_size: int = 100) -> Iterator[cpb.Volume]:
-        token = ""
+    def _pages(self, method, request, field: str) -> Iterator:
+        """Every item of a paginated List call, page after page."""
         while True:
-            page = self._call(self.controller.ListVolumes,
-                              cpb.ListVolumesRequest(page_size=page_size, page_token=token))
-            yield from page.volumes
-            token = page.next_page_token
-            if not token:
+            page = self._call(method, request)
+            yield from getattr(page, field)
+            if not page.next_page_token:
                 return
+            request.page_token = page.next_page_token
+
+    def list_volumes(self, page_size: int = 100) -> Iterator[cpb.Volume]:
+        return self._pages(self.controller.ListVolumes,
+                           cpb.ListVolumesRequest(page_size=page_size), "volumes")
 
     def delete_volume(self, volume_id: str) -> None:
         self._call(self.controller.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=volume_id))
@@ -74,25 +77,14 @@ class VmattachClient:
         return self._call(self.servers.GetVolumeAttachment,
                           spb.GetVolumeAttachmentRequest(server_id=server_id, volume_id=volume_id))
 
-    def list_attachments(self, server_id: str, page_size: int = 100) -> Iterator[spb.VolumeAttachment]:
-        token = ""
-        while True:
-            page = self._call(self.servers.ListVolumeAttachments, spb.ListVolumeAttachmentsRequest(
-                server_id=server_id, page_size=page_size, page_token=token))
-            yield from page.attachments
-            token = page.next_page_token
-            if not token:
-                return
+    def list_attachments(self, server_id: str,
+                         page_size: int = 100) -> Iterator[spb.VolumeAttachment]:
+        return self._pages(self.servers.ListVolumeAttachments, spb.ListVolumeAttachmentsRequest(
+            server_id=server_id, page_size=page_size), "attachments")
 
     def list_servers(self, page_size: int = 100) -> Iterator[types_pb2.Server]:
-        token = ""
-        while True:
-            page = self._call(self.servers.ListServers,
-                              spb.ListServersRequest(page_size=page_size, page_token=token))
-            yield from page.servers
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self.servers.ListServers,
+                           spb.ListServersRequest(page_size=page_size), "servers")
 
     def get_server(self, server_id: str) -> types_pb2.Server:
         return self._call(self.servers.GetServer, spb.GetServerRequest(server_id=server_id))

@@ -13,6 +13,7 @@ import grpc
 
 from server.config import Settings
 from server.grpcutil import Service, new_server, start_server
+from server.periodic import every
 from server.runner import CommandRunner
 
 LOG = logging.getLogger(__name__)
@@ -31,21 +32,15 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
                             settings.tgt_portal, SecretBox.from_state_dir(settings.state_dir),
                             settings.max_volume_gb)
-    stop = threading.Event()
+    def ensure_exports() -> None:
+        restored = manager.ensure_exports()
+        if restored:
+            LOG.warning("re-created %d tgt exports", restored)
 
-    def ensure_exports_periodically():
-        # at start, and again every interval: a restarted tgtd has no targets
-        while not stop.wait(settings.reconcile_interval):
-            try:
-                restored = manager.ensure_exports()
-                if restored:
-                    LOG.warning("re-created %d tgt exports", restored)
-            except Exception:  # noqa: BLE001 - the loop must survive a bad round
-                LOG.exception("re-creating the tgt exports failed")
-
+    # at start, and every interval: a restarted tgtd has no targets
     manager.ensure_exports()
-    threading.Thread(target=ensure_exports_periodically, name="ensure-exports",
-                     daemon=True).start()
+    stop = threading.Event()
+    every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False)
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
                    ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)])
 

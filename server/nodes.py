@@ -18,6 +18,7 @@ import peewee
 from server.db import utcnow, with_connection
 from server.errors import NotFound, Unavailable, VmattachError
 from server.grpcutil import call, channel
+from server.periodic import every
 from server.models import ServerRecord
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
@@ -105,17 +106,7 @@ class NodeDirectory:
 
     def run_periodic(self, interval: float) -> threading.Thread:
         """Refresh now (at start), then every interval."""
-        def loop():
-            while True:
-                try:
-                    self.refresh()
-                except Exception:  # noqa: BLE001 - the loop must survive a bad round
-                    LOG.exception("server refresh failed")
-                if self._stop.wait(interval):
-                    return
-        thread = threading.Thread(target=loop, name="server-refresh", daemon=True)
-        thread.start()
-        return thread
+        return every(interval, self.refresh, self._stop, "server-refresh")
 
     # -- lookups ----------------------------------------------------------------------
 

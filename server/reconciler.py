@@ -29,6 +29,7 @@ from server.db import utcnow, with_connection
 from server.errors import FailedPrecondition, VmattachError
 from server.facade import UNDO_TIMEOUT, Facade
 from server.grpcutil import call
+from server.periodic import every
 from server.models import BlockDeviceMapping as BDM
 from server.models import FacadeInstance
 from vmattach.v1 import controller_pb2 as cpb
@@ -150,30 +151,11 @@ class Reconciler:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run_periodic(self, interval: float) -> threading.Thread:
-        """Heartbeat and recover now, then every interval (heartbeats at least
-        three times per lease)."""
-        beat = min(interval, self.lease / 3)
-
-        def loop():
-            next_run = 0.0
-            clock = 0.0
-            while True:
-                try:
-                    if clock >= next_run:
-                        self.run_once()
-                        next_run = clock + interval
-                    else:
-                        self.heartbeat()
-                except Exception:  # noqa: BLE001 - the loop must survive a bad round
-                    LOG.exception("reconciler round failed")
-                if self._stop.wait(beat):
-                    return
-                clock += beat
-
-        thread = threading.Thread(target=loop, name="reconciler", daemon=True)
-        thread.start()
-        return thread
+    def run_periodic(self, interval: float) -> None:
+        """Recover now and every interval; heartbeat at least three times per
+        lease in between."""
+        every(min(interval, self.lease / 3), self.heartbeat, self._stop, "heartbeat")
+        every(interval, self.run_once, self._stop, "reconciler")
 
     def stop(self) -> None:
         self._stop.set()
