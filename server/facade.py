@@ -55,8 +55,12 @@ class Deadline:
         remaining = context.time_remaining() if context is not None else None
         return cls(min(remaining, cap) if remaining is not None else cap)
 
+    def left(self) -> float:
+        return max(self.expires - time.monotonic(), 0.0)
+
     def remaining(self) -> float:
-        left = self.expires - time.monotonic()
+        """The time left for the next downstream call; DeadlineExceeded when none."""
+        left = self.left()
         if left <= 0.001:
             raise DeadlineExceeded("deadline exceeded", reason="DEADLINE_EXCEEDED")
         return left
@@ -410,7 +414,8 @@ class Facade:
             raise
         # From here the disk has left the guest: the remaining steps only roll forward.
         try:
-            self._finish_detach(bdm, node, lambda: max(deadline.remaining(), UNDO_TIMEOUT))
+            # like an undo, these get their time even when the caller's is up
+            self._finish_detach(bdm, node, lambda: max(deadline.left(), UNDO_TIMEOUT))
         except Exception:
             self._release(bdm.id)  # the reconciler finishes it
             raise

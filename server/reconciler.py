@@ -42,11 +42,11 @@ GUEST_RELEASED = ("node_unpublish", "node_unstage", "controller_unpublish", "bdm
 
 
 class Reconciler:
-    def __init__(self, facade: Facade, lease: float):
+    def __init__(self, facade: Facade, lease: float, instance_id: str | None = None):
         self.facade = facade
         self.db = facade.db
         self.lease = lease
-        self.me = facade.instance_id
+        self.me = instance_id or facade.instance_id
         self._stop = threading.Event()
 
     # -- liveness ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, N
 from server.models import BlockDeviceMapping as BDM
 from server.runner import CommandRunner
 from tests.conftest import make_settings
+from vmattach.v1 import controller_pb2
 
 
 class Stack:
@@ -33,7 +34,9 @@ class Stack:
         self.settings = make_settings(tmp_path, tgt_portal=tgtd.portal,
                                       tgt_control_port=tgtd.control_port, node_id="node-1",
                                       initiator_iqn="iqn.2004-10.org.vmattach:test-node",
-                                      detach_timeout=0.5, detach_retries=2, **settings)
+                                      detach_timeout=0.5, detach_retries=2,
+                                      # tests run the reconciler themselves
+                                      reconcile_interval=3600, **settings)
         self.running = serve(self.settings, hypervisor=self.hv)
         self.address = f"127.0.0.1:{self.running.port}"
         self.client = VmattachClient(self.address, timeout=60)
@@ -360,3 +363,43 @@ def test_servers_are_listed_from_the_nodes(stack):
         stack.client.get_server(str(uuid.uuid4()))
     with pytest.raises(InvalidArgument, match="server_id"):
         stack.client.get_server("nope")
+
+
+def test_two_reconcilers_at_once_recover_an_orphan_exactly_once(stack):
+    """An attach whose facade died after the reserve: two replicas' reconcilers
+    race for it; one undoes it, the other finds nothing to do."""
+    from server.reconciler import Reconciler
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.client.controller.ReserveVolume(controller_pb2.ReserveVolumeRequest(
+        volume_id=volume_id, server_id=server_id))
+    with stack.facade.db.connection_context():
+        BDM.create(device_name="/dev/vdb", volume_id=volume_id, instance_uuid=server_id,
+                   attachment_id=str(uuid.uuid4()), state="attaching", progress="reserve",
+                   owner=str(uuid.uuid4()), node_id="node-1")  # an owner with no heartbeat
+    assert stack.client.get_volume(volume_id).status == "attaching"
+    replicas = [Reconciler(stack.facade, lease=1.0, instance_id=str(uuid.uuid4()))
+                for _ in range(2)]
+    barrier = threading.Barrier(2)
+
+    def run(reconciler):
+        barrier.wait()
+        return reconciler.run_once()
+
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(run, replicas))
+    assert sorted(done) == [0, 1]
+    stack.assert_clean(server_id, volume_id)
+
+
+def test_an_operation_of_a_live_facade_is_not_taken_over(stack):
+    from server.reconciler import Reconciler
+    server_id, volume_id = stack.server(), stack.volume()
+    owner = Reconciler(stack.facade, lease=60.0)
+    owner.heartbeat()  # the facade that runs the operation is alive
+    with stack.facade.db.connection_context():
+        BDM.create(device_name="/dev/vdb", volume_id=volume_id, instance_uuid=server_id,
+                   attachment_id=str(uuid.uuid4()), state="attaching", progress="bdm_insert",
+                   owner=stack.facade.instance_id, node_id="node-1")
+    other = Reconciler(stack.facade, lease=60.0, instance_id=str(uuid.uuid4()))
+    assert other.run_once() == 0
+    assert [b.state for b in stack.live_bdms(volume_id)] == ["attaching"]
