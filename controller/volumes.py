@@ -28,7 +28,7 @@ import peewee
 
 from controller.models import Export, Volume, VolumeAttachment, utcnow
 from controller.tgt import IQN_PREFIX, TgtAdm
-from server.db import is_sqlite, with_connection, write_transaction
+from server.db import Prepared, is_sqlite, with_connection, write_transaction
 from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
                            NotFound)
 from server.locks import KeyedLocks
@@ -77,6 +77,14 @@ class ConnectionInfo:
 
 VolumeView = tuple[Volume, list[VolumeAttachment]]
 
+# the selects of every request, compiled once
+_VOLUME = Prepared(lambda v: Volume.select().where(Volume.id == v), 1)
+_ATTACHMENTS = Prepared(lambda v: VolumeAttachment.select().where(VolumeAttachment.volume == v)
+                        .order_by(VolumeAttachment.created_at), 1)
+_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.select().where(
+    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)), 2)
+_EXPORT = Prepared(lambda v: Export.select().where(Export.volume == v), 1)
+
 
 def not_found(volume_id: str) -> NotFound:
     return NotFound(f"Volume {volume_id} could not be found.", reason="VOLUME_NOT_FOUND",
@@ -110,7 +118,7 @@ class VolumeManager:
     # -- reading ---------------------------------------------------------------
 
     def _get(self, volume_id: str) -> Volume:
-        volume = Volume.get_or_none(Volume.id == volume_id)
+        volume = _VOLUME.first(volume_id)
         if volume is None:
             raise not_found(volume_id)
         return volume
@@ -138,8 +146,7 @@ class VolumeManager:
 
     @with_connection
     def get(self, volume_id: str) -> "VolumeView":
-        volume = self._get(volume_id)
-        return volume, list(volume.attachments.order_by(VolumeAttachment.created_at))
+        return self._get(volume_id), _ATTACHMENTS.rows(volume_id)
 
     @with_connection
     def list(self, page_size: int, page_token: str = ""):
@@ -298,8 +305,7 @@ class VolumeManager:
     # -- publish / unpublish (initialize / terminate connection) ------------------
 
     def _attachment(self, volume_id: str, server_id: str) -> VolumeAttachment | None:
-        return VolumeAttachment.get_or_none((VolumeAttachment.volume == volume_id)
-                                            & (VolumeAttachment.instance_uuid == server_id))
+        return _ATTACHMENT.first(volume_id, server_id)
 
     @with_connection
     def publish(self, volume_id: str, server_id: str, connector: Connector) -> ConnectionInfo:
@@ -334,7 +340,7 @@ class VolumeManager:
             (Volume.update(chap_username=user, chap_secret=self.secretbox.encrypt(password))
              .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
             volume = Volume.get_by_id(volume.id)
-        export = Export.get_or_none(Export.volume == volume.id)
+        export = _EXPORT.first(volume.id)
         if export is None:
             export = Export.create(volume=volume.id, target_iqn=IQN_PREFIX + volume.id)
         if not self.tgt.has_target(export.tid):
@@ -348,7 +354,7 @@ class VolumeManager:
 
     def _remove_export(self, volume: Volume) -> None:
         """(caller holds _volume_lock)"""
-        export = Export.get_or_none(Export.volume == volume.id)
+        export = _EXPORT.first(volume.id)
         if export is not None:
             self.tgt.delete_target(export.tid, volume.chap_username)
             export.delete_instance()
@@ -358,7 +364,7 @@ class VolumeManager:
     def unpublish(self, volume_id: str, server_id: str, connector: Connector) -> None:
         """os-terminate_connection; idempotent."""
         with self._volume_lock(volume_id):
-            if Volume.get_or_none(Volume.id == volume_id) is None:
+            if _VOLUME.first(volume_id) is None:
                 return
             (VolumeAttachment.update(connector=None, updated_at=utcnow())
              .where((VolumeAttachment.volume == volume_id)
@@ -370,7 +376,7 @@ class VolumeManager:
         """Take initiator off the target unless an attachment still uses it;
         remove the export when no attachment is published any more (caller
         holds _volume_lock)."""
-        export = Export.get_or_none(Export.volume == volume_id)
+        export = _EXPORT.first(volume_id)
         if export is None:
             return
         users = {Connector.from_json(a.connector).initiator for a in

@@ -17,7 +17,7 @@ from typing import Callable
 import peewee
 from google.protobuf import json_format
 
-from server.db import utcnow, with_connection, write_transaction
+from server.db import Prepared, utcnow, with_connection, write_transaction
 from server.errors import (Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition,
                            InvalidArgument, NotFound, ResourceExhausted, VmattachError)
 from server.faults import Faults
@@ -39,6 +39,8 @@ ATTACHABLE = {"running", "paused", "shutoff"}
 VM_STATE = {"running": "active", "paused": "paused", "shutoff": "stopped",
             "crashed": "error", "shutdown": "stopped", "pmsuspended": "suspended",
             "blocked": "active", "nostate": "building"}
+_LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
+    (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
 # Time given to each undo step, even when the caller's deadline has passed.
 UNDO_TIMEOUT = 15.0
 
@@ -168,9 +170,8 @@ class Facade:
         BDM.update(progress=step, updated_at=utcnow(), **fields).where(BDM.id == bdm_id).execute()
 
     @staticmethod
-    def _live(server_id: str, volume_id: str):
-        return BDM.get_or_none((BDM.instance_uuid == server_id) & (BDM.volume_id == volume_id)
-                               & (BDM.deleted == 0))
+    def _live(server_id: str, volume_id: str) -> BDM | None:
+        return _LIVE_BDM.first(server_id, volume_id, 0)
 
     def _seal(self, info: types_pb2.ConnectionInfo) -> str:
         """connection_info as stored on the BDM: the CHAP secret encrypted."""

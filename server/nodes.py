@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import peewee
 
-from server.db import utcnow, with_connection
+from server.db import Prepared, utcnow, with_connection
 from server.errors import NotFound, Unavailable, VmattachError
 from server.grpcutil import call, channel
 from server.periodic import every
@@ -25,6 +25,7 @@ from vmattach.v1 import node_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 NODE_CALL_TIMEOUT = 10.0
+_SERVER = Prepared(lambda s: ServerRecord.select().where(ServerRecord.server_id == s), 1)
 
 
 @dataclass
@@ -126,10 +127,10 @@ class NodeDirectory:
 
     @with_connection
     def server(self, server_id: str) -> ServerRecord:
-        record = ServerRecord.get_or_none(ServerRecord.server_id == server_id)
+        record = _SERVER.first(server_id)
         if record is None:
             self.refresh(if_older_than=time.monotonic())
-            record = ServerRecord.get_or_none(ServerRecord.server_id == server_id)
+            record = _SERVER.first(server_id)
         if record is None:
             raise NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
                            metadata={"server_id": server_id})
