@@ -108,6 +108,8 @@ class Prepared:
         self._sql: dict[type, str] = {}  # the database's class -> SQL
 
     def rows(self, *values) -> list:
+        if len(values) != self.arity:
+            raise TypeError(f"expected {self.arity} values, got {len(values)}")
         placeholders = [f"__p{i}" for i in range(self.arity)]
         if self._model is None:
             self._model = self.build(*placeholders).model
