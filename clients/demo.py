@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -173,10 +174,13 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="vmattach-demo-"))
     print(f"vmattach demo, state directory {state}")
     try:
-        return Demo(state).run()
+        rc = Demo(state).run()
     except Exception as exc:  # noqa: BLE001 - the demo reports, never hides, a failure
-        print(f"\nDEMO FAILED: {type(exc).__name__}: {exc}")
+        print(f"\nDEMO FAILED: {type(exc).__name__}: {exc} (logs in {state})")
         return 1
+    if rc == 0:
+        shutil.rmtree(state, ignore_errors=True)
+    return rc
 
 
 if __name__ == "__main__":
