@@ -118,19 +118,27 @@ def _attach_cycle_works(client, deployment, volume_id):
     return att
 
 
-@pytest.mark.parametrize("step", ATTACH_BOUNDARIES)
-def test_facade_killed_after_attach_step_is_recovered(deployment, step):
-    client = deployment.start_facade(f"after:{step}=kill")
-    volume_id = client.create_volume(f"kill-a-{step}", 1).volume_id
+def _killed_then_recovered(deployment, client, volume_id, request):
+    """request dies with the facade; a new facade recovers; audit is clean.
+    Returns the new facade's client and the audit's output."""
     with pytest.raises(VmattachError):
-        client.attach_volume(deployment.guest.uuid, volume_id)
+        request(client)
     assert deployment.killed() == -9
     client.close()
-
     client = deployment.start_facade()
     deployment.wait_recovered(client, volume_id)
     audit = deployment.audit()
     assert audit.returncode == 0, audit.stdout + audit.stderr
+    return client, audit
+
+
+@pytest.mark.parametrize("step", ATTACH_BOUNDARIES)
+def test_facade_killed_after_attach_step_is_recovered(deployment, step):
+    client = deployment.start_facade(f"after:{step}=kill")
+    volume_id = client.create_volume(f"kill-a-{step}", 1).volume_id
+    client, audit = _killed_then_recovered(deployment, client, volume_id,
+                                           lambda c: c.attach_volume(deployment.guest.uuid,
+                                                                     volume_id))
     print(f"attach killed after {step}: volume {client.get_volume(volume_id).status}; "
           f"audit: {audit.stdout.strip()}")
     # attached (rolled forward) or not: either way the volume is usable again
@@ -150,15 +158,9 @@ def test_facade_killed_after_detach_step_is_recovered(deployment, step):
     deployment.stop_facade()
 
     client = deployment.start_facade(f"after:{step}=kill")
-    with pytest.raises(VmattachError):
-        client.detach_volume(deployment.guest.uuid, volume_id)
-    assert deployment.killed() == -9
-    client.close()
-
-    client = deployment.start_facade()
-    deployment.wait_recovered(client, volume_id)
-    audit = deployment.audit()
-    assert audit.returncode == 0, audit.stdout + audit.stderr
+    client, audit = _killed_then_recovered(deployment, client, volume_id,
+                                           lambda c: c.detach_volume(deployment.guest.uuid,
+                                                                     volume_id))
     # the detach the user asked for was finished
     assert client.get_volume(volume_id).status == "available"
     deployment.guest.wait_disk_gone(volume_id, timeout=30)
