@@ -64,7 +64,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 incident = uuid.uuid4().hex[:12]
                 outcome = "INTERNAL"
                 LOG.exception("%s failed (incident %s); request: %s", method, incident,
-                              redacted(request))
+                              redacted(request) if isinstance(request, Message) else "(undecoded)")
                 context.abort_with_status(_status(
                     grpc.StatusCode.INTERNAL, f"internal error (incident {incident})", "INTERNAL"))
             finally:
