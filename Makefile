@@ -39,7 +39,7 @@ test: host proto
 	bash scripts/build-test-guest.sh
 	VMATTACH_REQUIRE_REALSTACK=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-# Only the tests that need no real daemons.
+# The tests not marked realstack (no libvirt guests).
 unit: proto
 	$(PY) -m pytest -q -ra -m 'not realstack' $(PYTEST_ARGS)
 
