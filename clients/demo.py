@@ -25,7 +25,6 @@ from pathlib import Path
 from controller.tgtd import TgtDaemon
 from tests.support.guest import TestGuest, virsh
 
-REPO = Path(__file__).resolve().parents[1]
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
 PATTERN_BYTES = 4 << 20
 

@@ -40,13 +40,13 @@ def connection_info_to_pb(info: ConnectionInfo) -> types_pb2.ConnectionInfo:
             encrypted=info.encrypted, volume_id=info.volume_id))
 
 
-def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment] | None = None) -> pb.Volume:
+def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment]) -> pb.Volume:
     """The public view of a volume: never its CHAP credentials."""
     msg = pb.Volume(volume_id=volume.id, name=volume.name, size_gb=volume.size_gb,
                     status=volume.status, attach_status=volume.attach_status,
                     multiattach=volume.multiattach, created_at=_ts(volume.created_at),
                     updated_at=_ts(volume.updated_at))
-    for att in attachments if attachments is not None else volume.attachments:
+    for att in attachments:
         record = msg.attachments.add(attachment_id=att.id, server_id=att.instance_uuid,
                                      mountpoint=att.mountpoint, attach_status=att.attach_status,
                                      attach_mode=att.attach_mode)

@@ -368,8 +368,12 @@ class Facade:
             volume_id=volume_id, connection_info=info), timeout=deadline.remaining()).staged
 
     def _node_unstage(self, node, volume_id: str, info, timeout: float = UNDO_TIMEOUT) -> None:
+        # disconnecting needs the target, never the CHAP secret: it does not travel
+        bare = types_pb2.ConnectionInfo()
+        bare.CopyFrom(info)
+        bare.data.ClearField("auth_password")
         call(node.stub.NodeUnstageVolume, npb.NodeUnstageVolumeRequest(
-            volume_id=volume_id, connection_info=info), timeout=timeout)
+            volume_id=volume_id, connection_info=bare), timeout=timeout)
 
     def _node_publish(self, node, req: AttachRequest, device: str, info, staged,
                       deadline: Deadline) -> None:
