@@ -10,8 +10,8 @@ import sys
 
 from google.protobuf.json_format import MessageToDict
 
-from server import config
-from server.errors import VmattachError
+from vmattach.common import config
+from vmattach.common.errors import VmattachError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -48,17 +48,17 @@ ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "tag"
 
 
 def _client(args):
-    from clients.client import VmattachClient
+    from vmattach.clients.client import VmattachClient
     return VmattachClient(args.address, args.controller_address or None, timeout=args.timeout)
 
 
 def cmd_serve(args) -> int:
-    from server.app import serve
+    from vmattach.server.app import serve
     return serve(config.load(args))
 
 
 def cmd_audit(args) -> int:
-    from server.audit import run
+    from vmattach.server.audit import run
     return run(config.load(args), args.repair)
 
 

@@ -1,13 +1,13 @@
 """A small typed Python client over the generated stubs.
 
-Retries on UNAVAILABLE come from gRPC's service config (server/grpcutil.py);
-errors arrive as the exception classes of server/errors.py."""
+Retries on UNAVAILABLE come from gRPC's service config (common/grpcutil.py);
+errors arrive as the exception classes of common/errors.py."""
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from server.grpcutil import call, channel
+from vmattach.common.grpcutil import call, channel
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, servers_pb2 as spb, servers_pb2_grpc, types_pb2
 

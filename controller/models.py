@@ -1,10 +1,10 @@
-"""The Controller's tables. Bound to a database at start-up (server/db.py)."""
+"""The Controller's tables. Bound to a database at start-up (common/db.py)."""
 
 from __future__ import annotations
 
 import peewee
 
-from server.db import utcnow
+from vmattach.common.db import utcnow
 
 
 class BaseModel(peewee.Model):
@@ -22,7 +22,7 @@ class Volume(BaseModel):
     attach_status = peewee.CharField(max_length=32, default="detached")
     path = peewee.CharField(max_length=4096)
     # CHAP credentials, generated once per volume at its first export; the
-    # secret is encrypted (server/secretbox.py).
+    # secret is encrypted (common/secretbox.py).
     chap_username = peewee.CharField(max_length=64, null=True)
     chap_secret = peewee.TextField(null=True)
     created_at = peewee.DateTimeField(default=utcnow)

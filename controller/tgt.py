@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from server.runner import CommandError, CommandRunner
+from vmattach.common.runner import CommandError, CommandRunner
 
 IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import peewee
 
-from controller.models import Export, Volume, VolumeAttachment, utcnow
-from controller.tgt import IQN_PREFIX, TgtAdm
-from server.db import Prepared, is_sqlite, with_connection, write_transaction
-from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
+from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
+from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
+from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
+from vmattach.common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
                            NotFound)
-from server.locks import KeyedLocks
-from server.secretbox import SecretBox
+from vmattach.common.locks import KeyedLocks
+from vmattach.common.secretbox import SecretBox
 
 LOG = logging.getLogger(__name__)
 

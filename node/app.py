@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 
-from node.connectors import make_factory
-from node.hypervisor import Hypervisor
-from node.initiator import initiator_iqn
-from node.manager import NodeConfig, NodeManager
-from node.servicer import SERVICE_NAME, NodeServicer
-from server.config import Settings
-from server.grpcutil import Service
-from server.runner import CommandRunner
+from vmattach.node.connectors import make_factory
+from vmattach.node.hypervisor import Hypervisor
+from vmattach.node.initiator import initiator_iqn
+from vmattach.node.manager import NodeConfig, NodeManager
+from vmattach.node.servicer import SERVICE_NAME, NodeServicer
+from vmattach.common.config import Settings
+from vmattach.common.grpcutil import Service
+from vmattach.common.runner import CommandRunner
 from vmattach.v1 import node_pb2_grpc
 
 
@@ -34,5 +34,5 @@ def build_with(settings: Settings, runner: CommandRunner, hypervisor: Hypervisor
 
 
 def build(settings: Settings, runner: CommandRunner) -> Service:
-    from node.libvirt_hypervisor import LibvirtHypervisor
+    from vmattach.node.libvirt_hypervisor import LibvirtHypervisor
     return build_with(settings, runner, LibvirtHypervisor(settings.libvirt_uri))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from node.hypervisor import (BlockSource, Disk, DiskSource, DiskSpec, FileSource, IscsiSource,
+from vmattach.node.hypervisor import (BlockSource, Disk, DiskSource, DiskSpec, FileSource, IscsiSource,
                              SecretSpec)
 
 

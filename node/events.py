@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from node.hypervisor import DetachOutcome
+from vmattach.node.hypervisor import DetachOutcome
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The hypervisor as the Node sees it: typed values and the interface that
-node/libvirt_hypervisor.py (the real one) and node/fake_hypervisor.py (a fake
+node/libvirt_hypervisor.py (the real one) and tests/support/fake_hypervisor.py (a fake
 for unit tests and benchmarks) implement. Nothing here imports libvirt."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from typing import Callable, TypeVar
 
 import libvirt
 
-from node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
-from node.events import DeviceWaiters
-from node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
-from server.errors import BackendError, NotFound
+from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
+from vmattach.node.events import DeviceWaiters
+from vmattach.node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
+from vmattach.common.errors import BackendError, NotFound
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,11 +10,11 @@ import re
 import socket
 from dataclasses import dataclass
 
-from node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
-from node.hypervisor import (BUS_BY_PREFIX, DetachOutcome, Disk, DiskSpec, Domain, Hypervisor,
+from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
+from vmattach.node.hypervisor import (BUS_BY_PREFIX, DetachOutcome, Disk, DiskSpec, Domain, Hypervisor,
                              volume_alias)
-from server.errors import FailedPrecondition, InvalidArgument
-from server.locks import KeyedLocks
+from vmattach.common.errors import FailedPrecondition, InvalidArgument
+from vmattach.common.locks import KeyedLocks
 
 LOG = logging.getLogger(__name__)
 

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import grpc
 
-from server.config import Settings
-from server.grpcutil import Service, new_server, start_server
-from server.periodic import every
-from server.runner import CommandRunner
+from vmattach.common.config import Settings
+from vmattach.common.grpcutil import Service, new_server, start_server
+from vmattach.common.periodic import every
+from vmattach.common.runner import CommandRunner
 
 LOG = logging.getLogger(__name__)
 
 
 def build_controller(settings: Settings, runner: CommandRunner) -> Service:
-    from controller.models import MODELS
-    from controller.servicer import SERVICE_NAME, ControllerServicer
-    from controller.tgt import TgtAdm
-    from controller.volumes import VolumeManager
-    from server.db import close_database, open_database
-    from server.secretbox import SecretBox
+    from vmattach.controller.models import MODELS
+    from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
+    from vmattach.controller.tgt import TgtAdm
+    from vmattach.controller.volumes import VolumeManager
+    from vmattach.common.db import close_database, open_database
+    from vmattach.common.secretbox import SecretBox
     from vmattach.v1 import controller_pb2_grpc
 
     db = open_database(settings.database_url_for("controller"), MODELS)
@@ -46,14 +46,14 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
 
 
 def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Service:
-    from node.app import build, build_with
+    from vmattach.node.app import build, build_with
     if hypervisor is not None:  # tests and benchmarks pass a fake
         return build_with(settings, runner, hypervisor)
     return build(settings, runner)
 
 
 def build_servers(settings: Settings, own_address: str) -> Service:
-    from server.facade_app import build
+    from vmattach.server.facade_app import build
     return build(settings, own_address)
 
 

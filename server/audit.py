@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from server.config import Settings
-from server.db import open_database
-from server.errors import VmattachError
-from server.runner import CommandRunner
+from vmattach.common.config import Settings
+from vmattach.common.db import open_database
+from vmattach.common.errors import VmattachError
+from vmattach.common.runner import CommandRunner
 
 LOG = logging.getLogger(__name__)
 VOLUME_SECRET_PREFIX = "volume-"
@@ -50,9 +50,9 @@ class Snapshot:
 
 
 def snapshot(settings: Settings, hypervisor=None, runner: CommandRunner | None = None) -> Snapshot:
-    from controller import models as cm
-    from controller.tgt import TgtAdm
-    from server import models as sm
+    from vmattach.controller import models as cm
+    from vmattach.controller.tgt import TgtAdm
+    from vmattach.server import models as sm
 
     snap = Snapshot()
     facade_db = open_database(settings.database_url_for("servers"), sm.MODELS)
@@ -67,7 +67,7 @@ def snapshot(settings: Settings, hypervisor=None, runner: CommandRunner | None =
     controller_db.close()
     snap.targets = TgtAdm(runner or CommandRunner(), settings.tgt_control_port).show()
     if hypervisor is None:
-        from node.libvirt_hypervisor import LibvirtHypervisor
+        from vmattach.node.libvirt_hypervisor import LibvirtHypervisor
         hypervisor = LibvirtHypervisor(settings.libvirt_uri)
     try:
         snap.domains = {d.uuid: d for d in hypervisor.list_domains()}
@@ -78,8 +78,8 @@ def snapshot(settings: Settings, hypervisor=None, runner: CommandRunner | None =
 
 
 def divergences(snap: Snapshot) -> list[Divergence]:
-    from controller.tgt import IQN_PREFIX
-    from controller.volumes import Connector
+    from vmattach.controller.tgt import IQN_PREFIX
+    from vmattach.controller.volumes import Connector
 
     found: list[Divergence] = []
     live = {(b.volume_id, b.instance_uuid): b for b in snap.bdms}
@@ -164,10 +164,10 @@ def divergences(snap: Snapshot) -> list[Divergence]:
 def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[str]:
     """Fix each divergence through the services (and the reconciler);
     returns what it could not fix."""
-    from controller.tgt import TgtAdm
-    from server.facade_app import build_facade
-    from server.grpcutil import call
-    from server.reconciler import Reconciler
+    from vmattach.controller.tgt import TgtAdm
+    from vmattach.server.facade_app import build_facade
+    from vmattach.common.grpcutil import call
+    from vmattach.server.reconciler import Reconciler
     from vmattach.v1 import controller_pb2 as cpb
     from vmattach.v1 import node_pb2 as npb
     from vmattach.v1 import types_pb2
@@ -226,7 +226,7 @@ _NIL = "00000000-0000-0000-0000-000000000000"
 def _extra_acls(volume_id: str, snap: Snapshot) -> list[str]:
     """Initiators tgtd allows that no connection of the volume uses (all of
     them when there is no connection: the export then goes)."""
-    from controller.volumes import Connector
+    from vmattach.controller.volumes import Connector
     export = snap.exports.get(volume_id)
     target = snap.targets.get(export.tid) if export else None
     used = {Connector.from_json(a.connector).initiator for a in snap.attachments

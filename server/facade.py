@@ -17,15 +17,15 @@ from typing import Callable
 import peewee
 from google.protobuf import json_format
 
-from server.db import Prepared, utcnow, with_connection, write_transaction
-from server.errors import (Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition,
+from vmattach.common.db import Prepared, utcnow, with_connection, write_transaction
+from vmattach.common.errors import (Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition,
                            InvalidArgument, NotFound, ResourceExhausted, VmattachError)
-from server.faults import Faults
-from server.grpcutil import call
-from server.locks import KeyedLocks
-from server.models import BlockDeviceMapping as BDM
-from server.nodes import NodeDirectory
-from server.secretbox import SecretBox
+from vmattach.server.faults import Faults
+from vmattach.common.grpcutil import call
+from vmattach.common.locks import KeyedLocks
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.server.nodes import NodeDirectory
+from vmattach.common.secretbox import SecretBox
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import types_pb2

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from server.config import Settings
-from server.db import close_database, open_database
-from server.facade import Facade
-from server.facade_servicer import SERVICE_NAME, ServersServicer
-from server.faults import Faults
-from server.grpcutil import Service, channel
-from server.models import MODELS
-from server.nodes import NodeDirectory
-from server.reconciler import Reconciler
-from server.secretbox import SecretBox
+from vmattach.common.config import Settings
+from vmattach.common.db import close_database, open_database
+from vmattach.server.facade import Facade
+from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
+from vmattach.server.faults import Faults
+from vmattach.common.grpcutil import Service, channel
+from vmattach.server.models import MODELS
+from vmattach.server.nodes import NodeDirectory
+from vmattach.server.reconciler import Reconciler
+from vmattach.common.secretbox import SecretBox
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
 

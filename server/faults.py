@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 
-from server.errors import BackendError, DeadlineExceeded, InvalidArgument, Unavailable
+from vmattach.common.errors import BackendError, DeadlineExceeded, InvalidArgument, Unavailable
 
 LOG = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import peewee
 
-from server.db import utcnow
+from vmattach.common.db import utcnow
 
 
 
@@ -28,7 +28,7 @@ class BlockDeviceMapping(BaseModel):
     device_name = peewee.CharField(max_length=255)
     volume_id = peewee.CharField(max_length=36)
     volume_size = peewee.IntegerField(null=True)
-    # JSON; the CHAP secret in it is encrypted (server/secretbox.py)
+    # JSON; the CHAP secret in it is encrypted (common/secretbox.py)
     connection_info = peewee.TextField(null=True)
     instance_uuid = peewee.CharField(max_length=36)
     source_type = peewee.CharField(max_length=255, default="volume")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import peewee
 
-from server.db import Prepared, utcnow, with_connection
-from server.errors import NotFound, Unavailable, VmattachError
-from server.grpcutil import call, channel
-from server.periodic import every
-from server.models import ServerRecord
+from vmattach.common.db import Prepared, utcnow, with_connection
+from vmattach.common.errors import NotFound, Unavailable, VmattachError
+from vmattach.common.grpcutil import call, channel
+from vmattach.common.periodic import every
+from vmattach.server.models import ServerRecord
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
 

@@ -25,13 +25,13 @@ import threading
 import peewee
 from google.protobuf import json_format
 
-from server.db import utcnow, with_connection
-from server.errors import FailedPrecondition, VmattachError
-from server.facade import UNDO_TIMEOUT, Facade
-from server.grpcutil import call
-from server.periodic import every
-from server.models import BlockDeviceMapping as BDM
-from server.models import FacadeInstance
+from vmattach.common.db import utcnow, with_connection
+from vmattach.common.errors import FailedPrecondition, VmattachError
+from vmattach.server.facade import UNDO_TIMEOUT, Facade
+from vmattach.common.grpcutil import call
+from vmattach.common.periodic import every
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.server.models import FacadeInstance
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import types_pb2
 

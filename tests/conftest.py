@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from controller.tgtd import TgtDaemon
-from server.app import Running, start
-from server.config import Settings
+from tests.support.tgtd import TgtDaemon
+from vmattach.server.app import Running, start
+from vmattach.common.config import Settings
 
 # `make test` sets this: there a missing real stack is a failure, not a skip.
 REQUIRE_REALSTACK = os.environ.get("VMATTACH_REQUIRE_REALSTACK") == "1"

@@ -8,8 +8,8 @@ import abc
 import re
 from dataclasses import dataclass, field
 
-from node.hypervisor import DiskSource
-from server.errors import InvalidArgument
+from vmattach.node.hypervisor import DiskSource
+from vmattach.common.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

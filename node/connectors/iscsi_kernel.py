@@ -9,11 +9,11 @@ import os
 import time
 from typing import Callable, Sequence
 
-from node.connectors.base import (ConnectionInfo, Portal, StagedVolume, VolumeConnector,
+from vmattach.node.connectors.base import (ConnectionInfo, Portal, StagedVolume, VolumeConnector,
                                   parse_portal, require_chap, require_iqn, require_lun)
-from node.hypervisor import BlockSource
-from server.errors import BackendError, FailedPrecondition
-from server.runner import CommandError, CommandRunner, Result
+from vmattach.node.hypervisor import BlockSource
+from vmattach.common.errors import BackendError, FailedPrecondition
+from vmattach.common.runner import CommandError, CommandRunner, Result
 
 LOG = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from node.connectors.base import (ConnectionInfo, StagedVolume, VolumeConnector, parse_portal,
+from vmattach.node.connectors.base import (ConnectionInfo, StagedVolume, VolumeConnector, parse_portal,
                                   require_chap, require_iqn, require_lun)
-from node.hypervisor import Hypervisor, IscsiSource, SecretSpec
-from server.errors import FailedPrecondition
+from vmattach.node.hypervisor import Hypervisor, IscsiSource, SecretSpec
+from vmattach.common.errors import FailedPrecondition
 
 LOG = logging.getLogger(__name__)
 

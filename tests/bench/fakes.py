@@ -1,5 +1,5 @@
 """The benchmark's fakes, at the outermost boundary only (docs/design.md):
-the in-memory hypervisor of node/fake_hypervisor.py and the fake tgtd of
+the in-memory hypervisor of tests/support/fake_hypervisor.py and the fake tgtd of
 tests/support/fake_tgt.py. Never imported by production code."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import collections
 import json
 
-from node.fake_hypervisor import FakeHypervisor
-from node.hypervisor import Disk, volume_alias
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.node.hypervisor import Disk, volume_alias
 from tests.bench.common import node_id, server_uuid
 from tests.support.fake_tgt import FakeTarget, FakeTgtRunner
 
@@ -44,8 +44,8 @@ class BenchTgtRunner(FakeTgtRunner):
     def preload(self, db_path: str) -> int:
         """The targets the pre-filled database says exist, as a tgtd that kept
         running across the Controller's restart would have them."""
-        from controller.models import MODELS, Export, Volume, VolumeAttachment
-        from server.db import open_database
+        from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
+        from vmattach.common.db import open_database
         db = open_database(f"sqlite:///{db_path}", MODELS)
         acls: dict[str, list[str]] = collections.defaultdict(list)
         with db.connection_context():

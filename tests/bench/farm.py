@@ -17,8 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
-from server.app import start
-from server.config import Settings
+from vmattach.server.app import start
+from vmattach.common.config import Settings
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import fake_hypervisor
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from server.grpcutil import create_server
+from vmattach.common.grpcutil import create_server
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
-from clients.client import VmattachClient
-from server.grpcutil import call, channel
+from vmattach.clients.client import VmattachClient
+from vmattach.common.grpcutil import call, channel
 from tests.bench.common import (REPO_ROOT, Child, median, percentile, server_uuid, vm_hwm_mb)
 from tests.bench.prefill import prefill
 
@@ -235,7 +235,7 @@ def orchestration(cfg, work: Path, name: str, server_args: list[str],
 # -- 3. the real stack ----------------------------------------------------------------
 
 def real_stack(cfg, work: Path) -> dict:
-    from controller.tgtd import TgtDaemon
+    from tests.support.tgtd import TgtDaemon
     from tests.support.guest import TestGuest, virsh
     from tests.support.vmattach_process import ServeProcess
     state = work / "real-state"
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
         o = orchestration(cfg, work, "empty", [], cfg["domains"])
         res["orchestration"] = o
         log("    orchestration with a real tgtd (c=1)")
-        from controller.tgtd import TgtDaemon
+        from tests.support.tgtd import TgtDaemon
         with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
             res["orchestration_real_tgtd"] = orchestration(
                 cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,

@@ -27,8 +27,8 @@ import threading
 
 import grpc
 
-from server.app import start
-from server.config import Settings
+from vmattach.server.app import start
+from vmattach.common.config import Settings
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import BenchTgtRunner, fake_hypervisor
 
@@ -46,16 +46,16 @@ class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
 
 def install_counter() -> CountingInterceptor:
     """Wrap every channel the facade opens (to the Controller and the Nodes)."""
-    import server.facade_app
-    import server.nodes
-    from server.grpcutil import channel as plain_channel
+    import vmattach.server.facade_app
+    import vmattach.server.nodes
+    from vmattach.common.grpcutil import channel as plain_channel
     counter = CountingInterceptor()
 
     def counting_channel(address: str, retries: bool = True):
         return grpc.intercept_channel(plain_channel(address, retries), counter)
 
-    server.facade_app.channel = counting_channel
-    server.nodes.channel = counting_channel
+    vmattach.server.facade_app.channel = counting_channel
+    vmattach.server.nodes.channel = counting_channel
     return counter
 
 

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.tgt import TgtAdm
-from controller.tgtd import free_ports
-from server.grpcutil import channel
-from server.runner import CommandRunner
+from vmattach.controller.tgt import TgtAdm
+from tests.support.tgtd import free_ports
+from vmattach.common.grpcutil import channel
+from vmattach.common.runner import CommandRunner
 from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2

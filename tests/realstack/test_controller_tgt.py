@@ -12,8 +12,8 @@ import uuid
 import grpc
 import pytest
 
-from controller.tgtd import TgtDaemon
-from server.grpcutil import channel
+from tests.support.tgtd import TgtDaemon
+from vmattach.common.grpcutil import channel
 from tests.conftest import need
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2

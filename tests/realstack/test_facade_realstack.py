@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import VmattachClient
-from controller.tgt import TgtAdm
-from controller.tgtd import TgtDaemon
-from server.app import start
-from server.errors import VmattachError
-from server.models import BlockDeviceMapping as BDM
-from server.runner import CommandRunner
+from vmattach.clients.client import VmattachClient
+from vmattach.controller.tgt import TgtAdm
+from tests.support.tgtd import TgtDaemon
+from vmattach.server.app import start
+from vmattach.common.errors import VmattachError
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.common.runner import CommandRunner
 from tests.conftest import make_settings, need
 from tests.support.guest import TestGuest, ensure_guest_image, virsh
 

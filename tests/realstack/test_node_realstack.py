@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.tgt import parse_show
-from controller.tgtd import TgtDaemon
-from server.app import Running, start
-from server.config import Settings
-from server.grpcutil import call, channel
+from vmattach.controller.tgt import parse_show
+from tests.support.tgtd import TgtDaemon
+from vmattach.server.app import Running, start
+from vmattach.common.config import Settings
+from vmattach.common.grpcutil import call, channel
 from tests.conftest import REQUIRE_REALSTACK, make_settings, need
 from tests.support.guest import GuestError, TestGuest, ensure_guest_image, virsh
 from vmattach.v1 import controller_pb2 as cpb

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import VmattachClient
-from controller.tgtd import TgtDaemon
-from server.errors import VmattachError
+from vmattach.clients.client import VmattachClient
+from tests.support.tgtd import TgtDaemon
+from vmattach.common.errors import VmattachError
 from tests.conftest import need
 from tests.support.guest import TestGuest, ensure_guest_image
 from tests.support.vmattach_process import ServeProcess

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from node.hypervisor import Disk, Domain
+from vmattach.node.hypervisor import Disk, Domain
 
 
 class DumpedHypervisor:
@@ -35,9 +35,9 @@ class DumpedHypervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import node.libvirt_hypervisor
-    node.libvirt_hypervisor.LibvirtHypervisor = DumpedHypervisor
-    from clients.cli import main as cli_main
+    import vmattach.node.libvirt_hypervisor
+    vmattach.node.libvirt_hypervisor.LibvirtHypervisor = DumpedHypervisor
+    from vmattach.clients.cli import main as cli_main
     return cli_main(sys.argv[1:] if argv is None else argv)
 
 

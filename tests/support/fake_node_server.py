@@ -22,8 +22,8 @@ import sys
 import threading
 import uuid
 
-from node.fake_hypervisor import FakeHypervisor
-from server import config
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.common import config
 
 NAMESPACE = uuid.UUID("1b0c7d5e-3f0a-4c55-9a51-6a7d3c1f2e90")
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, server_id in enumerate(server_uuids(args.seed, args.servers)):
         hv.add_domain(f"instance-{i:04d}", uuid=server_id)
 
-    from server.app import start
+    from vmattach.server.app import start
     running = start(settings, hypervisor=hv)
     host = settings.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)

@@ -11,10 +11,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from server.redact import mask
-from server.runner import CommandError, Result
+from vmattach.common.redact import mask
+from vmattach.common.runner import CommandError, Result
 
-LOG = logging.getLogger("server.runner")
+LOG = logging.getLogger("vmattach.common.runner")
 
 Responder = Callable[[list[str]], Result | None]
 

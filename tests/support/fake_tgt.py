@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from controller.tgt import TgtAdm
-from server.runner import CommandError, Result
+from vmattach.controller.tgt import TgtAdm
+from vmattach.common.runner import CommandError, Result
 
 EINVAL = 22
 

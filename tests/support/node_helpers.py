@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from node.connectors import ConnectionInfo, make_factory
-from node.fake_hypervisor import FakeHypervisor
-from node.manager import NodeConfig, NodeManager
+from vmattach.node.connectors import ConnectionInfo, make_factory
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.node.manager import NodeConfig, NodeManager
 from tests.support.fake_runner import FakeRunner
 
 NODE_IQN = "iqn.2004-10.org.vmattach:testhost-0123456789ab"

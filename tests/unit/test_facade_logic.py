@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from server.facade import (AttachRequest, Deadline, Facade, Saga, device_names,
+from vmattach.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from vmattach.server.facade import (AttachRequest, Deadline, Facade, Saga, device_names,
                            guest_path_hint, validate_attach)
-from server.models import ServerRecord
+from vmattach.server.models import ServerRecord
 
 SERVER = "11111111-1111-4111-8111-111111111111"
 VOLUME = "22222222-2222-4222-8222-222222222222"

@@ -8,13 +8,13 @@ import logging
 
 import pytest
 
-from node.connectors import (FileConnector, KernelIscsiConnector,
+from vmattach.node.connectors import (FileConnector, KernelIscsiConnector,
                              QemuIscsiConnector, make_factory)
-from node.connectors.base import Portal, parse_portal
-from node.fake_hypervisor import FakeHypervisor
-from node.hypervisor import BlockSource, FileSource, IscsiSource
-from server.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
-from server.runner import CommandError
+from vmattach.node.connectors.base import Portal, parse_portal
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.node.hypervisor import BlockSource, FileSource, IscsiSource
+from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.runner import CommandError
 from tests.support.fake_runner import FakeRunner
 from tests.support.node_helpers import (CHAP_PASSWORD, CHAP_USER, NODE_IQN, PORTAL, file_info,
                                         iscsi_info, new_id, target_iqn)

@@ -6,10 +6,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
-from node.hypervisor import (BlockSource, Disk, DiskSpec, FileSource, IscsiSource, SecretSpec,
+from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
+from vmattach.node.hypervisor import (BlockSource, Disk, DiskSpec, FileSource, IscsiSource, SecretSpec,
                              volume_alias)
-from node.manager import parse_device
+from vmattach.node.manager import parse_device
 from tests.support.node_helpers import CHAP_USER, NODE_IQN, new_id, target_iqn
 
 VID = new_id()

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from node.events import DeviceWaiters
-from node.hypervisor import DetachOutcome
-from node.libvirt_hypervisor import LibvirtHypervisor
-from node.libvirt_hypervisor import libvirt  # the binding, only ever imported by the adapter
-from server.errors import BackendError, NotFound
+from vmattach.node.events import DeviceWaiters
+from vmattach.node.hypervisor import DetachOutcome
+from vmattach.node.libvirt_hypervisor import LibvirtHypervisor
+from vmattach.node.libvirt_hypervisor import libvirt  # the binding, only ever imported by the adapter
+from vmattach.common.errors import BackendError, NotFound
 
 
 def libvirt_error(code: int, message: str) -> libvirt.libvirtError:

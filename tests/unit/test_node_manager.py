@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from node.fake_hypervisor import FakeHypervisor
-from node.hypervisor import Disk
-from node.manager import parse_device
-from server.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.node.hypervisor import Disk
+from vmattach.node.manager import parse_device
+from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
 from tests.support.node_helpers import NODE_IQN, file_info, iscsi_info, make_manager, new_id
 
 

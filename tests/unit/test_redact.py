@@ -1,9 +1,9 @@
-"""server/redact.py: the copies of requests written to logs, secrets blanked,
+"""common/redact.py: the copies of requests written to logs, secrets blanked,
 through nested and repeated message fields (on the protobuf runtime in use)."""
 
 from __future__ import annotations
 
-from server.redact import REDACTED, redacted
+from vmattach.common.redact import REDACTED, redacted
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import types_pb2

@@ -1,6 +1,6 @@
 """The one exception hierarchy of vmattach and its one mapping to gRPC codes.
 
-Plain Python code raises these; the server interceptor (server/grpcutil.py)
+Plain Python code raises these; the server interceptor (common/grpcutil.py)
 turns them into a google.rpc.Status with an ErrorInfo detail, and the
 clients turn a received status back into the same class. No other module
 maps exceptions to codes.

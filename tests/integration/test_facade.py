@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from clients.client import VmattachClient
-from controller.tgt import TgtAdm
-from node.fake_hypervisor import FakeHypervisor
-from server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from vmattach.clients.client import VmattachClient
+from vmattach.controller.tgt import TgtAdm
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                            ResourceExhausted, Unavailable, VmattachError)
-from server.models import BlockDeviceMapping as BDM
-from server.runner import CommandRunner
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.common.runner import CommandRunner
 from tests.conftest import make_settings
 from vmattach.v1 import controller_pb2
 
@@ -215,7 +215,7 @@ def test_every_attach_step_failing_is_rolled_back_completely(stack, step, action
 
 def test_node_failure_of_the_hypervisor_is_rolled_back(stack):
     """A failure inside the node (not injected in the facade) is undone too."""
-    from server.errors import BackendError
+    from vmattach.common.errors import BackendError
     server_id, volume_id = stack.server(), stack.volume()
     stack.hv.inject_error("attach_disk", BackendError("libvirt said no"))
     with pytest.raises(Exception, match="libvirt said no"):
@@ -247,7 +247,7 @@ def test_guest_that_never_releases_the_disk_keeps_it_attached(stack):
 def test_deadline_reaches_downstream_calls_and_rollback_still_runs(stack):
     """The node hangs in attach; the facade's call to it ends with the caller's
     deadline, and the rollback has run before the caller gets its error."""
-    from server.errors import BackendError
+    from vmattach.common.errors import BackendError
     server_id, volume_id = stack.server(), stack.volume()
     release = threading.Event()
     original = stack.hv.attach_disk
@@ -368,7 +368,7 @@ def test_servers_are_listed_from_the_nodes(stack):
 def test_two_reconcilers_at_once_recover_an_orphan_exactly_once(stack):
     """An attach whose facade died after the reserve: two replicas' reconcilers
     race for it; one undoes it, the other finds nothing to do."""
-    from server.reconciler import Reconciler
+    from vmattach.server.reconciler import Reconciler
     server_id, volume_id = stack.server(), stack.volume()
     stack.client.controller.ReserveVolume(controller_pb2.ReserveVolumeRequest(
         volume_id=volume_id, server_id=server_id))
@@ -392,7 +392,7 @@ def test_two_reconcilers_at_once_recover_an_orphan_exactly_once(stack):
 
 
 def test_an_operation_of_a_live_facade_is_not_taken_over(stack):
-    from server.reconciler import Reconciler
+    from vmattach.server.reconciler import Reconciler
     server_id, volume_id = stack.server(), stack.volume()
     owner = Reconciler(stack.facade, lease=60.0)
     owner.heartbeat()  # the facade that runs the operation is alive

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from server.errors import InvalidArgument
+from vmattach.common.errors import InvalidArgument
 
 
 def require_uuid(value: str, field: str) -> str:

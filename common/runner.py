@@ -11,8 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
-from server.errors import BackendError
-from server.redact import mask
+from vmattach.common.errors import BackendError
+from vmattach.common.redact import mask
 
 LOG = logging.getLogger(__name__)
 

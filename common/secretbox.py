@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from server.errors import BackendError
+from vmattach.common.errors import BackendError
 
 
 class SecretBox:

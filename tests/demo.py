@@ -22,7 +22,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from controller.tgtd import TgtDaemon
+from tests.support.tgtd import TgtDaemon
 from tests.support.guest import TestGuest, virsh
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from server.errors import BackendError
+from vmattach.common.errors import BackendError
 
 
 def free_ports(count: int) -> list[int]:

@@ -19,8 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from server.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
-from server.redact import redacted
+from vmattach.common.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
+from vmattach.common.redact import redacted
 
 LOG = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from server.errors import InvalidArgument
+from vmattach.common.errors import InvalidArgument
 
 SERVICES = ("controller", "node", "servers")
 
