@@ -40,7 +40,7 @@ lint: proto
 	$(VENV)/bin/mypy
 
 # Everything: the host set-up, the venv, the generated code, all tests.
-test: host proto
+test: host proto lint
 	bash scripts/build-test-guest.sh
 	VMATTACH_REQUIRE_REALSTACK=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 

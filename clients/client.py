@@ -5,11 +5,12 @@ errors arrive as the exception classes of common/errors.py."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from vmattach.common.grpcutil import call, channel
 from vmattach.v1 import controller_pb2 as cpb
-from vmattach.v1 import controller_pb2_grpc, servers_pb2 as spb, servers_pb2_grpc, types_pb2
+from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc, types_pb2
+from vmattach.v1 import servers_pb2 as spb
 
 
 class VmattachClient:

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import datetime
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs, urlparse
 
 import peewee
 from playhouse.db_url import connect
 from playhouse.pool import PooledDatabase
 
+
 def utcnow() -> datetime.datetime:
     """Naive UTC, as every vmattach table stores it."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 SQLITE_PRAGMAS = {

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import grpc
 from google.protobuf import any_pb2
@@ -140,7 +140,7 @@ RETRY_SERVICE_CONFIG = """{
 
 
 def channel(address: str, retries: bool = True) -> grpc.Channel:
-    options = [("grpc.enable_retries", 1 if retries else 0)]
+    options: list[tuple[str, int | str]] = [("grpc.enable_retries", 1 if retries else 0)]
     if retries:
         options.append(("grpc.service_config", RETRY_SERVICE_CONFIG))
     return grpc.insecure_channel(address, options=options)

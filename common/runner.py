@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from vmattach.common.errors import BackendError
 from vmattach.common.redact import mask

@@ -16,7 +16,7 @@ class SecretBox:
         self._fernet = Fernet(key)
 
     @classmethod
-    def from_state_dir(cls, state_dir: str | os.PathLike, name: str = "secret.key") -> "SecretBox":
+    def from_state_dir(cls, state_dir: str | os.PathLike, name: str = "secret.key") -> SecretBox:
         path = Path(state_dir) / name
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from vmattach.controller.models import Volume, VolumeAttachment
-from vmattach.controller.volumes import Connector, ConnectionInfo, VolumeManager
 from vmattach.common.validate import page_size, require_uuid
+from vmattach.controller.models import Volume, VolumeAttachment
+from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2
 

@@ -12,6 +12,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import datetime
 import json
@@ -21,18 +22,18 @@ import re
 import secrets
 import string
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import peewee
 
-from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
-from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
 from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
-from vmattach.common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
-                           NotFound)
+from vmattach.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
+from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
+from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
 
 LOG = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ class Connector:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | None) -> "Connector | None":
-        return cls(**json.loads(text)) if text else None
+    def from_json(cls, text: str | None) -> Connector | None:
+        return cls.load(text) if text else None
+
+    @classmethod
+    def load(cls, text: str) -> Connector:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ class VolumeManager:
                 yield
 
     @with_connection
-    def get(self, volume_id: str) -> "VolumeView":
+    def get(self, volume_id: str) -> VolumeView:
         return self._get(volume_id), _ATTACHMENTS.rows(volume_id)
 
     @with_connection
@@ -233,12 +238,12 @@ class VolumeManager:
 
     # -- reserve / unreserve ---------------------------------------------------
 
-    def _attached_servers(self, volume_id: str) -> list[str]:
+    def _attached_servers(self, volume_id: str) -> builtins.list[str]:
         return [a.instance_uuid for a in VolumeAttachment.select(VolumeAttachment.instance_uuid)
                 .where(VolumeAttachment.volume == volume_id)]
 
     @with_connection
-    def reserve(self, volume_id: str, server_id: str) -> "VolumeView":
+    def reserve(self, volume_id: str, server_id: str) -> VolumeView:
         """os-reserve: available -> attaching (in-use -> attaching for multiattach)."""
         try:
             with write_transaction(self.db):
@@ -268,7 +273,7 @@ class VolumeManager:
             f" reserve, but the status is {volume.status}.)", reason="VOLUME_NOT_AVAILABLE",
             metadata={"volume_id": volume_id, "status": volume.status})
 
-    def _settle(self, volume_id: str, from_statuses: list[str]) -> None:
+    def _settle(self, volume_id: str, from_statuses: Sequence[str]) -> None:
         """After an attachment ended: back to in-use when attachments remain,
         else available (compare-and-swap on from_statuses)."""
         remaining = (VolumeAttachment.select()
@@ -286,7 +291,7 @@ class VolumeManager:
          .where((Volume.id == volume_id) & Volume.status.in_(from_statuses)).execute())
 
     @with_connection
-    def unreserve(self, volume_id: str, server_id: str) -> "VolumeView":
+    def unreserve(self, volume_id: str, server_id: str) -> VolumeView:
         """os-unreserve: drop server_id's reservation (and its connection, if
         it was published); idempotent."""
         with self._volume_lock(volume_id):
@@ -299,7 +304,7 @@ class VolumeManager:
                 if gone:
                     self._settle(volume_id, ["attaching"])
                 if gone and att.connector:
-                    self._revoke(volume_id, Connector.from_json(att.connector).initiator)
+                    self._revoke(volume_id, Connector.load(att.connector).initiator)
             return self.get(volume_id)
 
     # -- publish / unpublish (initialize / terminate connection) ------------------
@@ -379,7 +384,7 @@ class VolumeManager:
         export = _EXPORT.first(volume_id)
         if export is None:
             return
-        users = {Connector.from_json(a.connector).initiator for a in
+        users = {Connector.load(a.connector).initiator for a in
                  VolumeAttachment.select(VolumeAttachment.connector)
                  .where((VolumeAttachment.volume == volume_id)
                         & VolumeAttachment.connector.is_null(False))}
@@ -391,7 +396,7 @@ class VolumeManager:
     # -- attach bookkeeping ------------------------------------------------------
 
     @with_connection
-    def mark_attached(self, volume_id: str, server_id: str, mountpoint: str, mode: str) -> "VolumeView":
+    def mark_attached(self, volume_id: str, server_id: str, mountpoint: str, mode: str) -> VolumeView:
         """os-attach: attaching -> in-use."""
         if mode not in ("rw", "ro"):
             raise InvalidArgument("mode must be 'rw' or 'ro'")
@@ -423,7 +428,7 @@ class VolumeManager:
             " 'attached' to detach.", reason="VOLUME_NOT_ATTACHED")
 
     @with_connection
-    def begin_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
+    def begin_detaching(self, volume_id: str, server_id: str) -> VolumeView:
         """os-begin_detaching: in-use -> detaching."""
         with write_transaction(self.db):
             self._lock_row(volume_id)
@@ -443,7 +448,7 @@ class VolumeManager:
             return self.get(volume_id)
 
     @with_connection
-    def roll_detaching(self, volume_id: str, server_id: str) -> "VolumeView":
+    def roll_detaching(self, volume_id: str, server_id: str) -> VolumeView:
         """os-roll_detaching: detaching -> in-use; idempotent."""
         with write_transaction(self.db):
             self._lock_row(volume_id)
@@ -458,7 +463,7 @@ class VolumeManager:
             return self.get(volume_id)
 
     @with_connection
-    def mark_detached(self, volume_id: str, server_id: str) -> "VolumeView":
+    def mark_detached(self, volume_id: str, server_id: str) -> VolumeView:
         """os-detach: ends server_id's attachment; idempotent."""
         with write_transaction(self.db):
             self._lock_row(volume_id)
@@ -493,13 +498,13 @@ class VolumeManager:
                 if tid not in present:
                     self._create_target(Volume.get_by_id(volume_id), export)
                     created += 1
-                    present_acls: list[str] = []
+                    present_acls: builtins.list[str] = []
                 else:
                     present_acls = present[tid].acls
                 for att in VolumeAttachment.select().where(
                         (VolumeAttachment.volume == volume_id)
                         & VolumeAttachment.connector.is_null(False)):
-                    initiator = Connector.from_json(att.connector).initiator
+                    initiator = Connector.load(att.connector).initiator
                     if initiator not in present_acls:
                         self.tgt.allow(tid, initiator)
                         present_acls = [*present_acls, initiator]

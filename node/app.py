@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 
+from vmattach.common.config import Settings
+from vmattach.common.grpcutil import Service
+from vmattach.common.runner import CommandRunner
 from vmattach.node.connectors import make_factory
 from vmattach.node.hypervisor import Hypervisor
 from vmattach.node.initiator import initiator_iqn
 from vmattach.node.manager import NodeConfig, NodeManager
 from vmattach.node.servicer import SERVICE_NAME, NodeServicer
-from vmattach.common.config import Settings
-from vmattach.common.grpcutil import Service
-from vmattach.common.runner import CommandRunner
 from vmattach.v1 import node_pb2_grpc
 
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from vmattach.node.hypervisor import (BlockSource, Disk, DiskSource, DiskSpec, FileSource, IscsiSource,
-                             SecretSpec)
+from vmattach.node.hypervisor import (
+    BlockSource,
+    Disk,
+    DiskSource,
+    DiskSpec,
+    FileSource,
+    IscsiSource,
+    SecretSpec,
+)
 
 
 def _source(disk: ET.Element, source: DiskSource) -> str:

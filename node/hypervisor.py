@@ -152,5 +152,5 @@ class Hypervisor(abc.ABC):
     def secret_usages(self) -> list[str]:
         """The usage names of the iSCSI secrets on this host."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the default has none."""

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import libvirt
 
+from vmattach.common.errors import BackendError, NotFound
 from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
 from vmattach.node.events import DeviceWaiters
 from vmattach.node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
-from vmattach.common.errors import BackendError, NotFound
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +59,7 @@ def _error_message(exc: libvirt.libvirtError) -> str:
 
 
 class LibvirtHypervisor(Hypervisor):
-    def __init__(self, uri: str, opener: Callable[[str], "libvirt.virConnect"] | None = None):
+    def __init__(self, uri: str, opener: Callable[[str], libvirt.virConnect] | None = None):
         self.uri = uri
         self._opener = opener or libvirt.open
         self._lock = threading.Lock()
@@ -69,7 +70,7 @@ class LibvirtHypervisor(Hypervisor):
 
     # -- connection ---------------------------------------------------------------------
 
-    def _connection(self) -> "libvirt.virConnect":
+    def _connection(self) -> libvirt.virConnect:
         with self._lock:
             if self._conn is not None and self._alive(self._conn):
                 return self._conn
@@ -84,7 +85,7 @@ class LibvirtHypervisor(Hypervisor):
         except libvirt.libvirtError:
             return False
 
-    def _open(self) -> "libvirt.virConnect":
+    def _open(self) -> libvirt.virConnect:
         try:
             conn = self._opener(self.uri)
         except libvirt.libvirtError as exc:
@@ -128,7 +129,7 @@ class LibvirtHypervisor(Hypervisor):
         with self._lock:
             self._drop()
 
-    def _call(self, what: str, fn: Callable[["libvirt.virConnect"], T],
+    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T],
               server_id: str = "") -> T:
         """fn(connection), reconnecting once when the connection was lost;
         libvirt errors become NotFound / BackendError."""

@@ -10,11 +10,18 @@ import re
 import socket
 from dataclasses import dataclass
 
-from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
-from vmattach.node.hypervisor import (BUS_BY_PREFIX, DetachOutcome, Disk, DiskSpec, Domain, Hypervisor,
-                             volume_alias)
 from vmattach.common.errors import FailedPrecondition, InvalidArgument
 from vmattach.common.locks import KeyedLocks
+from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
+from vmattach.node.hypervisor import (
+    BUS_BY_PREFIX,
+    DetachOutcome,
+    Disk,
+    DiskSpec,
+    Domain,
+    Hypervisor,
+    volume_alias,
+)
 
 LOG = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from vmattach.common.errors import InvalidArgument
+from vmattach.common.validate import require_uuid
 from vmattach.node.connectors import ConnectionInfo, StagedVolume
 from vmattach.node.hypervisor import Disk, Domain
 from vmattach.node.manager import NodeManager
-from vmattach.common.errors import InvalidArgument
-from vmattach.common.validate import require_uuid
 from vmattach.v1 import node_pb2 as pb
 from vmattach.v1 import node_pb2_grpc, types_pb2
 

@@ -20,12 +20,12 @@ LOG = logging.getLogger(__name__)
 
 
 def build_controller(settings: Settings, runner: CommandRunner) -> Service:
+    from vmattach.common.db import close_database, open_database
+    from vmattach.common.secretbox import SecretBox
     from vmattach.controller.models import MODELS
     from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
     from vmattach.controller.tgt import TgtAdm
     from vmattach.controller.volumes import VolumeManager
-    from vmattach.common.db import close_database, open_database
-    from vmattach.common.secretbox import SecretBox
     from vmattach.v1 import controller_pb2_grpc
 
     db = open_database(settings.database_url_for("controller"), MODELS)

@@ -164,9 +164,9 @@ def divergences(snap: Snapshot) -> list[Divergence]:
 def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[str]:
     """Fix each divergence through the services (and the reconciler);
     returns what it could not fix."""
+    from vmattach.common.grpcutil import call
     from vmattach.controller.tgt import TgtAdm
     from vmattach.server.facade_app import build_facade
-    from vmattach.common.grpcutil import call
     from vmattach.server.reconciler import Reconciler
     from vmattach.v1 import controller_pb2 as cpb
     from vmattach.v1 import node_pb2 as npb

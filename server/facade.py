@@ -11,21 +11,29 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import peewee
 from google.protobuf import json_format
 
 from vmattach.common.db import Prepared, utcnow, with_connection, write_transaction
-from vmattach.common.errors import (Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition,
-                           InvalidArgument, NotFound, ResourceExhausted, VmattachError)
-from vmattach.server.faults import Faults
+from vmattach.common.errors import (
+    Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    VmattachError,
+)
 from vmattach.common.grpcutil import call
 from vmattach.common.locks import KeyedLocks
+from vmattach.common.secretbox import SecretBox
+from vmattach.server.faults import Faults
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.nodes import NodeDirectory
-from vmattach.common.secretbox import SecretBox
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import types_pb2
@@ -52,7 +60,7 @@ class Deadline:
         self.expires = time.monotonic() + seconds
 
     @classmethod
-    def of(cls, context, cap: float) -> "Deadline":
+    def of(cls, context, cap: float) -> Deadline:
         # with no client deadline grpc reports a huge number (or None)
         remaining = context.time_remaining() if context is not None else None
         return cls(min(remaining, cap) if remaining is not None else cap)

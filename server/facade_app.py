@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database
+from vmattach.common.grpcutil import Service, channel
+from vmattach.common.secretbox import SecretBox
 from vmattach.server.facade import Facade
 from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
 from vmattach.server.faults import Faults
-from vmattach.common.grpcutil import Service, channel
 from vmattach.server.models import MODELS
 from vmattach.server.nodes import NodeDirectory
 from vmattach.server.reconciler import Reconciler
-from vmattach.common.secretbox import SecretBox
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
 

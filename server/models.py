@@ -8,7 +8,6 @@ import peewee
 from vmattach.common.db import utcnow
 
 
-
 class BaseModel(peewee.Model):
     class Meta:
         database = None

@@ -27,9 +27,9 @@ from google.protobuf import json_format
 
 from vmattach.common.db import utcnow, with_connection
 from vmattach.common.errors import FailedPrecondition, VmattachError
-from vmattach.server.facade import UNDO_TIMEOUT, Facade
 from vmattach.common.grpcutil import call
 from vmattach.common.periodic import every
+from vmattach.server.facade import UNDO_TIMEOUT, Facade
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import FacadeInstance
 from vmattach.v1 import controller_pb2 as cpb

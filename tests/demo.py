@@ -22,8 +22,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.support.tgtd import TgtDaemon
 from tests.support.guest import TestGuest, virsh
+from tests.support.tgtd import TgtDaemon
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
 PATTERN_BYTES = 4 << 20

@@ -3,13 +3,13 @@ factory that picks one."""
 
 from __future__ import annotations
 
+from vmattach.common.errors import InvalidArgument
+from vmattach.common.runner import CommandRunner
 from vmattach.node.connectors.base import ConnectionInfo, StagedVolume, VolumeConnector
 from vmattach.node.connectors.file import FileConnector
 from vmattach.node.connectors.iscsi_kernel import KernelIscsiConnector
 from vmattach.node.connectors.iscsi_qemu import QemuIscsiConnector
 from vmattach.node.hypervisor import Hypervisor
-from vmattach.common.errors import InvalidArgument
-from vmattach.common.runner import CommandRunner
 
 ISCSI_CONNECTORS = ("qemu", "kernel")
 

@@ -8,8 +8,8 @@ import abc
 import re
 from dataclasses import dataclass, field
 
-from vmattach.node.hypervisor import DiskSource
 from vmattach.common.errors import InvalidArgument
+from vmattach.node.hypervisor import DiskSource
 
 
 @dataclass(frozen=True)

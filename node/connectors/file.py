@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
+from vmattach.common.errors import InvalidArgument, NotFound
 from vmattach.node.connectors.base import ConnectionInfo, StagedVolume, VolumeConnector
 from vmattach.node.hypervisor import FileSource
-from vmattach.common.errors import InvalidArgument, NotFound
 
 
 class FileConnector(VolumeConnector):

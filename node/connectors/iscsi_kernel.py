@@ -7,13 +7,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from vmattach.node.connectors.base import (ConnectionInfo, Portal, StagedVolume, VolumeConnector,
-                                  parse_portal, require_chap, require_iqn, require_lun)
-from vmattach.node.hypervisor import BlockSource
 from vmattach.common.errors import BackendError, FailedPrecondition
 from vmattach.common.runner import CommandError, CommandRunner, Result
+from vmattach.node.connectors.base import (
+    ConnectionInfo,
+    Portal,
+    StagedVolume,
+    VolumeConnector,
+    parse_portal,
+    require_chap,
+    require_iqn,
+    require_lun,
+)
+from vmattach.node.hypervisor import BlockSource
 
 LOG = logging.getLogger(__name__)
 

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import logging
 
-from vmattach.node.connectors.base import (ConnectionInfo, StagedVolume, VolumeConnector, parse_portal,
-                                  require_chap, require_iqn, require_lun)
-from vmattach.node.hypervisor import Hypervisor, IscsiSource, SecretSpec
 from vmattach.common.errors import FailedPrecondition
+from vmattach.node.connectors.base import (
+    ConnectionInfo,
+    StagedVolume,
+    VolumeConnector,
+    parse_portal,
+    require_chap,
+    require_iqn,
+    require_lun,
+)
+from vmattach.node.hypervisor import Hypervisor, IscsiSource, SecretSpec
 
 LOG = logging.getLogger(__name__)
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 import collections
 import json
 
-from tests.support.fake_hypervisor import FakeHypervisor
-from vmattach.node.hypervisor import Disk, volume_alias
 from tests.bench.common import node_id, server_uuid
+from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.fake_tgt import FakeTarget, FakeTgtRunner
+from vmattach.node.hypervisor import Disk, volume_alias
 
 
 def attached_volume_uuid(node: int, index: int) -> str:
     """The pre-filled volume attached (as vdb) to domain `index` of `node`."""
     import uuid
+
     from tests.bench.common import NAMESPACE
     return str(uuid.uuid5(NAMESPACE, f"node-{node}/server-{index}/attached"))
 
@@ -44,8 +45,8 @@ class BenchTgtRunner(FakeTgtRunner):
     def preload(self, db_path: str) -> int:
         """The targets the pre-filled database says exist, as a tgtd that kept
         running across the Controller's restart would have them."""
-        from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
         from vmattach.common.db import open_database
+        from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
         db = open_database(f"sqlite:///{db_path}", MODELS)
         acls: dict[str, list[str]] = collections.defaultdict(list)
         with db.connection_context():

@@ -17,10 +17,10 @@ import sys
 import threading
 from pathlib import Path
 
-from vmattach.server.app import start
-from vmattach.common.config import Settings
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import fake_hypervisor
+from vmattach.common.config import Settings
+from vmattach.server.app import start
 
 
 def main(argv=None) -> int:

@@ -15,14 +15,17 @@ import time
 import uuid
 from pathlib import Path
 
-from vmattach.controller.models import MODELS as CONTROLLER_MODELS, Export, Volume, VolumeAttachment, utcnow
-from vmattach.controller.tgt import IQN_PREFIX
-from vmattach.controller.volumes import Connector
-from vmattach.common.db import open_database
-from vmattach.server.models import MODELS as SERVERS_MODELS, BlockDeviceMapping as BDM, ServerRecord
-from vmattach.common.secretbox import SecretBox
 from tests.bench.common import INITIATOR, node_id, server_uuid
 from tests.bench.fakes import attached_volume_uuid
+from vmattach.common.db import open_database
+from vmattach.common.secretbox import SecretBox
+from vmattach.controller.models import MODELS as CONTROLLER_MODELS
+from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
+from vmattach.controller.tgt import IQN_PREFIX
+from vmattach.controller.volumes import Connector
+from vmattach.server.models import MODELS as SERVERS_MODELS
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.server.models import ServerRecord
 
 CHUNK = 500
 

@@ -30,10 +30,10 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.bench.common import REPO_ROOT, Child, median, percentile, server_uuid, vm_hwm_mb
+from tests.bench.prefill import prefill
 from vmattach.clients.client import VmattachClient
 from vmattach.common.grpcutil import call, channel
-from tests.bench.common import (REPO_ROOT, Child, median, percentile, server_uuid, vm_hwm_mb)
-from tests.bench.prefill import prefill
 
 FULL = dict(floor_runs=5, floor_calls=2000, count_attaches=10,
             lat_runs=5, lat_cycles=100, tput_runs=3, tput_seconds=3.0, conc=[1, 8, 32],
@@ -235,8 +235,8 @@ def orchestration(cfg, work: Path, name: str, server_args: list[str],
 # -- 3. the real stack ----------------------------------------------------------------
 
 def real_stack(cfg, work: Path) -> dict:
-    from tests.support.tgtd import TgtDaemon
     from tests.support.guest import TestGuest, virsh
+    from tests.support.tgtd import TgtDaemon
     from tests.support.vmattach_process import ServeProcess
     state = work / "real-state"
     state.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,10 @@ import threading
 
 import grpc
 
-from vmattach.server.app import start
-from vmattach.common.config import Settings
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import BenchTgtRunner, fake_hypervisor
+from vmattach.common.config import Settings
+from vmattach.server.app import start
 
 
 class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):

@@ -14,14 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from vmattach.clients.client import VmattachClient
-from vmattach.controller.tgt import TgtAdm
-from tests.support.fake_hypervisor import FakeHypervisor
-from vmattach.common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
-                           ResourceExhausted, Unavailable, VmattachError)
-from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.common.runner import CommandRunner
 from tests.conftest import make_settings
+from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.clients.client import VmattachClient
+from vmattach.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VmattachError,
+)
+from vmattach.common.runner import CommandRunner
+from vmattach.controller.tgt import TgtAdm
+from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.v1 import controller_pb2
 
 

@@ -25,14 +25,21 @@ from pathlib import Path
 
 import pytest
 
-from vmattach.clients.client import VmattachClient
-from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
-from vmattach.common.errors import (Aborted, AlreadyExists, FailedPrecondition, NotFound,
-                           ResourceExhausted, VmattachError, status_code)
-from vmattach.common.grpcutil import call, channel
-from vmattach.common.runner import CommandRunner
 from tests.support.fake_node_server import server_uuids
 from tests.support.vmattach_process import VMATTACH, ServeProcess
+from vmattach.clients.client import VmattachClient
+from vmattach.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    VmattachError,
+    status_code,
+)
+from vmattach.common.grpcutil import call, channel
+from vmattach.common.runner import CommandRunner
+from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
 

@@ -13,11 +13,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vmattach.controller.tgt import TgtAdm
 from tests.support.tgtd import free_ports
+from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.common.grpcutil import channel
 from vmattach.common.runner import CommandRunner
-from tests.support.vmattach_process import VMATTACH, ServeProcess
+from vmattach.controller.tgt import TgtAdm
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2
 

@@ -12,9 +12,9 @@ import uuid
 import grpc
 import pytest
 
+from tests.conftest import need
 from tests.support.tgtd import TgtDaemon
 from vmattach.common.grpcutil import channel
-from tests.conftest import need
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from vmattach.clients.client import VmattachClient
-from tests.support.tgtd import TgtDaemon
-from vmattach.common.errors import VmattachError
 from tests.conftest import need
 from tests.support.guest import TestGuest, ensure_guest_image
+from tests.support.tgtd import TgtDaemon
 from tests.support.vmattach_process import ServeProcess
+from vmattach.clients.client import VmattachClient
+from vmattach.common.errors import VmattachError
 
 pytestmark = pytest.mark.realstack
 

@@ -14,8 +14,8 @@ import threading
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from vmattach.node.hypervisor import DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec
 from vmattach.common.errors import BackendError, NotFound
+from vmattach.node.hypervisor import DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec
 
 
 @dataclass

@@ -8,8 +8,8 @@ default)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from vmattach.common.redact import mask
 from vmattach.common.runner import CommandError, Result
@@ -33,12 +33,12 @@ class FakeRunner:
         self._responders: list[Responder] = []
 
     def on(self, *argv_prefix: str, returncode: int = 0, stdout: str = "",
-           stderr: str = "") -> "FakeRunner":
+           stderr: str = "") -> FakeRunner:
         """Answer commands starting with argv_prefix (most recent rule wins)."""
         self._scripted.insert(0, (argv_prefix, Result(returncode, stdout, stderr)))
         return self
 
-    def respond(self, responder: Responder) -> "FakeRunner":
+    def respond(self, responder: Responder) -> FakeRunner:
         """responder(argv) -> Result, or None to fall through to the rules."""
         self._responders.insert(0, responder)
         return self

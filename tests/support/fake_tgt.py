@@ -9,11 +9,11 @@ on Debian 12). Never used outside tests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
-from vmattach.controller.tgt import TgtAdm
 from vmattach.common.runner import CommandError, Result
+from vmattach.controller.tgt import TgtAdm
 
 EINVAL = 22
 

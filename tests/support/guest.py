@@ -33,8 +33,9 @@ import time
 import tty
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = [
     "BUILD_SCRIPT",
@@ -90,13 +91,13 @@ def virsh(uri: str, *args: str, timeout: float = 60.0, check: bool = True) -> su
     return proc
 
 
-def guest_image_available(guest_dir: Optional[str | os.PathLike] = None) -> bool:
+def guest_image_available(guest_dir: str | os.PathLike | None = None) -> bool:
     """True when the built kernel and initramfs are in guest_dir."""
     d = Path(guest_dir or DEFAULT_GUEST_DIR)
     return all((d / f).is_file() and (d / f).stat().st_size > 0 for f in ("vmlinuz", "initrd.gz"))
 
 
-def ensure_guest_image(guest_dir: Optional[str | os.PathLike] = None, timeout: float = 600.0) -> Path:
+def ensure_guest_image(guest_dir: str | os.PathLike | None = None, timeout: float = 600.0) -> Path:
     """Build (or reuse the cached) test guest with scripts/build-test-guest.sh.
 
     Returns the guest directory; raises GuestError when the build fails.
@@ -114,7 +115,7 @@ def ensure_guest_image(guest_dir: Optional[str | os.PathLike] = None, timeout: f
     return d
 
 
-def domain_xml(name: str, kind: str = "linux", guest_dir: Optional[str | os.PathLike] = None) -> str:
+def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | None = None) -> str:
     """The transient domain XML for a test guest of the given kind.
 
     kind 'linux': the tiny Linux guest, 96 MiB, serial console on a pty.
@@ -156,7 +157,7 @@ def domain_xml(name: str, kind: str = "linux", guest_dir: Optional[str | os.Path
     return ET.tostring(dom, encoding="unicode")
 
 
-def _parse_disk_line(line: str) -> Optional[tuple[str, dict[str, Any]]]:
+def _parse_disk_line(line: str) -> tuple[str, dict[str, Any]] | None:
     """('DISK-ADDED'|'DISK-REMOVED'|'DISK', {name, serial[, size, sha256]}) or None."""
     m = _DISK_LINE.match(line)
     if not m:
@@ -211,12 +212,12 @@ class TestGuest:
 
     def __init__(self) -> None:
         self._uri = DEFAULT_URI
-        self._name: Optional[str] = None
-        self._uuid: Optional[str] = None
+        self._name: str | None = None
+        self._uuid: str | None = None
         self._kind = "linux"
-        self._pty_path: Optional[str] = None
-        self._fd: Optional[int] = None
-        self._reader: Optional[threading.Thread] = None
+        self._pty_path: str | None = None
+        self._fd: int | None = None
+        self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._cmd_lock = threading.Lock()
@@ -226,20 +227,20 @@ class TestGuest:
         self._ready = False
         self._closed = False
         # command state: None (idle) | 'marker' | 'marker-rc' | 'collect' | 'done'
-        self._cmd_state: Optional[str] = None
+        self._cmd_state: str | None = None
         self._cmd_marker = ""
         self._cmd_output: list[str] = []
-        self._cmd_rc: Optional[int] = None
+        self._cmd_rc: int | None = None
         self._cmd_seq = 0
-        self.boot_seconds: Optional[float] = None
+        self.boot_seconds: float | None = None
 
     # ---- properties ------------------------------------------------------
     @property
-    def uuid(self) -> Optional[str]:
+    def uuid(self) -> str | None:
         return self._uuid
 
     @property
-    def name(self) -> Optional[str]:
+    def name(self) -> str | None:
         return self._name
 
     @property
@@ -251,13 +252,13 @@ class TestGuest:
         return self._kind
 
     @property
-    def pty_path(self) -> Optional[str]:
+    def pty_path(self) -> str | None:
         return self._pty_path
 
     # ---- life cycle ------------------------------------------------------
     @_HybridMethod
-    def start(self, uri: str = DEFAULT_URI, name: Optional[str] = None, kind: str = "linux",
-              guest_dir: Optional[str | os.PathLike] = None, ready_timeout: float = 60.0) -> "TestGuest":
+    def start(self, uri: str = DEFAULT_URI, name: str | None = None, kind: str = "linux",
+              guest_dir: str | os.PathLike | None = None, ready_timeout: float = 60.0) -> TestGuest:
         """Create the transient domain; for kind 'linux' wait for the ready marker."""
         if self._uuid is not None:
             raise GuestError(f"guest {self._name} already started")
@@ -301,7 +302,7 @@ class TestGuest:
         if errors:
             raise GuestError(f"destroying {self._name} failed: {'; '.join(errors)}")
 
-    def __enter__(self) -> "TestGuest":
+    def __enter__(self) -> TestGuest:
         return self
 
     def __exit__(self, *exc: Any) -> None:

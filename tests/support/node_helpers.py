@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from vmattach.node.connectors import ConnectionInfo, make_factory
 from tests.support.fake_hypervisor import FakeHypervisor
-from vmattach.node.manager import NodeConfig, NodeManager
 from tests.support.fake_runner import FakeRunner
+from vmattach.node.connectors import ConnectionInfo, make_factory
+from vmattach.node.manager import NodeConfig, NodeManager
 
 NODE_IQN = "iqn.2004-10.org.vmattach:testhost-0123456789ab"
 PORTAL = "127.0.0.1:3260"

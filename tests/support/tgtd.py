@@ -44,7 +44,7 @@ class TgtDaemon:
         return subprocess.run(["tgtadm", "--control-port", str(self.control_port), *args],
                               capture_output=True, text=True, timeout=10)
 
-    def start(self, timeout: float = 10.0) -> "TgtDaemon":
+    def start(self, timeout: float = 10.0) -> TgtDaemon:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             ["tgtd", "-f", "--iscsi", f"portal={self.portal}",

@@ -15,13 +15,13 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from vmattach.controller.models import MODELS
-from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
-from vmattach.controller.volumes import VolumeManager
+from tests.support.fake_tgt import FakeTgtAdm
 from vmattach.common.db import open_database
 from vmattach.common.grpcutil import Service, channel, create_server
 from vmattach.common.secretbox import SecretBox
-from tests.support.fake_tgt import FakeTgtAdm
+from vmattach.controller.models import MODELS
+from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
+from vmattach.controller.volumes import VolumeManager
 from vmattach.v1 import controller_pb2 as pb
 from vmattach.v1 import controller_pb2_grpc, types_pb2
 

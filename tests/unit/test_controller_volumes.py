@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fake_tgt import FakeTarget, FakeTgtAdm, FakeTgtRunner
+from vmattach.common.db import open_database
+from vmattach.common.errors import AlreadyExists, BackendError, FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
 from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
 from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
-from vmattach.common.db import open_database
-from vmattach.common.errors import (AlreadyExists, BackendError, FailedPrecondition, InvalidArgument,
-                           NotFound)
-from vmattach.common.secretbox import SecretBox
-from tests.support.fake_tgt import FakeTarget, FakeTgtAdm, FakeTgtRunner
 
 PORTAL = "127.0.0.1:3260"
 GIB = 1 << 30

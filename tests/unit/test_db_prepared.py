@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmattach.controller.models import MODELS, Volume
 from vmattach.common.db import Prepared, open_database
+from vmattach.controller.models import MODELS, Volume
 
 BY_NAME_AND_SIZE = Prepared(lambda n, s: Volume.select().where(
     (Volume.name == n) & (Volume.size_gb == s)).order_by(Volume.id), 2)

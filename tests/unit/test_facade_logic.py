@@ -7,8 +7,15 @@ import json
 import pytest
 
 from vmattach.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from vmattach.server.facade import (AttachRequest, Deadline, Facade, Saga, device_names,
-                           guest_path_hint, validate_attach)
+from vmattach.server.facade import (
+    AttachRequest,
+    Deadline,
+    Facade,
+    Saga,
+    device_names,
+    guest_path_hint,
+    validate_attach,
+)
 from vmattach.server.models import ServerRecord
 
 SERVER = "11111111-1111-4111-8111-111111111111"

@@ -8,16 +8,23 @@ import logging
 
 import pytest
 
-from vmattach.node.connectors import (FileConnector, KernelIscsiConnector,
-                             QemuIscsiConnector, make_factory)
-from vmattach.node.connectors.base import Portal, parse_portal
 from tests.support.fake_hypervisor import FakeHypervisor
-from vmattach.node.hypervisor import BlockSource, FileSource, IscsiSource
+from tests.support.fake_runner import FakeRunner
+from tests.support.node_helpers import (
+    CHAP_PASSWORD,
+    CHAP_USER,
+    NODE_IQN,
+    PORTAL,
+    file_info,
+    iscsi_info,
+    new_id,
+    target_iqn,
+)
 from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.runner import CommandError
-from tests.support.fake_runner import FakeRunner
-from tests.support.node_helpers import (CHAP_PASSWORD, CHAP_USER, NODE_IQN, PORTAL, file_info,
-                                        iscsi_info, new_id, target_iqn)
+from vmattach.node.connectors import FileConnector, KernelIscsiConnector, QemuIscsiConnector, make_factory
+from vmattach.node.connectors.base import Portal, parse_portal
+from vmattach.node.hypervisor import BlockSource, FileSource, IscsiSource
 
 
 def node_cmd(iqn: str, *args: str) -> list[str]:

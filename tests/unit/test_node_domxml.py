@@ -6,11 +6,18 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
-from vmattach.node.hypervisor import (BlockSource, Disk, DiskSpec, FileSource, IscsiSource, SecretSpec,
-                             volume_alias)
-from vmattach.node.manager import parse_device
 from tests.support.node_helpers import CHAP_USER, NODE_IQN, new_id, target_iqn
+from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
+from vmattach.node.hypervisor import (
+    BlockSource,
+    Disk,
+    DiskSpec,
+    FileSource,
+    IscsiSource,
+    SecretSpec,
+    volume_alias,
+)
+from vmattach.node.manager import parse_device
 
 VID = new_id()
 SOURCES = {

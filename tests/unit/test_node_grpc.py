@@ -8,15 +8,15 @@ import grpc
 import grpc_testing
 import pytest
 
-from vmattach.node.app import build_with
-from tests.support.fake_hypervisor import FakeHypervisor
-from vmattach.node.hypervisor import Disk
-from vmattach.node.servicer import connection_info_from_pb
-from vmattach.common.errors import BackendError
-from vmattach.common.grpcutil import call, create_server, error_from_rpc
 from tests.conftest import make_settings
+from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.fake_runner import FakeRunner
 from tests.support.node_helpers import CHAP_PASSWORD, iscsi_info, new_id
+from vmattach.common.errors import BackendError
+from vmattach.common.grpcutil import call, create_server, error_from_rpc
+from vmattach.node.app import build_with
+from vmattach.node.hypervisor import Disk
+from vmattach.node.servicer import connection_info_from_pb
 from vmattach.v1 import node_pb2 as pb
 from vmattach.v1 import node_pb2_grpc, types_pb2
 

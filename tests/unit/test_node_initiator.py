@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import threading
 
+from tests.conftest import make_settings
 from vmattach.node.app import node_config
 from vmattach.node.initiator import STATE_FILE_NAME, initiator_iqn, read_initiator_file
-from tests.conftest import make_settings
 
 GENERATED = re.compile(r"^iqn\.2004-10\.org\.vmattach:[a-z0-9.-]+-[0-9a-f]{12}$")
 

@@ -7,11 +7,13 @@ import threading
 
 import pytest
 
+from vmattach.common.errors import BackendError, NotFound
 from vmattach.node.events import DeviceWaiters
 from vmattach.node.hypervisor import DetachOutcome
-from vmattach.node.libvirt_hypervisor import LibvirtHypervisor
-from vmattach.node.libvirt_hypervisor import libvirt  # the binding, only ever imported by the adapter
-from vmattach.common.errors import BackendError, NotFound
+from vmattach.node.libvirt_hypervisor import (
+    LibvirtHypervisor,
+    libvirt,  # the binding, only ever imported by the adapter
+)
 
 
 def libvirt_error(code: int, message: str) -> libvirt.libvirtError:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.support.fake_hypervisor import FakeHypervisor
+from tests.support.node_helpers import NODE_IQN, file_info, iscsi_info, make_manager, new_id
+from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
 from vmattach.node.hypervisor import Disk
 from vmattach.node.manager import parse_device
-from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
-from tests.support.node_helpers import NODE_IQN, file_info, iscsi_info, make_manager, new_id
 
 
 @pytest.fixture
