@@ -106,3 +106,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
 
     def MarkDetached(self, request, context):
         return volume_to_pb(*self.m.mark_detached(*self._ids(request)))
+
+    def ListExports(self, request, context):
+        states, strays = self.m.export_states()
+        return pb.ListExportsResponse(
+            exports=[pb.ExportState(
+                volume_id=e.volume_id, target_iqn=e.target_iqn, tid=e.tid, at_tgtd=e.at_tgtd,
+                allowed_initiators=e.allowed_initiators,
+                connection_initiators=e.connection_initiators) for e in states],
+            stray_targets=[pb.StrayTarget(tid=t.tid, target_iqn=t.target_iqn,
+                                          volume_id=t.volume_id) for t in strays])
+
+    def ReconcileExports(self, request, context):
+        done = self.m.reconcile_exports(prune=request.prune)
+        return pb.ReconcileExportsResponse(targets_created=done.targets_created,
+                                           targets_removed=done.targets_removed,
+                                           acls_changed=done.acls_changed)

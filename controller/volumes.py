@@ -33,7 +33,7 @@ from vmattach.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
-from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
+from vmattach.controller.tgt import IQN_PREFIX, Target, TgtAdm
 
 LOG = logging.getLogger(__name__)
 
@@ -81,6 +81,32 @@ class ConnectionInfo:
 
 
 VolumeView = tuple[Volume, list[VolumeAttachment]]
+
+
+@dataclass(frozen=True)
+class ExportState:
+    """An export and its target as tgtd has it (for the audit)."""
+    volume_id: str
+    target_iqn: str
+    tid: int
+    at_tgtd: bool
+    allowed_initiators: list[str]
+    connection_initiators: list[str]
+
+
+@dataclass(frozen=True)
+class StrayTarget:
+    """A target of this deployment's volume on tgtd that no export owns."""
+    tid: int
+    target_iqn: str
+    volume_id: str
+
+
+@dataclass
+class ExportRepair:
+    targets_created: int = 0
+    targets_removed: int = 0
+    acls_changed: int = 0
 
 # the selects of every request, compiled once
 _VOLUME = Prepared(lambda v: Volume.select().where(Volume.id == v), 1)
@@ -477,45 +503,110 @@ class VolumeManager:
                 self._settle(volume_id, ["detaching", "in-use"])
             return self.get(volume_id)
 
-    # -- start-up ---------------------------------------------------------------
+    # -- start-up, audit and repair -------------------------------------------
+
+    def _connection_initiators(self, volume_id: str) -> set[str]:
+        return {Connector.load(a.connector).initiator for a in
+                VolumeAttachment.select(VolumeAttachment.connector)
+                .where((VolumeAttachment.volume == volume_id)
+                       & VolumeAttachment.connector.is_null(False))}
+
+    def _our_volume(self, target: Target) -> str | None:
+        """The volume id of a target of this deployment: the IQN names a
+        volume of this database, or the LUN's backing file is in our volume
+        directory. None for a target some other tool made on the same tgtd
+        (those are never reported or touched)."""
+        if not target.iqn.startswith(IQN_PREFIX):
+            return None
+        volume_id = target.iqn[len(IQN_PREFIX):]
+        if _VOLUME.first(volume_id) is not None:
+            return volume_id
+        ours = {self.volume_dir, self.volume_dir.resolve()}
+        if any(Path(path).parent in ours for path in target.luns.values()):
+            return volume_id
+        return None
 
     @with_connection
+    def export_states(self) -> tuple[builtins.list[ExportState], builtins.list[StrayTarget]]:
+        """Each export with its target as tgtd has it, and this deployment's
+        targets that no export owns (one tgtadm listing; for the audit)."""
+        present = self.tgt.show()
+        initiators: dict[str, set[str]] = {}
+        for volume_id, text in (VolumeAttachment.select(VolumeAttachment.volume,
+                                                        VolumeAttachment.connector)
+                                .where(VolumeAttachment.connector.is_null(False)).tuples()):
+            initiators.setdefault(volume_id, set()).add(Connector.load(text).initiator)
+        states = []
+        for export in Export.select().order_by(Export.tid):
+            target = present.get(export.tid)
+            at_tgtd = target is not None and target.iqn == export.target_iqn
+            states.append(ExportState(
+                volume_id=export.volume_id, target_iqn=export.target_iqn, tid=export.tid,
+                at_tgtd=at_tgtd, allowed_initiators=sorted(target.acls) if at_tgtd else [],
+                connection_initiators=sorted(initiators.get(export.volume_id, ()))))
+        owned = {s.tid for s in states}
+        strays = []
+        for tid, target in sorted(present.items()):
+            volume_id = None if tid in owned else self._our_volume(target)
+            if volume_id is not None:
+                strays.append(StrayTarget(tid, target.iqn, volume_id))
+        return states, strays
+
     def ensure_exports(self) -> int:
         """Re-create the targets the database says exist (a restarted tgtd has
-        none) with their ACLs, and remove our targets that no export owns.
-        Returns the number of targets re-created. Safe while other Controller
-        processes sharing the database publish and unpublish: every change is
-        re-checked under the volume's lock."""
+        none) with their ACLs, and remove this deployment's targets that no
+        export owns. Returns the number of targets re-created."""
+        return self.reconcile_exports().targets_created
+
+    @with_connection
+    def reconcile_exports(self, prune: bool = False) -> ExportRepair:
+        """ensure_exports; with prune also remove ACLs no connection uses and
+        exports with no connection. Safe while other Controller processes
+        sharing the database publish and unpublish: every change is re-checked
+        under the volume's lock. A target of a volume this deployment does
+        not know is never touched."""
         present = self.tgt.show()
         owned = set()
-        created = 0
-        for tid, volume_id in list(Export.select(Export.tid, Export.volume).tuples()):
+        done = ExportRepair()
+        for tid, volume_id in builtins.list(Export.select(Export.tid, Export.volume).tuples()):
             owned.add(tid)
             with self._volume_lock(volume_id):
                 export = Export.get_or_none((Export.tid == tid) & (Export.volume == volume_id))
                 if export is None:
                     continue  # removed meanwhile
+                used = self._connection_initiators(volume_id)
+                if prune and not used:
+                    LOG.warning("removing export of volume %s: no connection uses it", volume_id)
+                    self._remove_export(Volume.get_by_id(volume_id))
+                    done.targets_removed += 1
+                    continue
                 if tid not in present:
                     self._create_target(Volume.get_by_id(volume_id), export)
-                    created += 1
+                    done.targets_created += 1
                     present_acls: builtins.list[str] = []
                 else:
                     present_acls = present[tid].acls
-                for att in VolumeAttachment.select().where(
-                        (VolumeAttachment.volume == volume_id)
-                        & VolumeAttachment.connector.is_null(False)):
-                    initiator = Connector.load(att.connector).initiator
-                    if initiator not in present_acls:
-                        self.tgt.allow(tid, initiator)
-                        present_acls = [*present_acls, initiator]
+                for initiator in sorted(used - set(present_acls)):
+                    self.tgt.allow(tid, initiator)
+                    done.acls_changed += 1
+                if prune:
+                    for initiator in sorted(set(present_acls) - used):
+                        LOG.warning("removing ACL %s of volume %s: no connection uses it",
+                                    initiator, volume_id)
+                        self.tgt.disallow(tid, initiator)
+                        done.acls_changed += 1
         for tid, target in present.items():
-            if tid in owned or not target.iqn.startswith(IQN_PREFIX):
+            if tid in owned:
                 continue
+            volume_id = self._our_volume(target)
+            if volume_id is None:
+                continue  # not this deployment's
             # a publish elsewhere may have made it since the listing: look again
             # under that volume's lock (its Export row is committed by then)
-            with self._volume_lock(target.iqn[len(IQN_PREFIX):]):
+            with self._volume_lock(volume_id):
                 if Export.get_or_none(Export.tid == tid) is not None:
                     continue
                 LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
                 self.tgt.delete_target(tid, None)
-        return created
+                done.targets_removed += 1
+        return done

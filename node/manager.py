@@ -91,6 +91,10 @@ class NodeManager:
     def list_servers(self) -> list[Domain]:
         return self.hypervisor.list_domains()
 
+    def list_secrets(self) -> list[str]:
+        """The usage names of the host's iSCSI secrets (never their values)."""
+        return sorted(self.hypervisor.secret_usages())
+
     def _volume_in_use(self, volume_id: str) -> Domain | None:
         """A domain on this host that has a disk of the volume."""
         return next((d for d in self.hypervisor.list_domains() if d.disk_of_volume(volume_id)),

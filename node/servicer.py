@@ -34,7 +34,8 @@ def staged_to_pb(staged: StagedVolume) -> pb.StagedVolume:
 
 
 def disk_to_pb(disk: Disk) -> types_pb2.ServerDisk:
-    return types_pb2.ServerDisk(device=disk.device, serial=disk.serial, bus=disk.bus)
+    return types_pb2.ServerDisk(device=disk.device, serial=disk.serial, bus=disk.bus,
+                                alias=disk.alias)
 
 
 def server_to_pb(domain: Domain) -> types_pb2.Server:
@@ -70,6 +71,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def ListServers(self, request, context):
         return pb.NodeListServersResponse(servers=[server_to_pb(d) for d in self.m.list_servers()])
+
+    def ListSecrets(self, request, context):
+        return pb.NodeListSecretsResponse(usages=self.m.list_secrets())
 
     def NodeStageVolume(self, request, context):
         staged = self.m.stage(_volume_id(request), _connection_info(request))

@@ -206,27 +206,41 @@ def _tgt_show(control_port: int) -> str:
                           text=True).stdout
 
 
+def _define_secret(usage: str) -> str:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "secret-define", "/dev/stdin"],
+                         input=f"<secret ephemeral='no' private='yes'><usage type='iscsi'>"
+                               f"<target>{usage}</target></usage></secret>",
+                         text=True, check=True, capture_output=True).stdout
+    return out.split()[1]  # "Secret <uuid> created"
+
+
 def test_audit_reports_and_repairs_a_divergence(deployment, tmp_path):
-    """A secret left behind on the host (as a crash of the old flow would)
-    is reported, repaired, and the audit is clean again."""
+    """A secret of one of the deployment's volumes left behind on the host
+    (as a crash of the old flow would) is reported, repaired, and the audit
+    is clean again; a secret some other tool made on the host is neither
+    reported nor touched."""
     client = deployment.start_facade()
-    orphan = str(uuid.uuid4())
-    subprocess.run(["virsh", "-c", "qemu:///system", "secret-define", "/dev/stdin"],
-                   input=f"<secret ephemeral='no' private='yes'><usage type='iscsi'>"
-                         f"<target>volume-{orphan}</target></usage></secret>",
-                   text=True, check=True, capture_output=True)
-    audit = deployment.audit()
-    assert audit.returncode == 1 and f"secret-without-bdm: volume {orphan}" in audit.stdout
-    repaired = subprocess.run(
-        [VMATTACH, "audit", "--repair", "--state-dir", str(deployment.state),
-         "--tgt-control-port", str(deployment.tgtd.control_port),
-         "--listen", deployment.backend.address, "--log-level", "WARNING"],
-        capture_output=True, text=True, timeout=120)
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert deployment.audit().returncode == 0
+    orphan = client.create_volume("audit-orphan", 1).volume_id
+    _define_secret(f"volume-{orphan}")
+    foreign = _define_secret(f"volume-{uuid.uuid4()}")
+    try:
+        audit = deployment.audit()
+        assert audit.returncode == 1 and f"secret-without-bdm: volume {orphan}" in audit.stdout
+        assert foreign not in audit.stdout and audit.stdout.count("secret-without-bdm") == 1
+        repaired = subprocess.run(
+            [VMATTACH, "audit", "--repair", "--state-dir", str(deployment.state),
+             "--listen", deployment.backend.address, "--log-level", "WARNING"],
+            capture_output=True, text=True, timeout=120)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert deployment.audit().returncode == 0
+        assert subprocess.run(["virsh", "-c", "qemu:///system", "secret-dumpxml", foreign],
+                              capture_output=True).returncode == 0
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "secret-undefine", foreign],
+                       capture_output=True)
+    client.delete_volume(orphan)
     client.close()
     deployment.stop_facade()
-
 
 
 OUR_LIBVIRTD = Path("/run/vmattach/libvirtd.pid")

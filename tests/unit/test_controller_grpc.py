@@ -132,6 +132,25 @@ def test_attach_and_detach_bookkeeping_through_grpc(ctl):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_list_and_reconcile_exports_through_grpc(ctl):
+    api = ctl.api
+    vol = api.CreateVolume(pb.CreateVolumeRequest(name="exp", size_gb=1))
+    ids = dict(volume_id=vol.volume_id, server_id=sid())
+    api.ReserveVolume(pb.ReserveVolumeRequest(**ids))
+    secret = api.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        **ids, connector=conn())).connection_info.data.auth_password
+    [export] = api.ListExports(pb.ListExportsRequest()).exports
+    assert (export.volume_id, export.at_tgtd) == (vol.volume_id, True)
+    assert list(export.allowed_initiators) == list(export.connection_initiators) == \
+        [conn().initiator]
+    ctl.tgt.fake.restart()  # tgtd lost everything
+    listed = api.ListExports(pb.ListExportsRequest())
+    assert [e.at_tgtd for e in listed.exports] == [False] and secret not in str(listed)
+    done = api.ReconcileExports(pb.ReconcileExportsRequest())
+    assert (done.targets_created, done.acls_changed) == (1, 1)
+    assert api.ListExports(pb.ListExportsRequest()).exports[0].at_tgtd
+
+
 def test_error_codes_and_messages_of_the_state_machine(ctl):
     api = ctl.api
     vol = api.CreateVolume(pb.CreateVolumeRequest(name="v", size_gb=1))

@@ -20,7 +20,7 @@ from vmattach.common.errors import AlreadyExists, BackendError, FailedPreconditi
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
 from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
-from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
+from vmattach.controller.volumes import ConnectionInfo, Connector, ExportRepair, VolumeManager
 
 PORTAL = "127.0.0.1:3260"
 GIB = 1 << 30
@@ -566,10 +566,16 @@ def test_list_rejects_a_bad_page_token(env, token):
 
 def test_ensure_exports_recreates_targets_and_acls_after_a_tgtd_restart(env):
     volume_id, srv, info = attached(env)
-    stale_tid = 77
+    stale_tid, foreign_tid = 77, 78
     env.tgt.restart()
-    env.tgt.targets[stale_tid] = FakeTarget(stale_tid, IQN_PREFIX + str(uuid.uuid4()))
+    # ours: its backing file is in our volume directory; foreign: another tool's
+    stale_id = str(uuid.uuid4())
+    env.tgt.targets[stale_tid] = FakeTarget(stale_tid, IQN_PREFIX + stale_id,
+                                            {1: str(env.m.volume_dir / f"volume-{stale_id}.img")})
+    foreign = FakeTarget(foreign_tid, IQN_PREFIX + str(uuid.uuid4()), {1: "/srv/other.img"})
+    env.tgt.targets[foreign_tid] = foreign
     assert env.m.ensure_exports() == 1
+    assert env.tgt.targets.pop(foreign_tid) == foreign  # never touched
     [target] = env.tgt.targets.values()
     assert target.iqn == info.target_iqn
     assert target.acls == [initiator()]
@@ -681,3 +687,47 @@ def test_create_target_that_fails_half_way_removes_only_what_it_made():
     with pytest.raises(BackendError):
         tgt.create_target(2, IQN_PREFIX + "v2", "/vol/v2", "user2", "password2")
     assert 2 not in tgt.fake.targets  # its own: removed
+
+
+# -- audit and repair (ListExports, ReconcileExports) ------------------------------------------
+
+
+def test_export_states_compare_the_database_with_tgtd_and_skip_foreign_targets(env):
+    volume_id, _srv, info = attached(env, "a")
+    missing_id, _, _ = attached(env, "b")
+    states = {s.volume_id: s for s in env.m.export_states()[0]}
+    assert states[volume_id].at_tgtd and states[volume_id].allowed_initiators == [initiator()]
+    assert states[volume_id].connection_initiators == [initiator()]
+    # tgtd loses one target, gains an ACL on the other, a stray of ours and a foreign one
+    env.tgt.targets.pop(states[missing_id].tid)
+    env.tgt.targets[states[volume_id].tid].acls.append("iqn.2004-10.org.example:intruder")
+    known = env.m.create("c", 1)
+    env.tgt.targets[90] = FakeTarget(90, IQN_PREFIX + known.id)
+    env.tgt.targets[91] = FakeTarget(91, IQN_PREFIX + str(uuid.uuid4()), {1: "/srv/x.img"})
+    env.tgt.targets[92] = FakeTarget(92, "iqn.2003-01.org.example:other")
+    states, strays = env.m.export_states()
+    by_volume = {s.volume_id: s for s in states}
+    assert not by_volume[missing_id].at_tgtd
+    assert by_volume[volume_id].allowed_initiators == sorted(
+        [initiator(), "iqn.2004-10.org.example:intruder"])
+    assert [(t.tid, t.volume_id) for t in strays] == [(90, known.id)]
+    assert info.auth_password not in repr(states)
+
+
+def test_reconcile_exports_with_prune_makes_tgtd_match_and_leaves_foreign_targets(env):
+    volume_id, srv, _info = attached(env, "a")
+    _lonely_id, lonely_srv, _ = attached(env, "b")
+    [tid] = [s.tid for s in env.m.export_states()[0] if s.volume_id == volume_id]
+    env.tgt.targets[tid].acls.append("iqn.2004-10.org.example:intruder")
+    # an export whose connection went (as a crash between two steps leaves it)
+    with env.m.db.connection_context():
+        VolumeAttachment.update(connector=None).where(
+            VolumeAttachment.instance_uuid == lonely_srv).execute()
+    foreign = FakeTarget(91, IQN_PREFIX + str(uuid.uuid4()), {1: "/srv/x.img"})
+    env.tgt.targets[91] = foreign
+    done = env.m.reconcile_exports(prune=True)
+    assert (done.targets_removed, done.acls_changed) == (1, 1)
+    assert env.tgt.targets[tid].acls == [initiator()]
+    assert env.tgt.targets[91] == foreign
+    assert {s.volume_id for s in env.m.export_states()[0]} == {volume_id}
+    assert env.m.reconcile_exports(prune=True) == ExportRepair()  # nothing left to do

@@ -86,6 +86,20 @@ def test_full_cycle_and_idempotency(node):
     assert node.hv.secrets == {}
 
 
+def test_list_secrets_names_them_and_disks_carry_their_alias(node):
+    dom = node.hv.add_domain(persistent=False)
+    vid = new_id()
+    staged = node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=vid, connection_info=iscsi_pb(vid)), timeout=10).staged
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        server_id=dom.uuid, volume_id=vid, device="/dev/vdb", connection_info=iscsi_pb(vid),
+        staged=staged), timeout=10)
+    secrets = node.ListSecrets(pb.NodeListSecretsRequest(), timeout=10)
+    assert list(secrets.usages) == [f"volume-{vid}"] and CHAP_PASSWORD not in str(secrets)
+    (server,) = node.ListServers(pb.NodeListServersRequest(), timeout=10).servers
+    assert [(d.device, d.alias) for d in server.disks] == [("vdb", f"ua-{vid}")]
+
+
 def test_error_codes(node):
     dom = node.hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),))
     vid = new_id()
