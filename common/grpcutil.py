@@ -86,10 +86,13 @@ class Service:
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
 
-def new_server(address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A server bound to address (port 0: a free port); not started yet."""
+def new_server(address: str, max_workers: int = 32,
+               interceptors: Iterable[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+    """A server bound to address (port 0: a free port); not started yet.
+    Extra interceptors (tests record or delay calls with them) run outside
+    the error mapping."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[ErrorInterceptor()],
+                         interceptors=[*interceptors, ErrorInterceptor()],
                          options=[("grpc.so_reuseport", 0)])
     port = server.add_insecure_port(address)
     if port == 0:

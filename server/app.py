@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -73,15 +74,17 @@ class Running:
                 hook()
 
 
-def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None) -> Running:
+def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None,
+          interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Running:
     """Bind, build the services, start. The servers facade talks to the
     Controller and Node of its own process (unless other addresses are
     configured) through a second, loopback-only server with threads of its
-    own, so that facade calls in flight can never starve the calls they make."""
+    own, so that facade calls in flight can never starve the calls they make.
+    Tests pass interceptors (both servers get them) to record or delay calls."""
     names = settings.service_list()
     runner = runner or CommandRunner()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-    server, port = new_server(settings.listen)
+    server, port = new_server(settings.listen, interceptors=interceptors)
     services: list[Service] = []
     if "controller" in names:
         services.append(build_controller(settings, runner))
@@ -91,7 +94,7 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     if "servers" in names:
         own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
         if services:
-            internal, internal_port = new_server("127.0.0.1:0")
+            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors)
             start_server(internal, services)
             own_address = f"127.0.0.1:{internal_port}"
         services.append(build_servers(settings, own_address))

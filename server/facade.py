@@ -412,9 +412,12 @@ class Facade:
                           reason="OPERATION_IN_PROGRESS")
         try:
             node = self.nodes.node(bdm.node_id)
-            # 2. begin detaching at the Controller (in-use -> detaching)
-            self._step("begin_detaching", self._begin_detaching, server_id, volume_id, deadline)
             try:
+                # 2. begin detaching at the Controller (in-use -> detaching); its undo
+                # (roll detaching, idempotent) runs on any failure: a call that timed
+                # out may have taken effect
+                self._step("begin_detaching", self._begin_detaching, server_id, volume_id,
+                           deadline)
                 # 3. unpublish on the node: detach from the domain, wait for the guest
                 self._step("node_unpublish", lambda: self._node_unpublish(
                     node, server_id, volume_id, timeout=deadline.remaining()))
