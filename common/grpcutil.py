@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from vmattach.common.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
-from vmattach.common.redact import redacted
+from vmattach.common.redact import mask, redacted, secrets_of
 
 LOG = logging.getLogger(__name__)
 
@@ -59,12 +60,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except VmattachError as exc:
                 code = status_code(exc)
                 outcome = code.name
-                context.abort_with_status(_status(code, exc.message, exc.reason, exc.metadata))
-            except Exception:
+                # a backend may have echoed a secret of the request into its message
+                hidden = secrets_of(request) if isinstance(request, Message) else []
+                context.abort_with_status(_status(
+                    code, mask(exc.message, hidden), exc.reason,
+                    {k: mask(v, hidden) for k, v in exc.metadata.items()}))
+            except Exception as exc:
                 incident = uuid.uuid4().hex[:12]
                 outcome = "INTERNAL"
-                LOG.exception("%s failed (incident %s); request: %s", method, incident,
-                              redacted(request) if isinstance(request, Message) else "(undecoded)")
+                hidden = secrets_of(request) if isinstance(request, Message) else []
+                LOG.error("%s failed (incident %s); request: %s\n%s", method, incident,
+                          redacted(request) if isinstance(request, Message) else "(undecoded)",
+                          mask("".join(traceback.format_exception(exc)), hidden))
                 context.abort_with_status(_status(
                     grpc.StatusCode.INTERNAL, f"internal error (incident {incident})", "INTERNAL"))
             finally:

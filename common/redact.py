@@ -34,6 +34,22 @@ def _scrub(msg: Message) -> None:
                 _scrub(value)
 
 
+def secrets_of(msg: Message) -> list[str]:
+    """The values of the secret string fields of msg, at any depth (to mask
+    them wherever a text might repeat them: an error message, a log line)."""
+    found: list[str] = []
+    for field, value in msg.ListFields():
+        if field.GetOptions().debug_redact:
+            if field.type == FieldDescriptor.TYPE_STRING and value:
+                found.extend(value if _is_repeated(field) else [value])
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                continue
+            for item in (value if _is_repeated(field) else [value]):
+                found.extend(secrets_of(item))
+    return found
+
+
 def redacted(msg: Message) -> Message:
     copy = type(msg)()
     copy.CopyFrom(msg)

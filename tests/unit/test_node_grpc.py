@@ -4,6 +4,8 @@ grpc_testing."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import grpc_testing
 import pytest
@@ -123,13 +125,34 @@ def test_error_codes(node):
         server_id=missing, volume_id=vid))[0] == grpc.StatusCode.NOT_FOUND
 
 
-def test_backend_error_is_internal_without_secret(node):
+def test_backend_error_that_repeats_the_password_is_internal_without_it(node, caplog):
+    """A backend (libvirt, a command) may echo the CHAP password it was given:
+    the answer and the server's log show it masked."""
     vid = new_id()
-    node.hv.inject_error("define_secret", BackendError("libvirt could not define the secret"))
-    code, message, reason = code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
-        volume_id=vid, connection_info=iscsi_pb(vid)))
-    assert (code, reason) == (grpc.StatusCode.INTERNAL, "BACKEND_ERROR")
-    assert CHAP_PASSWORD not in message
+    node.hv.inject_error("define_secret", BackendError(
+        f"libvirt could not define the secret: invalid value '{CHAP_PASSWORD}'",
+        metadata={"value": CHAP_PASSWORD}))
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(grpc.RpcError) as err:
+            node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                volume_id=vid, connection_info=iscsi_pb(vid)), timeout=10)
+    exc = error_from_rpc(err.value)
+    assert (err.value.code(), exc.reason) == (grpc.StatusCode.INTERNAL, "BACKEND_ERROR")
+    assert exc.message == "libvirt could not define the secret: invalid value '***'"
+    assert exc.metadata == {"value": "***"}
+    assert CHAP_PASSWORD not in caplog.text
+
+
+def test_unexpected_exception_repeating_the_password_is_logged_masked(node, caplog):
+    vid = new_id()
+    node.hv.inject_error("define_secret", RuntimeError(f"bug while handling {CHAP_PASSWORD}"))
+    with caplog.at_level(logging.DEBUG):
+        code, message, reason = code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id=vid, connection_info=iscsi_pb(vid)))
+    assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert message.startswith("internal error (incident ") and CHAP_PASSWORD not in message
+    assert "bug while handling ***" in caplog.text and "auth_password" in caplog.text
+    assert CHAP_PASSWORD not in caplog.text
 
 
 def test_never_releasing_guest_is_failed_precondition(node):

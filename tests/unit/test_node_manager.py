@@ -215,9 +215,21 @@ def test_list_servers_prefix_and_root(manager, hv, volume_file):
     assert by_name["empty"].state == "paused" and len(by_name["empty"].disks) == 1
 
 
-def test_fake_holds_ten_thousand_domains_cheaply(hv):
+def test_unstage_among_ten_thousand_domains_keeps_the_volume_one_of_them_uses(hv):
+    """The manager's in-use check finds the one domain of 10,000 that has a
+    disk of the volume (the last one, shut off: the disk is in its persistent
+    definition only) and lets the volume go only once that disk is gone."""
     for i in range(10_000):
         hv.add_domain(f"vm-{i}", uuid=f"00000000-0000-0000-0000-{i:012d}")
     manager = make_manager(hv)
     assert len(manager.list_servers()) == 10_000
+    vid = new_id()
+    user = hv.domains["00000000-0000-0000-0000-000000009999"]
+    manager.publish(user.uuid, vid, "/dev/vdb", iscsi_info(vid), manager.stage(vid, iscsi_info(vid)))
+    user.state = "shutoff"
+    assert manager.unstage(vid, iscsi_info(vid)) is False
+    assert list(hv.secrets) == [f"volume-{vid}"]
+    manager.unpublish(user.uuid, vid)
+    assert manager.unstage(vid, iscsi_info(vid)) is True
+    assert hv.secrets == {}
     assert manager.unstage(new_id(), iscsi_info(new_id())) is True
