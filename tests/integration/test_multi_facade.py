@@ -290,7 +290,8 @@ def test_two_facades_on_one_postgresql_keep_every_invariant_under_1000_mixed_ope
     secrets = c.hypervisor_state()["secrets"]
     assert sorted(secrets) == sorted(f"volume-{v}" for v in servers_of)
 
-    # 5. the audit (it asks the Controller and the Node through their RPCs)
+    # 5. the audit (it asks the Controller and the Node through their RPCs) finds
+    #    nothing; an audit that cannot run fails the test
     audit = subprocess.run(
         [VMATTACH, "audit", "--database-url", c.database.url,
          "--controller-address", c.node.address, "--nodes", c.node.address,
@@ -299,4 +300,4 @@ def test_two_facades_on_one_postgresql_keep_every_invariant_under_1000_mixed_ope
     with capsys.disabled():
         print(f"    vmattach audit: exit {audit.returncode}: {audit.stdout.strip()[-200:]}")
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert "no divergence" in audit.stdout
+    assert "no divergence" in audit.stdout, audit.stdout + audit.stderr
