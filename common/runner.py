@@ -40,10 +40,12 @@ class CommandRunner:
         self.timeout = timeout
 
     def run(self, argv: Sequence[str], *, secrets: Sequence[str] = (),
-            check: bool = True, timeout: float | None = None) -> Result:
+            check: bool = True, timeout: float | None = None,
+            input: str | None = None) -> Result:  # noqa: A002 - subprocess's name
+        """Run argv (never through a shell); input, when given, is its stdin."""
         LOG.debug("run: %s", mask(" ".join(argv), secrets))
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True,
+            proc = subprocess.run(list(argv), capture_output=True, text=True, input=input,
                                   timeout=timeout or self.timeout, check=False)
         except FileNotFoundError:
             raise BackendError(f"command not found: {argv[0]}", reason="COMMAND_NOT_FOUND") from None

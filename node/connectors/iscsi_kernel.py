@@ -1,11 +1,13 @@
 """iSCSI through the kernel's initiator (open-iscsi): the iscsiadm sequence
 os-brick's ISCSIConnector runs, through the injected command runner, and the
-/dev/disk/by-path device it leads to."""
+/dev/disk/by-path device it leads to. Unstaging flushes and deletes that SCSI
+disk before the logout, as os-brick's disconnect_volume does."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,6 +29,7 @@ LOG = logging.getLogger(__name__)
 
 ISCSI_ERR_SESS_EXISTS = 15   # --login: already logged in
 ISCSI_ERR_NO_OBJS_FOUND = 21  # no such node record / no session
+SCSI_DISK_RE = re.compile(r"sd[a-z]{1,4}")
 
 
 def by_path(portal: Portal, iqn: str, lun: int) -> str:
@@ -47,10 +50,12 @@ class KernelIscsiConnector(VolumeConnector):
     driver_volume_type = "iscsi"
 
     def __init__(self, runner: CommandRunner, *, device_timeout: float = 30.0,
-                 exists: Callable[[str], bool] = os.path.exists):
+                 exists: Callable[[str], bool] = os.path.exists,
+                 resolve: Callable[[str], str] = os.path.realpath):
         self.runner = runner
         self.device_timeout = device_timeout
         self.exists = exists
+        self.resolve = resolve
 
     # -- iscsiadm -----------------------------------------------------------------------
 
@@ -108,11 +113,37 @@ class KernelIscsiConnector(VolumeConnector):
         LOG.info("staged volume %s: %s", volume_id, path)
         return StagedVolume(volume_id, self.driver_volume_type, device_path=path)
 
+    def _scsi_disk(self, portal: Portal, iqn: str, lun: int) -> str | None:
+        """The SCSI disk ("sdc") the session's LUN is on; None when it is gone."""
+        path = by_path(portal, iqn, lun)
+        if not self.exists(path):
+            return None
+        name = self.resolve(path).removeprefix("/dev/")
+        if not SCSI_DISK_RE.fullmatch(name):
+            raise BackendError(f"{path} leads to {name[:40]!r}, not a SCSI disk",
+                               reason="UNEXPECTED_DEVICE")
+        return name
+
+    def _remove_scsi_disk(self, volume_id: str, name: str) -> None:
+        """What the kernel needs before the session goes (os-brick's
+        remove_scsi_device): write out its buffers, then delete the SCSI
+        device and wait until the kernel let it go. A flush that fails stops
+        here: logging out would lose the writes (the unstage is retried)."""
+        self.runner.run(["blockdev", "--flushbufs", f"/dev/{name}"])
+        self.runner.run(["tee", "-a", f"/sys/block/{name}/device/delete"], input="1")
+        if not wait_for(lambda: not self.exists(f"/sys/block/{name}"), self.device_timeout):
+            raise BackendError(f"Volume {volume_id}: /dev/{name} was not removed within "
+                               f"{self.device_timeout:g}s", reason="DEVICE_NOT_REMOVED")
+
     def unstage(self, volume_id: str, info: ConnectionInfo) -> None:
         portal, iqn = self._target(info)
+        name = self._scsi_disk(portal, iqn, require_lun(info))
+        if name is not None:
+            self._remove_scsi_disk(volume_id, name)
         self._node(portal, iqn, "--logout", ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
         self._node(portal, iqn, "--op", "delete", ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
-        LOG.info("unstaged volume %s: logged out of %s", volume_id, iqn)
+        LOG.info("unstaged volume %s: %slogged out of %s", volume_id,
+                 f"/dev/{name} flushed and removed, " if name else "", iqn)
 
     def disk_source(self, volume_id: str, info: ConnectionInfo,
                     staged: StagedVolume | None) -> BlockSource:

@@ -24,6 +24,7 @@ class Call:
     argv: list[str]
     secrets: list[str] = field(default_factory=list)
     check: bool = True
+    input: str | None = None
 
 
 class FakeRunner:
@@ -54,10 +55,10 @@ class FakeRunner:
         return Result(0, "", "")
 
     def run(self, argv: Sequence[str], *, secrets: Sequence[str] = (), check: bool = True,
-            timeout: float | None = None) -> Result:
+            timeout: float | None = None, input: str | None = None) -> Result:  # noqa: A002
         argv = list(argv)
         LOG.debug("run: %s", mask(" ".join(argv), secrets))
-        self.calls.append(Call(argv, list(secrets), check))
+        self.calls.append(Call(argv, list(secrets), check, input))
         result = self._result(argv)
         if check and result.returncode != 0:
             raise CommandError(argv, result, secrets)

@@ -158,9 +158,70 @@ def test_kernel_stage_device_never_appears_is_backend_error(runner):
         kernel(runner, exists=lambda p: False, timeout=0).stage(vid, iscsi_info(vid))
 
 
-def test_kernel_unstage_logs_out_and_deletes_the_node_record(runner):
+class StagedHost:
+    """The host side of a staged LUN: its by-path link to /dev/sdc and
+    /sys/block/sdc, which goes once "1" was written to its device/delete."""
+
+    def __init__(self, runner: FakeRunner, volume_id: str, removable: bool = True):
+        self.link = f"/dev/disk/by-path/ip-{PORTAL}-iscsi-{target_iqn(volume_id)}-lun-1"
+        self.present = {self.link, "/sys/block/sdc"}
+        self.removable = removable
+        runner.respond(self._tee)
+
+    def _tee(self, argv):
+        if argv[:3] == ["tee", "-a", "/sys/block/sdc/device/delete"] and self.removable:
+            self.present.clear()
+        return None
+
+    def connector(self, runner: FakeRunner, timeout: float = 0.0) -> KernelIscsiConnector:
+        return KernelIscsiConnector(runner, device_timeout=timeout, exists=self.present.__contains__,
+                                    resolve={self.link: "/dev/sdc"}.__getitem__)
+
+
+def test_kernel_unstage_flushes_and_deletes_the_scsi_disk_then_logs_out(runner):
+    """os-brick's disconnect_volume: flush the buffers, delete the SCSI device,
+    wait until it is gone, then log out and delete the node record."""
     vid = new_id()
-    kernel(runner).unstage(vid, iscsi_info(vid))
+    host = StagedHost(runner, vid)
+    host.connector(runner).unstage(vid, iscsi_info(vid, auth_password=""))
+    iqn = target_iqn(vid)
+    assert runner.argvs == [["blockdev", "--flushbufs", "/dev/sdc"],
+                            ["tee", "-a", "/sys/block/sdc/device/delete"],
+                            node_cmd(iqn, "--logout"), node_cmd(iqn, "--op", "delete")]
+    assert runner.calls[1].input == "1"
+    assert host.present == set()
+
+
+def test_kernel_unstage_whose_flush_fails_keeps_the_session(runner):
+    vid = new_id()
+    host = StagedHost(runner, vid)
+    runner.on("blockdev", returncode=1, stderr="blockdev: cannot flush /dev/sdc")
+    with pytest.raises(CommandError, match="cannot flush"):
+        host.connector(runner).unstage(vid, iscsi_info(vid))
+    assert runner.argvs == [["blockdev", "--flushbufs", "/dev/sdc"]]
+    assert "/sys/block/sdc" in host.present
+
+
+def test_kernel_unstage_of_a_disk_the_kernel_keeps_does_not_log_out(runner):
+    vid = new_id()
+    host = StagedHost(runner, vid, removable=False)
+    with pytest.raises(BackendError, match="was not removed"):
+        host.connector(runner).unstage(vid, iscsi_info(vid))
+    assert [argv[0] for argv in runner.argvs] == ["blockdev", "tee"]
+
+
+def test_kernel_unstage_refuses_a_link_to_something_else(runner):
+    vid = new_id()
+    connector = KernelIscsiConnector(runner, device_timeout=0, exists=lambda p: True,
+                                     resolve=lambda p: "/etc/passwd")
+    with pytest.raises(BackendError, match="not a SCSI disk"):
+        connector.unstage(vid, iscsi_info(vid))
+    assert runner.calls == []
+
+
+def test_kernel_unstage_without_a_disk_logs_out_and_deletes_the_node_record(runner):
+    vid = new_id()
+    kernel(runner, exists=lambda p: False).unstage(vid, iscsi_info(vid))
     iqn = target_iqn(vid)
     assert runner.argvs == [node_cmd(iqn, "--logout"), node_cmd(iqn, "--op", "delete")]
 
@@ -168,7 +229,7 @@ def test_kernel_unstage_logs_out_and_deletes_the_node_record(runner):
 def test_kernel_unstage_of_unstaged_volume_is_ok():
     vid = new_id()
     runner = FakeRunner().on("iscsiadm", returncode=21, stderr="No matching sessions found")
-    kernel(runner).unstage(vid, iscsi_info(vid))
+    kernel(runner, exists=lambda p: False).unstage(vid, iscsi_info(vid))
     assert len(runner.calls) == 2
 
 
