@@ -15,6 +15,21 @@ from vmattach.common.errors import InvalidArgument
 SERVICES = ("controller", "node", "servers")
 
 
+def _bool(value) -> bool:
+    """A yes/no setting: true/false, yes/no, on/off, 1/0 (TOML booleans too)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+_bool.__name__ = "boolean"
+
+
 def _opt(default, help, type=str):
     return field(default=default, metadata={"help": help, "type": type})
 
@@ -26,11 +41,21 @@ class Settings:
     state_dir: str = _opt("/var/lib/vmattach", "directory for databases, keys and volumes")
     database_url: str = _opt("", "database URL (default: SQLite files in the state directory)")
     log_level: str = _opt("INFO", "logging level")
+    log_format: str = _opt("text", "log line format: text or json (one JSON object a line)")
+    metrics_listen: str = _opt("", "HOST:PORT to serve Prometheus metrics on (/metrics);"
+                               " port 0 picks a free port; empty: no metrics endpoint")
+    tracing: str = _opt("", "OpenTelemetry tracing: empty (off), console, or otlp"
+                        " (needs the package's [tracing] extra)")
+    db_upgrade: bool = _opt(True, "upgrade the database schema at start (false: refuse to"
+                            " start on an older schema; run `vmattach db upgrade`)", _bool)
     # Controller
     volume_dir: str = _opt("", "directory of the volume files (default: STATE_DIR/volumes)")
     tgt_portal: str = _opt("127.0.0.1:3260", "HOST:PORT of the tgtd iSCSI portal")
     tgt_control_port: int = _opt(0, "tgtd control port (tgtadm --control-port)", int)
     max_volume_gb: int = _opt(1024, "largest volume CreateVolume accepts, in GiB", int)
+    iqn_prefix: str = _opt("iqn.2010-10.org.openstack:volume-", "prefix of the target IQNs"
+                           " (the volume id follows); targets are only ever removed when this"
+                           " Controller's database has the volume they name")
     # Node
     node_id: str = _opt("", "this node's id (default: the host name)")
     libvirt_uri: str = _opt("qemu:///system", "libvirt connection URI")

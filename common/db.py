@@ -32,9 +32,12 @@ SQLITE_PRAGMAS = {
 POOL_DEFAULTS = {"max_connections": 48, "timeout": 30}
 
 
-def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Database:
+def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,
+                  upgrade: bool = True) -> peewee.Database:
     """Connect lazily to url (sqlite:///path, postgresql://..., postgres+pool://...),
-    bind the models to it and create their tables."""
+    bind the models to it and create their tables. With a schema
+    (common/migrations.py) its migrations run instead (upgrade=False: the
+    schema must be at the latest version already)."""
     if url.startswith("sqlite:"):
         # A pool (one connection per worker thread, kept between requests):
         # closing the last connection of a WAL database checkpoints it, an
@@ -53,6 +56,17 @@ def open_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Data
         db = connect(url, autoconnect=False, **options)
     models = list(models)
     db.bind(models, bind_refs=False, bind_backrefs=False)
+    if schema is not None:
+        from vmattach.common import migrations
+        try:
+            if upgrade:
+                migrations.upgrade(db, schema)
+            else:
+                migrations.check(db, schema)
+        except BaseException:
+            close_database(db)
+            raise
+        return db
     with db.connection_context():
         db.create_tables(models, safe=True)
     return db

@@ -5,6 +5,7 @@ from __future__ import annotations
 import peewee
 
 from vmattach.common.db import utcnow
+from vmattach.common.migrations import Migration, Schema, add_column
 
 
 class BaseModel(peewee.Model):
@@ -53,11 +54,15 @@ class VolumeAttachment(BaseModel):
 
 
 class Export(BaseModel):
-    """A tgt target the Controller owns; tid is allocated by the database so
-    that it is unique across Controller processes sharing one database."""
+    """A tgt target the Controller owns. tid is the export's id, allocated by
+    the database (unique across Controller processes sharing it); target_tid
+    is the target's tid on tgtd: the export's id when that is free there,
+    another free one when another Controller or a cinder-volume sharing the
+    tgtd has it (version 2)."""
     tid = peewee.AutoField()
     volume = peewee.ForeignKeyField(Volume, unique=True, on_delete="CASCADE")
     target_iqn = peewee.CharField(max_length=255)
+    target_tid = peewee.IntegerField(null=True)
     created_at = peewee.DateTimeField(default=utcnow)
 
     class Meta:
@@ -65,3 +70,17 @@ class Export(BaseModel):
 
 
 MODELS = [Volume, VolumeAttachment, Export]
+
+
+# -- schema versions (common/migrations.py); every table change adds one -------------
+
+def _v2_target_tid(db: peewee.Database) -> None:
+    add_column(db, "controller_export", "target_tid", peewee.IntegerField(null=True))
+    db.execute_sql("UPDATE controller_export SET target_tid = tid WHERE target_tid IS NULL")
+
+
+MIGRATIONS = [
+    Migration(2, "controller_export.target_tid: the tgtd tid apart from the export id",
+              _v2_target_tid),
+]
+SCHEMA = Schema("controller", MODELS, MIGRATIONS)

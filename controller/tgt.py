@@ -6,9 +6,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vmattach.common.runner import CommandError, CommandRunner
+from vmattach.common.errors import InvalidArgument
+from vmattach.common.runner import CommandError, CommandRunner, Result
 
+# The default prefix (Cinder's): the volume id follows. A setting (iqn_prefix).
 IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
+# What a prefix may be: an iqn. name (RFC 3720) short enough for a volume id
+# after it within the 223 bytes of an iSCSI name.
+IQN_PREFIX_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]*)?$")
+MAX_IQN_PREFIX = 223 - 36
+
+
+def check_iqn_prefix(prefix: str) -> str:
+    if len(prefix) > MAX_IQN_PREFIX or not IQN_PREFIX_RE.fullmatch(prefix):
+        raise InvalidArgument(f"iqn_prefix {prefix[:80]!r} is not an iqn. name prefix of at most"
+                              f" {MAX_IQN_PREFIX} characters", reason="INVALID_SETTING")
+    return prefix
+
+
+class TidInUse(CommandError):
+    """tgtd has another target (another IQN) at the tid asked for."""
 
 
 @dataclass
@@ -96,7 +113,9 @@ class TgtAdm:
         existing = None
         if result.returncode != 0:
             existing = self.show().get(tid)
-            if existing is None or existing.iqn != iqn:
+            if existing is not None and existing.iqn != iqn:
+                raise TidInUse(self._argv(*new), result)
+            if existing is None:
                 raise CommandError(self._argv(*new), result)
         try:
             if existing is None or 1 not in existing.luns:
@@ -109,6 +128,29 @@ class TgtAdm:
             if existing is None:
                 self.delete_target(tid, user)
             raise
+
+    def create_target_at_free_tid(self, preferred: int, iqn: str, backing_store: str,
+                                  user: str, password: str, attempts: int = 20) -> int:
+        """create_target at the preferred tid or, when tgtd has another target
+        there (another Controller or a cinder-volume shares this tgtd), at a
+        free one; returns the tid used. The target of this IQN already made
+        at another tid is completed there (tgtd keeps IQNs unique)."""
+        tid = preferred
+        for _ in range(attempts):
+            try:
+                self.create_target(tid, iqn, backing_store, user, password)
+                return tid
+            except CommandError as exc:
+                present = self.show()
+                mine = [t.tid for t in present.values() if t.iqn == iqn]
+                if mine and mine[0] != tid:
+                    tid = mine[0]
+                elif isinstance(exc, TidInUse) or tid in present:
+                    tid = max(present) + 1  # someone else's tid; another may take this one too
+                else:
+                    raise
+        raise CommandError(self._argv("--mode", "target", "--op", "new", "--targetname", iqn),
+                           Result(1, "", f"no free tid found in {attempts} attempts"))
 
     def ensure_account(self, user: str, password: str) -> None:
         args = ("--mode", "account", "--op", "new", "--user", user, "--password", password)

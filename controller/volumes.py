@@ -117,6 +117,11 @@ _ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.select().where(
 _EXPORT = Prepared(lambda v: Export.select().where(Export.volume == v), 1)
 
 
+def _tid(export: Export) -> int:
+    """The export's tid on tgtd (NULL in rows from before version 2: the export id)."""
+    return export.target_tid if export.target_tid is not None else export.tid
+
+
 def not_found(volume_id: str) -> NotFound:
     return NotFound(f"Volume {volume_id} could not be found.", reason="VOLUME_NOT_FOUND",
                     metadata={"volume_id": volume_id})
@@ -136,8 +141,10 @@ def _untoken(token: str) -> tuple[datetime.datetime, str]:
 
 class VolumeManager:
     def __init__(self, db: peewee.Database, volume_dir: Path, tgt: TgtAdm,
-                 portal: str, secretbox: SecretBox, max_volume_gb: int = 1024):
+                 portal: str, secretbox: SecretBox, max_volume_gb: int = 1024,
+                 iqn_prefix: str = IQN_PREFIX):
         self.db = db
+        self.iqn_prefix = iqn_prefix
         self.volume_dir = Path(volume_dir)
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         self.tgt = tgt
@@ -353,7 +360,7 @@ class VolumeManager:
                     f"Invalid volume: volume {volume_id} is not reserved for instance {server_id}",
                     reason="VOLUME_NOT_RESERVED")
             volume, export = self._ensure_export(volume)
-            self.tgt.allow(export.tid, connector.initiator)
+            self.tgt.allow(_tid(export), connector.initiator)
             (VolumeAttachment.update(connector=connector.to_json(), updated_at=utcnow())
              .where(VolumeAttachment.id == att.id).execute())
             return ConnectionInfo(
@@ -373,21 +380,29 @@ class VolumeManager:
             volume = Volume.get_by_id(volume.id)
         export = _EXPORT.first(volume.id)
         if export is None:
-            export = Export.create(volume=volume.id, target_iqn=IQN_PREFIX + volume.id)
-        if not self.tgt.has_target(export.tid):
+            export = Export.create(volume=volume.id, target_iqn=self.iqn_prefix + volume.id)
+        # a new export has no tid on tgtd yet (its id may be another Controller's tid
+        # there); a recorded one is checked without listing every target
+        if export.target_tid is None or not self.tgt.has_target(export.target_tid):
             self._create_target(volume, export)
         return volume, export
 
     def _create_target(self, volume: Volume, export: Export) -> None:
-        self.tgt.create_target(export.tid, export.target_iqn, volume.path,
-                               volume.chap_username, self.secretbox.decrypt(volume.chap_secret))
-        LOG.info("exported volume %s as %s (tid %d)", volume.id, export.target_iqn, export.tid)
+        """(caller holds _volume_lock) The target at the export's tid, or at a
+        free one when another Controller sharing the tgtd has that tid."""
+        tid = self.tgt.create_target_at_free_tid(
+            _tid(export), export.target_iqn, volume.path, volume.chap_username,
+            self.secretbox.decrypt(volume.chap_secret))
+        if tid != export.target_tid:
+            Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
+            export.target_tid = tid
+        LOG.info("exported volume %s as %s (tid %d)", volume.id, export.target_iqn, tid)
 
     def _remove_export(self, volume: Volume) -> None:
         """(caller holds _volume_lock)"""
         export = _EXPORT.first(volume.id)
         if export is not None:
-            self.tgt.delete_target(export.tid, volume.chap_username)
+            self.tgt.delete_target(_tid(export), volume.chap_username)
             export.delete_instance()
             LOG.info("removed export of volume %s", volume.id)
 
@@ -417,7 +432,7 @@ class VolumeManager:
         if not users:
             self._remove_export(Volume.get_by_id(volume_id))
         elif initiator and initiator not in users:
-            self.tgt.disallow(export.tid, initiator)
+            self.tgt.disallow(_tid(export), initiator)
 
     # -- attach bookkeeping ------------------------------------------------------
 
@@ -516,9 +531,9 @@ class VolumeManager:
         volume of this database, or the LUN's backing file is in our volume
         directory. None for a target some other tool made on the same tgtd
         (those are never reported or touched)."""
-        if not target.iqn.startswith(IQN_PREFIX):
+        if not target.iqn.startswith(self.iqn_prefix):
             return None
-        volume_id = target.iqn[len(IQN_PREFIX):]
+        volume_id = target.iqn[len(self.iqn_prefix):]
         if _VOLUME.first(volume_id) is not None:
             return volume_id
         ours = {self.volume_dir, self.volume_dir.resolve()}
@@ -536,15 +551,19 @@ class VolumeManager:
                                                         VolumeAttachment.connector)
                                 .where(VolumeAttachment.connector.is_null(False)).tuples()):
             initiators.setdefault(volume_id, set()).add(Connector.load(text).initiator)
+        tid_of = {t.iqn: tid for tid, t in present.items()}
         states = []
         for export in Export.select().order_by(Export.tid):
-            target = present.get(export.tid)
-            at_tgtd = target is not None and target.iqn == export.target_iqn
+            # by IQN: the tid recorded may be another Controller's since a tgtd restart
+            tid = tid_of.get(export.target_iqn)
+            target = present[tid] if tid is not None else None
+            at_tgtd = target is not None
             states.append(ExportState(
-                volume_id=export.volume_id, target_iqn=export.target_iqn, tid=export.tid,
-                at_tgtd=at_tgtd, allowed_initiators=sorted(target.acls) if at_tgtd else [],
+                volume_id=export.volume_id, target_iqn=export.target_iqn,
+                tid=tid if tid is not None else _tid(export),
+                at_tgtd=at_tgtd, allowed_initiators=sorted(target.acls) if target else [],
                 connection_initiators=sorted(initiators.get(export.volume_id, ()))))
-        owned = {s.tid for s in states}
+        owned = {s.tid for s in states if s.at_tgtd}
         strays = []
         for tid, target in sorted(present.items()):
             volume_id = None if tid in owned else self._our_volume(target)
@@ -566,25 +585,34 @@ class VolumeManager:
         under the volume's lock. A target of a volume this deployment does
         not know is never touched."""
         present = self.tgt.show()
+        tid_of = {t.iqn: tid for tid, t in present.items()}
         owned = set()
         done = ExportRepair()
-        for tid, volume_id in builtins.list(Export.select(Export.tid, Export.volume).tuples()):
-            owned.add(tid)
+        for volume_id, in builtins.list(Export.select(Export.volume).tuples()):
             with self._volume_lock(volume_id):
-                export = Export.get_or_none((Export.tid == tid) & (Export.volume == volume_id))
+                export = _EXPORT.first(volume_id)
                 if export is None:
                     continue  # removed meanwhile
+                # found by IQN: after a tgtd restart another Controller sharing it
+                # may have taken the tid this one recorded
+                tid = tid_of.get(export.target_iqn)
+                if tid is not None:
+                    owned.add(tid)
                 used = self._connection_initiators(volume_id)
                 if prune and not used:
                     LOG.warning("removing export of volume %s: no connection uses it", volume_id)
                     self._remove_export(Volume.get_by_id(volume_id))
                     done.targets_removed += 1
                     continue
-                if tid not in present:
+                if tid is None:
                     self._create_target(Volume.get_by_id(volume_id), export)
+                    tid = _tid(export)
+                    owned.add(tid)
                     done.targets_created += 1
                     present_acls: builtins.list[str] = []
                 else:
+                    if tid != _tid(export):  # made at another tid by a publish that rolled back
+                        Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
                     present_acls = present[tid].acls
                 for initiator in sorted(used - set(present_acls)):
                     self.tgt.allow(tid, initiator)
@@ -604,7 +632,7 @@ class VolumeManager:
             # a publish elsewhere may have made it since the listing: look again
             # under that volume's lock (its Export row is committed by then)
             with self._volume_lock(volume_id):
-                if Export.get_or_none(Export.tid == tid) is not None:
+                if _EXPORT.first(volume_id) is not None:
                     continue
                 LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
                 self.tgt.delete_target(tid, None)

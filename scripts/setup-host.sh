@@ -4,13 +4,20 @@
 #
 # Idempotent: packages are installed only when missing, users/groups and
 # directories only created when absent, qemu.conf is appended to once
-# (guarded by a marker comment), and running daemons are reused.
+# (guarded by a marker comment), and running daemons are reused. It leaves
+# libvirtd answering on qemu:///system and a tgtd answering on the default
+# control port with its portal on VMATTACH_TGT_PORTAL (127.0.0.1:3260), the
+# ones `vmattach serve` uses by default. A daemon it starts has its pid
+# remembered in /run/vmattach/ (only those may be restarted by tests); a
+# daemon already running is never restarted.
 set -euo pipefail
 
 URI="qemu:///system"
 QEMU_CONF=/etc/libvirt/qemu.conf
 MARKER="# vmattach: real-stack settings (scripts/setup-host.sh)"
 WAIT_SECONDS="${VMATTACH_LIBVIRT_WAIT:-30}"
+TGT_PORTAL="${VMATTACH_TGT_PORTAL:-127.0.0.1:3260}"
+TGT_LOG=/var/log/vmattach/tgtd.log
 
 PACKAGES=(
     # the virtual environment and libvirt-python's build
@@ -114,3 +121,32 @@ else
     fi
 fi
 say "ready: $(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' | sed 's/^ *//')"
+
+# --- tgtd -----------------------------------------------------------------
+# The host's tgtd on the default control port (what tgtadm talks to without
+# --control-port) and the portal of the README's `vmattach serve`. No
+# systemd here: started in the background, its pid kept in /run/vmattach.
+tgt_ok() { tgtadm --lld iscsi --mode target --op show >/dev/null 2>&1; }
+
+if tgt_ok; then
+    say "tgtd already answering on the default control port; reusing it"
+elif pid_alive /run/vmattach/tgtd.pid; then
+    say "tgtd already started (pid $(cat /run/vmattach/tgtd.pid)); waiting for it"
+else
+    mkdir -p /run/vmattach "$(dirname "$TGT_LOG")"
+    say "starting tgtd (portal $TGT_PORTAL, log $TGT_LOG)"
+    # -f: stay in the foreground of its own session, so that $! is its pid
+    setsid tgtd -f --iscsi "portal=$TGT_PORTAL" >>"$TGT_LOG" 2>&1 < /dev/null &
+    echo $! > /run/vmattach/tgtd.pid
+fi
+deadline=$((SECONDS + WAIT_SECONDS))
+until tgt_ok; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        die "tgtd did not answer within ${WAIT_SECONDS}s (see $TGT_LOG)"
+    fi
+    if [ -s /run/vmattach/tgtd.pid ] && ! pid_alive /run/vmattach/tgtd.pid; then
+        die "tgtd exited: $(tail -n 3 "$TGT_LOG" 2>/dev/null | tr '\n' ' ')"
+    fi
+    sleep 0.2
+done
+say "ready: tgtd on the default control port, portal $TGT_PORTAL"

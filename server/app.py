@@ -23,16 +23,18 @@ LOG = logging.getLogger(__name__)
 def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     from vmattach.common.db import close_database, open_database
     from vmattach.common.secretbox import SecretBox
-    from vmattach.controller.models import MODELS
+    from vmattach.controller.models import MODELS, SCHEMA
     from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
-    from vmattach.controller.tgt import TgtAdm
+    from vmattach.controller.tgt import TgtAdm, check_iqn_prefix
     from vmattach.controller.volumes import VolumeManager
     from vmattach.v1 import controller_pb2_grpc
 
-    db = open_database(settings.database_url_for("controller"), MODELS)
+    iqn_prefix = check_iqn_prefix(settings.iqn_prefix)
+    db = open_database(settings.database_url_for("controller"), MODELS, SCHEMA,
+                       upgrade=settings.db_upgrade)
     manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
                             settings.tgt_portal, SecretBox.from_state_dir(settings.state_dir),
-                            settings.max_volume_gb)
+                            settings.max_volume_gb, iqn_prefix=iqn_prefix)
     def ensure_exports() -> None:
         restored = manager.ensure_exports()
         if restored:

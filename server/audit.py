@@ -105,7 +105,8 @@ def snapshot(settings: Settings) -> Snapshot:
     from vmattach.server import models as sm
 
     snap = Snapshot()
-    facade_db = open_database(settings.database_url_for("servers"), sm.MODELS)
+    facade_db = open_database(settings.database_url_for("servers"), sm.MODELS, sm.SCHEMA,
+                              upgrade=settings.db_upgrade)
     try:
         with facade_db.connection_context():
             snap.bdms = list(sm.BlockDeviceMapping.select().where(

@@ -11,7 +11,7 @@ from vmattach.common.secretbox import SecretBox
 from vmattach.server.facade import Facade
 from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
 from vmattach.server.faults import Faults
-from vmattach.server.models import MODELS
+from vmattach.server.models import MODELS, SCHEMA
 from vmattach.server.nodes import NodeDirectory
 from vmattach.server.reconciler import Reconciler
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
@@ -20,7 +20,8 @@ from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 def build_facade(settings: Settings, own_address: str) -> tuple[Facade, Callable[[], None]]:
     """The Facade with its database, its Controller channel and its nodes;
     returns it with the function that closes them."""
-    db = open_database(settings.database_url_for("servers"), MODELS)
+    db = open_database(settings.database_url_for("servers"), MODELS, SCHEMA,
+                       upgrade=settings.db_upgrade)
     addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
     nodes = NodeDirectory(db, addresses or [own_address])
     controller_channel = channel(settings.controller_address or own_address)

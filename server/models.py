@@ -6,6 +6,7 @@ from __future__ import annotations
 import peewee
 
 from vmattach.common.db import utcnow
+from vmattach.common.migrations import Migration, Schema
 
 
 class BaseModel(peewee.Model):
@@ -83,3 +84,7 @@ class FacadeInstance(BaseModel):
 
 
 MODELS = [BlockDeviceMapping, ServerRecord, FacadeInstance]
+
+# schema versions (common/migrations.py); every table change adds a Migration
+MIGRATIONS: list[Migration] = []
+SCHEMA = Schema("servers", MODELS, MIGRATIONS)

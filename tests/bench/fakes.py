@@ -45,6 +45,8 @@ class BenchTgtRunner(FakeTgtRunner):
     def preload(self, db_path: str) -> int:
         """The targets the pre-filled database says exist, as a tgtd that kept
         running across the Controller's restart would have them."""
+        from peewee import fn
+
         from vmattach.common.db import open_database
         from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
         db = open_database(f"sqlite:///{db_path}", MODELS)
@@ -53,8 +55,9 @@ class BenchTgtRunner(FakeTgtRunner):
             for att in (VolumeAttachment.select(VolumeAttachment.volume, VolumeAttachment.connector)
                         .where(VolumeAttachment.connector.is_null(False)).tuples()):
                 acls[att[0]].append(json.loads(att[1])["initiator"])
-            rows = (Export.select(Export.tid, Export.target_iqn, Volume.id, Volume.path,
-                                  Volume.chap_username).join(Volume).tuples())
+            rows = (Export.select(fn.COALESCE(Export.target_tid, Export.tid), Export.target_iqn,
+                                  Volume.id, Volume.path, Volume.chap_username)
+                    .join(Volume).tuples())
             for tid, iqn, vid, path, user in rows:
                 self.targets[tid] = FakeTarget(tid, iqn, {1: path}, [user] if user else [],
                                                acls.get(vid, []))

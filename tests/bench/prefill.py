@@ -20,10 +20,12 @@ from tests.bench.fakes import attached_volume_uuid
 from vmattach.common.db import open_database
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import MODELS as CONTROLLER_MODELS
+from vmattach.controller.models import SCHEMA as CONTROLLER_SCHEMA
 from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
 from vmattach.controller.tgt import IQN_PREFIX
 from vmattach.controller.volumes import Connector
 from vmattach.server.models import MODELS as SERVERS_MODELS
+from vmattach.server.models import SCHEMA as SERVERS_SCHEMA
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import ServerRecord
 
@@ -81,14 +83,15 @@ def prefill(state_dir: str | Path, volumes: int, nodes: int, per_node: int,
                              chap_username=None, chap_secret=None, created_at=now,
                              updated_at=now))
 
-    cdb = open_database(f"sqlite:///{state / 'controller.db'}", CONTROLLER_MODELS)
+    cdb = open_database(f"sqlite:///{state / 'controller.db'}", CONTROLLER_MODELS, CONTROLLER_SCHEMA)
     with cdb.connection_context():
         with cdb.atomic():
             _insert(Volume, vol_rows)
             _insert(VolumeAttachment, att_rows)
             _insert(Export, exp_rows)
+            Export.update(target_tid=Export.tid).execute()
     cdb.close()
-    sdb = open_database(f"sqlite:///{state / 'servers.db'}", SERVERS_MODELS)
+    sdb = open_database(f"sqlite:///{state / 'servers.db'}", SERVERS_MODELS, SERVERS_SCHEMA)
     with sdb.connection_context():
         with sdb.atomic():
             _insert(ServerRecord, srv_rows)

@@ -89,7 +89,8 @@ class FakeTgtRunner:
                 return _ok() if target is not None else _err("can't find the target")
             return Result(0, self._show(), "")
         if mode == "target" and op == "new":
-            if target is not None:
+            # tgtd keeps tids and IQNs unique
+            if target is not None or any(t.iqn == o["--targetname"] for t in self.targets.values()):
                 return _err("this target already exists")
             self.targets[tid] = FakeTarget(tid, o["--targetname"])
             return _ok()

@@ -584,6 +584,28 @@ def test_ensure_exports_recreates_targets_and_acls_after_a_tgtd_restart(env):
     assert env.m.publish(volume_id, srv, connector()) == info
 
 
+def test_a_tid_taken_by_another_controller_moves_the_export_to_a_free_tid(env):
+    """Two Controllers with their own databases share one tgtd: both number
+    their exports from 1. The second one's export goes to a free tid (kept in
+    the database); the other's target is never touched, and a tgtd restart
+    re-creates ours at the tid recorded."""
+    foreign = FakeTarget(1, IQN_PREFIX + str(uuid.uuid4()), luns={1: "/elsewhere"})
+    env.tgt.targets[1] = foreign
+    volume_id, srv, info = attached(env)
+    [(tid, target)] = [(t, v) for t, v in env.tgt.targets.items() if v.iqn == info.target_iqn]
+    assert tid != 1 and target.acls == [initiator()]
+    assert env.tgt.targets[1] is foreign and foreign.acls == []
+    with env.m.db.connection_context():
+        assert Export.get(Export.volume == volume_id).target_tid == tid
+    env.tgt.restart()
+    env.tgt.targets[1] = foreign
+    assert env.m.ensure_exports() == 1
+    assert env.tgt.targets[tid].iqn == info.target_iqn
+    assert env.tgt.targets[1] is foreign
+    env.m.unpublish(volume_id, srv, connector())
+    assert set(env.tgt.targets) == {1}
+
+
 def test_a_delete_that_stopped_half_way_can_be_retried(env):
     vol = env.m.create("half", 1)
     with env.m.db.connection_context():  # as if the process died after "deleting"

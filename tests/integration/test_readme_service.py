@@ -1,0 +1,80 @@
+"""The README's "Running it" command, as written, on a fresh state directory
+(and a free port instead of 50051, which another test may hold), against the
+host's tgtd and libvirtd that scripts/setup-host.sh leaves running."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import uuid
+from pathlib import Path
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import need
+from tests.support.vmattach_process import VMATTACH, ServeProcess
+from vmattach.common.grpcutil import call, channel
+from vmattach.v1 import controller_pb2 as cpb
+from vmattach.v1 import controller_pb2_grpc, servers_pb2, servers_pb2_grpc, types_pb2
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TIMEOUT = 30
+
+
+def readme_serve_command() -> list[str]:
+    """The `vmattach serve` command of the README's "Running it" section."""
+    section = README.read_text().split("## Running it", 1)[1]
+    m = re.search(r"^    (vmattach serve .*?)(?<!\\)\n", section, re.M | re.S)
+    assert m, "README's Running it section has no `vmattach serve` command"
+    return shlex.split(m.group(1).replace("\\\n", " "))
+
+
+def host_tgtd_answers() -> bool:
+    return subprocess.run(["tgtadm", "--lld", "iscsi", "--mode", "target", "--op", "show"],
+                          capture_output=True, timeout=10).returncode == 0
+
+
+def test_the_readme_command_serves_on_a_fresh_machine(tmp_path):
+    need("tgtd", "tgtadm", "virsh")
+    if not host_tgtd_answers():
+        need("no-host-tgtd (run scripts/setup-host.sh: it leaves tgtd running)")
+    argv = readme_serve_command()
+    assert argv[:2] == ["vmattach", "serve"]
+    assert "--state-dir" in argv and "--listen" in argv
+    argv[argv.index("--state-dir") + 1] = str(tmp_path / "state")
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1:50051"
+    argv[argv.index("--listen") + 1] = "127.0.0.1:0"
+    proc = ServeProcess(argv[2:], tmp_path / "serve.log", command=[VMATTACH, "serve"])
+    try:
+        assert proc.address, proc.first_line
+        ch = channel(proc.address)
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "vmattach.v1.Controller", "vmattach.v1.Node", "vmattach.v1.Servers"):
+            answer = call(health.Check, health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # the Controller exports on the host's tgtd (what failed before it was started)
+        controller = controller_pb2_grpc.ControllerStub(ch)
+        vol = call(controller.CreateVolume, cpb.CreateVolumeRequest(name="readme", size_gb=1),
+                   timeout=TIMEOUT)
+        server = str(uuid.uuid4())
+        connector = types_pb2.Connector(initiator="iqn.1993-08.org.debian:01:readme-test",
+                                        ip="127.0.0.1", host="readme-test")
+        call(controller.ReserveVolume, cpb.ReserveVolumeRequest(
+            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT)
+        info = call(controller.ControllerPublishVolume, cpb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT)
+        assert info.connection_info.data.target_portal == "127.0.0.1:3260"
+        call(controller.ControllerUnpublishVolume, cpb.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT)
+        call(controller.UnreserveVolume, cpb.UnreserveVolumeRequest(
+            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT)
+        call(controller.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=vol.volume_id),
+             timeout=TIMEOUT)
+        # the facade answers from the node of its own process
+        servers = servers_pb2_grpc.ServersStub(ch)
+        call(servers.ListServers, servers_pb2.ListServersRequest(), timeout=TIMEOUT)
+        ch.close()
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
