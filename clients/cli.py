@@ -49,7 +49,10 @@ ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "tag"
 
 def _client(args):
     from vmattach.clients.client import VmattachClient
-    return VmattachClient(args.address, args.controller_address or None, timeout=args.timeout)
+    from vmattach.common.tls import TlsFiles
+    tls = TlsFiles(args.tls_cert or "", args.tls_key or "", args.tls_ca or "")
+    return VmattachClient(args.address, args.controller_address or None, timeout=args.timeout,
+                          token=args.token or "", tls=tls if tls.enabled or tls.ca else None)
 
 
 def cmd_serve(args) -> int:
@@ -62,6 +65,57 @@ def cmd_audit(args) -> int:
     return run(config.load(args), args.repair)
 
 
+def cmd_pki_init(args) -> int:
+    from vmattach.clients.admin import pki_init
+    for path in pki_init(args.directory, args.hosts):
+        print(path)
+    return 0
+
+
+def cmd_token_create(args) -> int:
+    from vmattach.clients.admin import tokens
+    with tokens(config.load(args)) as store:
+        text, row = store.create(args.project, args.role, args.description or "")
+    if args.json:
+        print(json.dumps({"token": text, "token_id": row.id, "project": row.project,
+                          "role": row.role}, indent=2, sort_keys=True))
+    else:
+        print(text)
+        print(f"token {row.id}: project {row.project}, role {row.role}."
+              " Shown once: only its hash is kept.", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(args) -> int:
+    from vmattach.clients.admin import tokens
+    with tokens(config.load(args)) as store:
+        rows = [{"token_id": r.id, "project": r.project, "role": r.role,
+                 "description": r.description, "created_at": r.created_at.isoformat(),
+                 "revoked_at": r.revoked_at.isoformat() if r.revoked_at else ""}
+                for r in store.list()]
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        print(_table(rows, ["token_id", "project", "role", "created_at", "revoked_at",
+                            "description"]))
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    from vmattach.clients.admin import tokens
+    with tokens(config.load(args)) as store:
+        store.revoke(args.token_id)
+    return 0
+
+
+def cmd_rotate_key(args) -> int:
+    from vmattach.clients.admin import rotate_key
+    done = rotate_key(config.load(args))
+    for service, count in done.items():
+        print(f"{service}: {count} secret(s) re-encrypted with the new key")
+    return 0
+
+
 def cmd_volume_create(args, c):
     args.many = False
     _show(args, [c.create_volume(args.name, args.size, args.multiattach)], VOLUME_COLUMNS)
@@ -69,7 +123,7 @@ def cmd_volume_create(args, c):
 
 def cmd_volume_list(args, c):
     args.many = True
-    _show(args, list(c.list_volumes()), VOLUME_COLUMNS)
+    _show(args, list(c.list_volumes(all_projects=args.all_projects)), VOLUME_COLUMNS)
 
 
 def cmd_volume_show(args, c):
@@ -95,7 +149,7 @@ def cmd_volume_detach(args, c):
 
 def cmd_server_list(args, c):
     args.many = True
-    _show(args, list(c.list_servers()), SERVER_COLUMNS)
+    _show(args, list(c.list_servers(all_projects=args.all_projects)), SERVER_COLUMNS)
 
 
 def cmd_server_show(args, c):
@@ -115,6 +169,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controller-address", default=os.environ.get("VMATTACH_CONTROLLER_ADDRESS"),
                    help="HOST:PORT of the Controller when not at --address"
                         " (env VMATTACH_CONTROLLER_ADDRESS)")
+    p.add_argument("--token", default=os.environ.get("VMATTACH_TOKEN"),
+                   help="user token from `vmattach token create` (env VMATTACH_TOKEN)")
+    for name, what in (("tls-ca", "CA that signed the server's certificate"),
+                       ("tls-cert", "client certificate (e.g. client.crt of vmattach pki init)"),
+                       ("tls-key", "key of the client certificate")):
+        env = "VMATTACH_" + name.upper().replace("-", "_")
+        p.add_argument("--" + name, default=os.environ.get(env), help=f"{what} (env {env})")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +190,35 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--repair", action="store_true", help="fix what can be fixed")
     audit.set_defaults(func=cmd_audit, local=True)
 
+    pki = sub.add_parser("pki", help="certificates for TLS").add_subparsers(
+        dest="action", required=True)
+    k = pki.add_parser("init", help="create a CA, service.crt/.key and client.crt/.key in DIR")
+    k.add_argument("directory", metavar="DIR")
+    k.add_argument("--hosts", required=True,
+                   help="comma-separated names and addresses the services are reached at")
+    k.set_defaults(func=cmd_pki_init, local=True)
+
+    token = sub.add_parser("token", help="user tokens (in the state directory's database)"
+                           ).add_subparsers(dest="action", required=True)
+    t = token.add_parser("create", help="create a token; prints it once")
+    config.add_arguments(t)
+    t.add_argument("--project", required=True)
+    t.add_argument("--role", choices=["reader", "member", "admin"], default="member")
+    t.add_argument("--description", default="")
+    t.set_defaults(func=cmd_token_create, local=True)
+    t = token.add_parser("list", help="list tokens (never their secret)")
+    config.add_arguments(t)
+    t.set_defaults(func=cmd_token_list, local=True)
+    t = token.add_parser("revoke", help="revoke a token at once")
+    config.add_arguments(t)
+    t.add_argument("token_id")
+    t.set_defaults(func=cmd_token_revoke, local=True)
+
+    rotate = sub.add_parser("rotate-key", help="add a new secret key and re-encrypt every"
+                                               " stored secret with it")
+    config.add_arguments(rotate)
+    rotate.set_defaults(func=cmd_rotate_key, local=True)
+
     volume = sub.add_parser("volume", help="volumes and their attachment").add_subparsers(
         dest="action", required=True)
     v = volume.add_parser("create", help="create a volume")
@@ -137,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--multiattach", action="store_true")
     v.set_defaults(func=cmd_volume_create)
     v = volume.add_parser("list", help="list volumes")
+    v.add_argument("--all-projects", action="store_true", help="admins: every project's")
     v.set_defaults(func=cmd_volume_list)
     v = volume.add_parser("show", help="show a volume")
     v.add_argument("volume")
@@ -160,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="servers (virtual machines)").add_subparsers(
         dest="action", required=True)
     s = server.add_parser("list", help="list servers")
+    s.add_argument("--all-projects", action="store_true", help="admins: every project's")
     s.set_defaults(func=cmd_server_list)
     s = server.add_parser("show", help="show a server")
     s.add_argument("server")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vmattach.common.grpcutil import call, channel
+from vmattach.common.tls import TlsFiles
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc, types_pb2
 from vmattach.v1 import servers_pb2 as spb
@@ -15,10 +16,13 @@ from vmattach.v1 import servers_pb2 as spb
 
 class VmattachClient:
     def __init__(self, address: str, controller_address: str | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, token: str = "", tls: TlsFiles | None = None):
+        """token: a user token (vmattach token create), sent as `authorization:
+        Bearer`; tls: the CA (and the client certificate) when vmattach speaks TLS."""
         self.timeout = timeout
-        self._channel = channel(address)
-        self._controller_channel = (channel(controller_address)
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._channel = channel(address, tls=tls, metadata=metadata)
+        self._controller_channel = (channel(controller_address, tls=tls, metadata=metadata)
                                     if controller_address and controller_address != address
                                     else self._channel)
         self.servers = servers_pb2_grpc.ServersStub(self._channel)
@@ -55,9 +59,9 @@ class VmattachClient:
                 return
             request.page_token = page.next_page_token
 
-    def list_volumes(self, page_size: int = 100) -> Iterator[cpb.Volume]:
-        return self._pages(self.controller.ListVolumes,
-                           cpb.ListVolumesRequest(page_size=page_size), "volumes")
+    def list_volumes(self, page_size: int = 100, all_projects: bool = False) -> Iterator[cpb.Volume]:
+        return self._pages(self.controller.ListVolumes, cpb.ListVolumesRequest(
+            page_size=page_size, all_projects=all_projects), "volumes")
 
     def delete_volume(self, volume_id: str) -> None:
         self._call(self.controller.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=volume_id))
@@ -83,9 +87,10 @@ class VmattachClient:
         return self._pages(self.servers.ListVolumeAttachments, spb.ListVolumeAttachmentsRequest(
             server_id=server_id, page_size=page_size), "attachments")
 
-    def list_servers(self, page_size: int = 100) -> Iterator[types_pb2.Server]:
-        return self._pages(self.servers.ListServers,
-                           spb.ListServersRequest(page_size=page_size), "servers")
+    def list_servers(self, page_size: int = 100,
+                     all_projects: bool = False) -> Iterator[types_pb2.Server]:
+        return self._pages(self.servers.ListServers, spb.ListServersRequest(
+            page_size=page_size, all_projects=all_projects), "servers")
 
     def get_server(self, server_id: str) -> types_pb2.Server:
         return self._call(self.servers.GetServer, spb.GetServerRequest(server_id=server_id))

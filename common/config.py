@@ -34,6 +34,23 @@ def _opt(default, help, type=str):
     return field(default=default, metadata={"help": help, "type": type})
 
 
+def flag(value) -> bool:
+    """A boolean setting: true/yes/on/1 or false/no/off/0 (TOML booleans too)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+flag.__name__ = "boolean"
+
+AUTH_MODES = ("token", "none")
+
+
 @dataclass
 class Settings:
     services: str = _opt(",".join(SERVICES), "comma-separated services to run in this process")
@@ -48,6 +65,19 @@ class Settings:
                         " (needs the package's [tracing] extra)")
     db_upgrade: bool = _opt(True, "upgrade the database schema at start (false: refuse to"
                             " start on an older schema; run `vmattach db upgrade`)", _bool)
+    # Security (docs/security.md)
+    tls_cert: str = _opt("", "PEM certificate this server presents (and the facade's outgoing"
+                         " calls use); with tls_key, turns TLS on")
+    tls_key: str = _opt("", "PEM private key of tls_cert")
+    tls_ca: str = _opt("", "PEM CA bundle: client certificates must be signed by it; outgoing"
+                       " calls verify servers with it")
+    insecure: bool = _opt(False, "allow listening on a non-loopback address without TLS", flag)
+    auth: str = _opt("token", "token: public RPCs need a user token, internal RPCs the service"
+                     " role; none: no checks at all (loopback listen only)")
+    service_token_file: str = _opt("", "file of the service token this process accepts and its"
+                                   " facade sends (default: STATE_DIR/service.token)")
+    secret_key_file: str = _opt("", "Fernet key file for secrets at rest, shared by facade"
+                                " replicas (default: keys generated in the state directory)")
     # Controller
     volume_dir: str = _opt("", "directory of the volume files (default: STATE_DIR/volumes)")
     tgt_portal: str = _opt("127.0.0.1:3260", "HOST:PORT of the tgtd iSCSI portal")
@@ -65,6 +95,8 @@ class Settings:
     max_volumes_per_server: int = _opt(26, "most volumes one server may have", int)
     detach_timeout: float = _opt(10.0, "seconds to wait for the guest to release a disk", float)
     detach_retries: int = _opt(3, "detach attempts before giving up", int)
+    node_volume_dirs: str = _opt("", "comma-separated directories the file connector may attach"
+                                 " volumes from (default: the volume directory)")
     # Servers facade
     controller_address: str = _opt("", "HOST:PORT of the Controller (default: this process)")
     nodes: str = _opt("", "NODE_ID=HOST:PORT,... of the Nodes (default: this process's node)")
@@ -88,6 +120,18 @@ class Settings:
     def volume_path(self) -> Path:
         return Path(self.volume_dir or Path(self.state_dir) / "volumes")
 
+    def file_volume_dirs(self) -> list[Path]:
+        """Where the Node's file connector may find volumes (the Controller's
+        volume directory, or the comma-separated node_volume_dirs)."""
+        dirs = [d.strip() for d in self.node_volume_dirs.split(",") if d.strip()]
+        return [Path(d) for d in dirs] or [self.volume_path()]
+
+    def service_token_path(self) -> Path:
+        return Path(self.service_token_file or Path(self.state_dir) / "service.token")
+
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert or self.tls_key)
+
 
 def _env_name(name: str) -> str:
     return "VMATTACH_" + name.upper()
@@ -97,9 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=os.environ.get("VMATTACH_CONFIG"),
                         help="TOML file with settings (env VMATTACH_CONFIG)")
     for f in fields(Settings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=f.metadata["type"],
-                            help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})")
+        text = f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})"
+        if f.metadata["type"] is flag:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                                action="store_const", const=True, help=text)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                                type=f.metadata["type"], help=text)
 
 
 def load(args: argparse.Namespace | None = None, environ=None) -> Settings:
@@ -131,4 +179,7 @@ def load(args: argparse.Namespace | None = None, environ=None) -> Settings:
             values[name] = typ(value)
         except ValueError:
             raise InvalidArgument(f"setting {name}: {value!r} is not a valid {typ.__name__}") from None
-    return dataclasses.replace(Settings(), **values)
+    settings = dataclasses.replace(Settings(), **values)
+    if settings.auth not in AUTH_MODES:
+        raise InvalidArgument(f"setting auth: {settings.auth!r} is not one of {', '.join(AUTH_MODES)}")
+    return settings

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs, urlparse
 
@@ -32,12 +33,25 @@ SQLITE_PRAGMAS = {
 POOL_DEFAULTS = {"max_connections": 48, "timeout": 30}
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create a SQLite database file readable by its owner only (0600); its
+    -wal and -shm files take the same mode from it."""
+    path = urlparse(url).path[1:]  # as playhouse reads it: sqlite:////abs, sqlite:///relative
+    if url.startswith("sqlite:///") and path and path != ":memory:":
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+
+
 def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,
                   upgrade: bool = True) -> peewee.Database:
     """Connect lazily to url (sqlite:///path, postgresql://..., postgres+pool://...),
     bind the models to it and create their tables. With a schema
     (common/migrations.py) its migrations run instead (upgrade=False: the
     schema must be at the latest version already)."""
+    if url.startswith("sqlite"):
+        _private_sqlite_file(url)
     if url.startswith("sqlite:"):
         # A pool (one connection per worker thread, kept between requests):
         # closing the last connection of a WAL database checkpoints it, an

@@ -63,6 +63,18 @@ class DeadlineExceeded(VmattachError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(VmattachError):
+    """No credentials, or credentials that are not valid (any more)."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(VmattachError):
+    """A known caller that may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class BackendError(VmattachError):
     """tgtd, libvirt or the host failed; the message carries no secret."""
 
@@ -80,6 +92,8 @@ _CODES: dict[type[VmattachError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     BackendError: grpc.StatusCode.INTERNAL,
 }
 _CLASSES = {code: cls for cls, code in _CODES.items() if cls not in (VmattachError,)}

@@ -20,10 +20,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from vmattach.common import auth
 from vmattach.common.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
 from vmattach.common.redact import mask, redacted, secrets_of
+from vmattach.common.tls import TlsFiles
 
 LOG = logging.getLogger(__name__)
+AUDIT = logging.getLogger("vmattach.audit")
+
+
+def _ids(msg) -> list[str]:
+    """The top-level *_id fields of a message, for the audit trail (ids are
+    never secrets; anything long is cut)."""
+    if not isinstance(msg, Message):
+        return []
+    return [f"{f.name}={str(v)[:64]}" for f, v in msg.ListFields()
+            if f.name.endswith("_id") and isinstance(v, str)]
 
 
 def _status(code: grpc.StatusCode, message: str, reason: str,
@@ -35,8 +47,14 @@ def _status(code: grpc.StatusCode, message: str, reason: str,
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps VmattachError to its status (with an ErrorInfo detail), any other
-    exception to INTERNAL with an incident id; logs every call once."""
+    """Authenticates every call (with an Authenticator: common/auth.py) and
+    makes its caller current; maps VmattachError to its status (with an
+    ErrorInfo detail), any other exception to INTERNAL with an incident id;
+    logs every call once, and writes one audit line per state-changing or
+    refused call."""
+
+    def __init__(self, authenticator: auth.Authenticator | None = None):
+        self.authenticator = authenticator
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -46,17 +64,27 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         deserialize = handler.request_deserializer
 
+        authenticator = self.authenticator
+        rule = auth.rule_of(method)
+
         def unary(request, context):
             start = time.perf_counter()
             outcome = "OK"
+            caller = auth.current()
+            acting = None
+            response = None
             try:
+                if authenticator is not None:
+                    caller = authenticator.authenticate(method, context)
+                    acting = auth.acting_as(caller)
                 if deserialize is not None:  # here, so that garbage is INVALID_ARGUMENT, not INTERNAL
                     try:
                         request = deserialize(request)
                     except DecodeError:
                         raise InvalidArgument(f"the request is not a valid {method} message",
                                               reason="MALFORMED_REQUEST") from None
-                return inner(request, context)
+                response = inner(request, context)
+                return response
             except VmattachError as exc:
                 code = status_code(exc)
                 outcome = code.name
@@ -75,8 +103,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(_status(
                     grpc.StatusCode.INTERNAL, f"internal error (incident {incident})", "INTERNAL"))
             finally:
+                if acting is not None:
+                    auth.done_acting(acting)
                 if LOG.isEnabledFor(logging.INFO):
                     LOG.info("%s %s %.1fms", method, outcome, (time.perf_counter() - start) * 1000)
+                if (rule.changes or outcome in ("UNAUTHENTICATED", "PERMISSION_DENIED")) \
+                        and AUDIT.isEnabledFor(logging.INFO):
+                    ids = dict.fromkeys(_ids(request) + _ids(response))
+                    AUDIT.info("caller=[%s] rpc=%s %s result=%s", caller.describe(), method,
+                               " ".join(ids), outcome)
 
         return grpc.unary_unary_rpc_method_handler(
             unary, request_deserializer=None,
@@ -94,14 +129,20 @@ class Service:
 
 
 def new_server(address: str, max_workers: int = 32,
-               interceptors: Iterable[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+               interceptors: Iterable[grpc.ServerInterceptor] = (), *,
+               credentials: grpc.ServerCredentials | None = None,
+               authenticator: auth.Authenticator | None = None) -> tuple[grpc.Server, int]:
     """A server bound to address (port 0: a free port); not started yet.
     Extra interceptors (tests record or delay calls with them) run outside
-    the error mapping."""
+    the error mapping. With credentials it speaks TLS; with an authenticator
+    every call is authenticated and authorised (common/auth.py)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[*interceptors, ErrorInterceptor()],
+                         interceptors=[*interceptors, ErrorInterceptor(authenticator)],
                          options=[("grpc.so_reuseport", 0)])
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port
@@ -149,11 +190,40 @@ RETRY_SERVICE_CONFIG = """{
 }"""
 
 
-def channel(address: str, retries: bool = True) -> grpc.Channel:
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = (credentials, wait_for_ready,
+                                                                   compression)
+
+
+class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (a token) to every call of a channel."""
+
+    def __init__(self, pairs):
+        self.pairs = tuple(pairs)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = [*(details.metadata or ()), *self.pairs]
+        return continuation(_CallDetails(details.method, details.timeout, metadata,
+                                         details.credentials, details.wait_for_ready,
+                                         details.compression), request)
+
+
+def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
+            metadata=()) -> grpc.Channel:
+    """A channel to address: TLS when tls is enabled, and metadata (e.g. the
+    authorization header) on every call."""
     options: list[tuple[str, int | str]] = [("grpc.enable_retries", 1 if retries else 0)]
     if retries:
         options.append(("grpc.service_config", RETRY_SERVICE_CONFIG))
-    return grpc.insecure_channel(address, options=options)
+    if tls is not None and (tls.enabled or tls.ca):
+        ch = grpc.secure_channel(address, tls.channel_credentials(), options=options)
+    else:
+        ch = grpc.insecure_channel(address, options=options)
+    if metadata:
+        ch = grpc.intercept_channel(ch, MetadataInterceptor(metadata))
+    return ch
 
 
 def error_from_rpc(err: grpc.RpcError) -> VmattachError:

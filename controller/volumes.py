@@ -226,7 +226,9 @@ class VolumeManager:
                 existing = Volume.get(Volume.name == name)
             else:
                 try:
-                    with open(path, "xb") as fh:
+                    # 0600: only the Controller (and tgtd, as root) reads a volume's bytes
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as fh:
                         fh.truncate(size_gb << 30)  # sparse
                 except OSError as exc:
                     volume.delete_instance()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from vmattach.common import auth, tls
 from vmattach.common.config import Settings
 from vmattach.common.grpcutil import Service, new_server, start_server
 from vmattach.common.periodic import every
@@ -33,7 +34,7 @@ def build_controller(settings: Settings, runner: CommandRunner) -> Service:
     db = open_database(settings.database_url_for("controller"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
     manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
-                            settings.tgt_portal, SecretBox.from_state_dir(settings.state_dir),
+                            settings.tgt_portal, SecretBox.for_settings(settings),
                             settings.max_volume_gb, iqn_prefix=iqn_prefix)
     def ensure_exports() -> None:
         restored = manager.ensure_exports()
@@ -55,17 +56,19 @@ def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Se
     return build(settings, runner)
 
 
-def build_servers(settings: Settings, own_address: str) -> Service:
+def build_servers(settings: Settings, own_address: str, internal_address: str | None,
+                  service_secret: str) -> Service:
     from vmattach.server.facade_app import build
-    return build(settings, own_address)
+    return build(settings, own_address, internal_address, service_secret)
 
 
 class Running:
     """A started vmattach server: its port, services and a stop()."""
 
     def __init__(self, server: grpc.Server, port: int, services: list[Service],
-                 internal: grpc.Server | None = None):
+                 internal: grpc.Server | None = None, on_stop=()):
         self.server, self.port, self.services, self.internal = server, port, services, internal
+        self.on_stop = list(on_stop)
 
     def stop(self, grace: float = 5.0) -> None:
         self.server.stop(grace).wait()
@@ -74,6 +77,29 @@ class Running:
         for svc in self.services:
             for hook in svc.on_stop:
                 hook()
+        for hook in self.on_stop:
+            hook()
+
+
+def private_state_dir(settings: Settings) -> None:
+    """The state directory exists and only its owner may enter it."""
+    path = Path(settings.state_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def authenticator(settings: Settings, names: list[str]) -> tuple[auth.Authenticator, list]:
+    """The Authenticator of this process and the hooks that close it."""
+    if settings.auth == "none":
+        return auth.Authenticator("none"), []
+    secret = auth.service_token(settings.service_token_path())
+    if not {"controller", "servers"} & set(names):
+        return auth.Authenticator("token", None, secret), []  # a Node: internal RPCs only
+    from vmattach.common.db import close_database, open_database
+    db = open_database(settings.database_url_for("auth"), auth.MODELS)
+    return (auth.Authenticator("token", auth.TokenStore(db), secret),
+            [lambda: close_database(db)])
 
 
 def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None,
@@ -84,9 +110,14 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     own, so that facade calls in flight can never starve the calls they make.
     Tests pass interceptors (both servers get them) to record or delay calls."""
     names = settings.service_list()
+    tls.check_listen(settings)
     runner = runner or CommandRunner()
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-    server, port = new_server(settings.listen, interceptors=interceptors)
+    private_state_dir(settings)
+    authn, closers = authenticator(settings, names)
+    files = tls.TlsFiles.of(settings)
+    credentials = files.server_credentials() if files.enabled else None
+    server, port = new_server(settings.listen, interceptors=interceptors,
+                              credentials=credentials, authenticator=authn)
     services: list[Service] = []
     if "controller" in names:
         services.append(build_controller(settings, runner))
@@ -95,19 +126,25 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     internal = None
     if "servers" in names:
         own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
+        internal_address = None
         if services:
-            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors)
+            # loopback only, plain text: the facade's calls carry the service token
+            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors,
+                                                 authenticator=authn)
             start_server(internal, services)
-            own_address = f"127.0.0.1:{internal_port}"
-        services.append(build_servers(settings, own_address))
+            own_address = internal_address = f"127.0.0.1:{internal_port}"
+        services.append(build_servers(settings, own_address, internal_address,
+                                      authn.service_secret))
     start_server(server, services)
-    return Running(server, port, services, internal)
+    return Running(server, port, services, internal, closers)
 
 
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     running = start(settings)
+    if settings.auth == "none":
+        LOG.warning("--auth none: every caller on this host may call every RPC, unauthenticated")
     host = settings.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
     LOG.info("serving %s on port %d (pid %d)", settings.services, running.port, os.getpid())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
+
+from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database
 from vmattach.common.grpcutil import Service, channel
 from vmattach.common.secretbox import SecretBox
+from vmattach.common.tls import TlsFiles
 from vmattach.server.facade import Facade
 from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
 from vmattach.server.faults import Faults
@@ -17,16 +21,35 @@ from vmattach.server.reconciler import Reconciler
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
 
-def build_facade(settings: Settings, own_address: str) -> tuple[Facade, Callable[[], None]]:
+def connector(settings: Settings, internal_address: str | None,
+              service_secret: str) -> Callable[[str], grpc.Channel]:
+    """How the facade opens its channels to the Controller and the Nodes:
+    with the service certificate over TLS when TLS is configured; in plain
+    text (the process's own loopback server, or a deployment without TLS)
+    with the service token."""
+    files = TlsFiles.of(settings)
+    token = [(SERVICE_HEADER, service_secret)] if service_secret else []
+
+    def connect(address: str) -> grpc.Channel:
+        if files.enabled and address != internal_address:
+            return channel(address, tls=files)
+        return channel(address, metadata=token)
+
+    return connect
+
+
+def build_facade(settings: Settings, own_address: str, internal_address: str | None = None,
+                 service_secret: str = "") -> tuple[Facade, Callable[[], None]]:
     """The Facade with its database, its Controller channel and its nodes;
     returns it with the function that closes them."""
     db = open_database(settings.database_url_for("servers"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
     addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
-    nodes = NodeDirectory(db, addresses or [own_address])
-    controller_channel = channel(settings.controller_address or own_address)
+    connect = connector(settings, internal_address, service_secret)
+    nodes = NodeDirectory(db, addresses or [own_address], connect)
+    controller_channel = connect(settings.controller_address or own_address)
     facade = Facade(db, controller_pb2_grpc.ControllerStub(controller_channel), nodes,
-                    SecretBox.from_state_dir(settings.state_dir, "servers-secret.key"),
+                    SecretBox.for_settings(settings, "servers-secret.key"),
                     Faults(settings.fault_injection),
                     max_volumes_per_server=settings.max_volumes_per_server)
 
@@ -38,8 +61,9 @@ def build_facade(settings: Settings, own_address: str) -> tuple[Facade, Callable
     return facade, close
 
 
-def build(settings: Settings, own_address: str) -> Service:
-    facade, close = build_facade(settings, own_address)
+def build(settings: Settings, own_address: str, internal_address: str | None = None,
+          service_secret: str = "") -> Service:
+    facade, close = build_facade(settings, own_address, internal_address, service_secret)
     facade.nodes.run_periodic(settings.server_refresh_interval)
     reconciler = Reconciler(facade, settings.owner_lease)
     reconciler.run_periodic(settings.reconcile_interval)

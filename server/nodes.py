@@ -11,8 +11,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 import peewee
 
 from vmattach.common.db import Prepared, utcnow, with_connection
@@ -37,10 +39,11 @@ class NodeHandle:
 
 
 class NodeDirectory:
-    def __init__(self, db: peewee.Database, addresses: list[str]):
+    def __init__(self, db: peewee.Database, addresses: list[str],
+                 connect: Callable[[str], grpc.Channel] = channel):
         self.db = db
         self.addresses = addresses
-        self._channels = {a: channel(a) for a in addresses}
+        self._channels = {a: connect(a) for a in addresses}
         self._nodes: dict[str, NodeHandle] = {}
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0

@@ -49,7 +49,9 @@ def tgtd(tmp_path):
 def make_settings(tmp_path, **overrides) -> Settings:
     state = tmp_path / "state"
     state.mkdir(parents=True, exist_ok=True)
-    values = dict(listen="127.0.0.1:0", state_dir=str(state), log_level="WARNING")
+    # tests not about authentication run with --auth none (loopback only);
+    # tests/integration/test_security.py runs the secure default
+    values = dict(listen="127.0.0.1:0", state_dir=str(state), log_level="WARNING", auth="none")
     values.update(overrides)
     return Settings(**values)
 

@@ -24,7 +24,9 @@ class ServeProcess:
         it must print `listening on HOST:PORT` first too."""
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")
-        full_env = {**os.environ, **(env or {})}
+        # a test not about authentication runs with --auth none (loopback only)
+        # unless it says otherwise in env or args
+        full_env = {"VMATTACH_AUTH": "none", **os.environ, **(env or {})}
         self.proc = subprocess.Popen([*(command or [VMATTACH, "serve"]), *args],
                                      stdout=subprocess.PIPE, stderr=self._log, env=full_env)
         try:
