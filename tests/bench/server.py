@@ -51,8 +51,8 @@ def install_counter() -> CountingInterceptor:
     from vmattach.common.grpcutil import channel as plain_channel
     counter = CountingInterceptor()
 
-    def counting_channel(address: str, retries: bool = True):
-        return grpc.intercept_channel(plain_channel(address, retries), counter)
+    def counting_channel(address: str, retries: bool = True, **kw):
+        return grpc.intercept_channel(plain_channel(address, retries, **kw), counter)
 
     vmattach.server.facade_app.channel = counting_channel
     vmattach.server.nodes.channel = counting_channel
@@ -83,12 +83,12 @@ def main(argv=None) -> int:
         if args.prefilled:
             runner.preload(f"{args.state_dir}/controller.db")
 
-    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir,
+    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir, auth="none",
                              node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING")
     node = start(node_settings, runner=runner,
                  hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
     nodes = [f"127.0.0.1:{node.port}"] + [a for a in args.farm.split(",") if a]
-    settings = Settings(services="controller,servers", listen="127.0.0.1:0",
+    settings = Settings(services="controller,servers", listen="127.0.0.1:0", auth="none",
                         state_dir=args.state_dir, tgt_portal=args.tgt_portal,
                         tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
                         log_level="WARNING", reconcile_interval=args.reconcile_interval)
