@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database
 from vmattach.common.errors import VmattachError
-from vmattach.common.grpcutil import call, channel
+from vmattach.common.grpcutil import call
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
 from vmattach.v1 import node_pb2 as npb
@@ -83,9 +83,15 @@ def node_addresses(settings: Settings) -> list[str]:
     return addresses or [settings.listen]
 
 
-def _read_node(address: str) -> NodeView:
+def _channel(settings: Settings, address: str):
+    """A channel with the service role (the facade's own credentials)."""
+    from vmattach.server.facade_app import connector, service_secret
+    return connector(settings, None, service_secret(settings))(address)
+
+
+def _read_node(settings: Settings, address: str) -> NodeView:
     view = NodeView(address)
-    ch = channel(address)
+    ch = _channel(settings, address)
     try:
         stub = node_pb2_grpc.NodeStub(ch)
         view.node_id = call(stub.NodeGetInfo, npb.NodeGetInfoRequest(),
@@ -113,7 +119,7 @@ def snapshot(settings: Settings) -> Snapshot:
                 sm.BlockDeviceMapping.deleted == 0))
     finally:
         close_database(facade_db)
-    ch = channel(controller_address(settings))
+    ch = _channel(settings, controller_address(settings))
     try:
         stub = controller_pb2_grpc.ControllerStub(ch)
         token = ""
@@ -129,7 +135,7 @@ def snapshot(settings: Settings) -> Snapshot:
         snap.strays = list(exports.stray_targets)
     finally:
         ch.close()
-    snap.nodes = [_read_node(address) for address in node_addresses(settings)]
+    snap.nodes = [_read_node(settings, address) for address in node_addresses(settings)]
     return snap
 
 
@@ -233,10 +239,9 @@ EXPORT_KINDS = ("export-missing-at-tgtd", "export-without-connection", "acl-mism
 def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[str]:
     """Fix each divergence through the services' RPCs (and the reconciler);
     returns what it could not fix."""
-    from vmattach.server.facade_app import build_facade
+    from vmattach.server.facade_app import build_facade, service_secret
     from vmattach.server.reconciler import Reconciler
-
-    facade, close = build_facade(settings, settings.listen)
+    facade, close = build_facade(settings, settings.listen, None, service_secret(settings))
     failed: list[str] = []
     nodes = {n.host: n for n in snap.nodes}
     try:
@@ -261,7 +266,7 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
                                 volume_id=d.volume_id, server_id=d.server_id))):
                         call(method, request, timeout=CALL_TIMEOUT)
                 elif d.kind in ("disk-without-bdm", "secret-without-bdm"):
-                    _repair_on_node(nodes[d.host], d)
+                    _repair_on_node(settings, nodes[d.host], d)
                 elif d.kind in ("operation-unfinished", "volume-status", *EXPORT_KINDS):
                     pass  # the reconciler / ReconcileExports above
                 else:
@@ -273,8 +278,8 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
     return failed
 
 
-def _repair_on_node(node: NodeView, d: Divergence) -> None:
-    ch = channel(node.address)
+def _repair_on_node(settings: Settings, node: NodeView, d: Divergence) -> None:
+    ch = _channel(settings, node.address)
     try:
         stub = node_pb2_grpc.NodeStub(ch)
         if d.kind == "disk-without-bdm":

@@ -21,6 +21,14 @@ from vmattach.server.reconciler import Reconciler
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
 
+def service_secret(settings: Settings) -> str:
+    """The service token this deployment's processes accept (none with --auth none)."""
+    if settings.auth == "none":
+        return ""
+    from vmattach.common.auth import service_token
+    return service_token(settings.service_token_path())
+
+
 def connector(settings: Settings, internal_address: str | None,
               service_secret: str) -> Callable[[str], grpc.Channel]:
     """How the facade opens its channels to the Controller and the Nodes:
