@@ -249,7 +249,7 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
             Reconciler(facade, settings.owner_lease).run_once()
         if any(d.kind in EXPORT_KINDS for d in found):
             try:
-                call(facade.controller.ReconcileExports,
+                call(facade.controller.stub.ReconcileExports,
                      cpb.ReconcileExportsRequest(prune=True), timeout=CALL_TIMEOUT)
             except VmattachError as exc:
                 failed.append(f"repair of the exports failed: {exc.message}")
@@ -257,12 +257,12 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
             try:
                 if d.kind == "controller-attachment-without-bdm":
                     for method, request in (
-                            (facade.controller.ControllerUnpublishVolume,
+                            (facade.controller.stub.ControllerUnpublishVolume,
                              cpb.ControllerUnpublishVolumeRequest(
                                  volume_id=d.volume_id, server_id=d.server_id)),
-                            (facade.controller.MarkDetached, cpb.MarkDetachedRequest(
+                            (facade.controller.stub.MarkDetached, cpb.MarkDetachedRequest(
                                 volume_id=d.volume_id, server_id=d.server_id)),
-                            (facade.controller.UnreserveVolume, cpb.UnreserveVolumeRequest(
+                            (facade.controller.stub.UnreserveVolume, cpb.UnreserveVolumeRequest(
                                 volume_id=d.volume_id, server_id=d.server_id))):
                         call(method, request, timeout=CALL_TIMEOUT)
                 elif d.kind in ("disk-without-bdm", "secret-without-bdm"):

@@ -12,6 +12,7 @@ from vmattach.common.db import close_database, open_database
 from vmattach.common.grpcutil import Service, channel
 from vmattach.common.secretbox import SecretBox
 from vmattach.common.tls import TlsFiles
+from vmattach.server.calls import ControllerCalls
 from vmattach.server.facade import Facade
 from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
 from vmattach.server.faults import Faults
@@ -56,7 +57,8 @@ def build_facade(settings: Settings, own_address: str, internal_address: str | N
     connect = connector(settings, internal_address, service_secret)
     nodes = NodeDirectory(db, addresses or [own_address], connect)
     controller_channel = connect(settings.controller_address or own_address)
-    facade = Facade(db, controller_pb2_grpc.ControllerStub(controller_channel), nodes,
+    facade = Facade(db, ControllerCalls(controller_pb2_grpc.ControllerStub(controller_channel)),
+                    nodes,
                     SecretBox.for_settings(settings, "servers-secret.key"),
                     Faults(settings.fault_injection),
                     max_volumes_per_server=settings.max_volumes_per_server)

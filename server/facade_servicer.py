@@ -7,7 +7,9 @@ import json
 from google.protobuf import timestamp_pb2
 
 from vmattach.common.validate import page_size, require_uuid
-from vmattach.server.facade import AttachRequest, Deadline, Facade, guest_path_hint
+from vmattach.server.calls import Deadline
+from vmattach.server.devices import guest_path_hint
+from vmattach.server.facade import AttachRequest, Facade
 from vmattach.server.models import BlockDeviceMapping, ServerRecord
 from vmattach.v1 import servers_pb2 as pb
 from vmattach.v1 import servers_pb2_grpc, types_pb2

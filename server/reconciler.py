@@ -11,39 +11,34 @@ the same row, and then:
 
 - attach: rolls forward (mark attached) when the disk reached the guest
   (progress node_publish or later), otherwise undoes every step with the same
-  idempotent undo calls as a failed attach;
+  idempotent undo calls as a failed attach (the table in server/steps.py);
 - detach: finishes it (the user asked for it); when the guest does not
   release the disk, rolls the detach back instead.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 
 import peewee
-from google.protobuf import json_format
 
-from vmattach.common.db import utcnow, with_connection
+from vmattach.common.db import with_connection
 from vmattach.common.errors import FailedPrecondition, VmattachError
-from vmattach.common.grpcutil import call
 from vmattach.common.periodic import every
-from vmattach.server.facade import UNDO_TIMEOUT, Facade
+from vmattach.server.calls import UNDO_TIMEOUT
+from vmattach.server.facade import Facade
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.server.models import FacadeInstance
-from vmattach.v1 import controller_pb2 as cpb
-from vmattach.v1 import types_pb2
+from vmattach.server.steps import ATTACHED_ON_NODE, GUEST_RELEASED, Attach, undo_attach
 
 LOG = logging.getLogger(__name__)
-
-ATTACHED_ON_NODE = ("node_publish", "mark_attached")
-GUEST_RELEASED = ("node_unpublish", "node_unstage", "controller_unpublish", "bdm_delete")
 
 
 class Reconciler:
     def __init__(self, facade: Facade, lease: float, instance_id: str | None = None):
         self.facade = facade
+        self.bdms = facade.bdms
+        self.controller = facade.controller
         self.db = facade.db
         self.lease = lease
         self.me = instance_id or facade.instance_id
@@ -53,25 +48,11 @@ class Reconciler:
 
     @with_connection
     def heartbeat(self) -> None:
-        (FacadeInstance.insert(id=self.me, heartbeat_at=utcnow())
-         .on_conflict(conflict_target=[FacadeInstance.id],
-                      update={FacadeInstance.heartbeat_at: utcnow()})
-         .execute())
+        self.bdms.heartbeat(self.me)
 
     @with_connection
     def orphans(self) -> list[BDM]:
-        cutoff = utcnow() - datetime.timedelta(seconds=self.lease)
-        alive = FacadeInstance.select(FacadeInstance.id).where(
-            FacadeInstance.heartbeat_at >= cutoff)
-        return list(BDM.select().where(
-            (BDM.deleted == 0) & BDM.state.in_(["attaching", "detaching"])
-            & (BDM.owner.is_null() | BDM.owner.not_in(alive))).order_by(BDM.id))
-
-    def _claim(self, bdm: BDM) -> bool:
-        owner = BDM.owner.is_null() if bdm.owner is None else (BDM.owner == bdm.owner)
-        return bool(BDM.update(owner=self.me, updated_at=utcnow())
-                    .where((BDM.id == bdm.id) & (BDM.deleted == 0) & owner
-                           & (BDM.state == bdm.state)).execute())
+        return self.bdms.orphans(self.lease)
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -80,11 +61,10 @@ class Reconciler:
         """Recover every orphan this instance can claim; returns how many were
         finished or undone."""
         self.heartbeat()
-        FacadeInstance.delete().where(FacadeInstance.heartbeat_at < utcnow() - datetime.timedelta(
-            seconds=max(self.lease * 100, 3600))).execute()
+        self.bdms.forget_instances(silent_for=max(self.lease * 100, 3600))
         done = 0
         for bdm in self.orphans():
-            if not self._claim(bdm):
+            if not self.bdms.claim(bdm, self.me):
                 continue  # another replica took it
             try:
                 self.recover(bdm)
@@ -92,7 +72,7 @@ class Reconciler:
             except (VmattachError, peewee.PeeweeException) as exc:
                 LOG.warning("recovery of BDM %d (%s %s) failed, will retry: %s", bdm.id,
                             bdm.state, bdm.volume_id, exc)
-                self.facade._release(bdm.id)
+                self.bdms.release(bdm.id)
         return done
 
     def recover(self, bdm: BDM) -> None:
@@ -108,45 +88,35 @@ class Reconciler:
         return self._finish_detach(bdm)
 
     def _roll_attach_forward(self, bdm: BDM) -> None:
-        f = self.facade
-        call(f.controller.MarkAttached, cpb.MarkAttachedRequest(
-            volume_id=bdm.volume_id, server_id=bdm.instance_uuid, mountpoint=bdm.device_name,
-            mode="rw"), timeout=UNDO_TIMEOUT)
-        f._progress(bdm.id, "mark_attached", state="attached", owner=None)
+        self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
+                                      UNDO_TIMEOUT)
+        self.bdms.attached(bdm.id)
         LOG.info("attach of %s to %s rolled forward", bdm.volume_id, bdm.instance_uuid)
 
     def _roll_attach_back(self, bdm: BDM) -> None:
-        f = self.facade
-        server_id, volume_id = bdm.instance_uuid, bdm.volume_id
-        f._mark_detached(server_id, volume_id, UNDO_TIMEOUT)
+        op = Attach(bdm.instance_uuid, bdm.volume_id, connector=self.bdms.connector_of(bdm))
         if bdm.connection_info:  # the node may have staged and published it
-            node = f.nodes.node(bdm.node_id)
-            f._node_unpublish(node, server_id, volume_id)
-            f._node_unstage(node, volume_id, f._unseal(bdm.connection_info))
-        # the Controller knows this server's connector: an empty one is enough
-        connector = json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
-        f._controller_unpublish(volume_id, server_id, connector)
-        f._unreserve(volume_id, server_id)
-        BDM.delete().where(BDM.id == bdm.id).execute()
-        LOG.info("attach of %s to %s rolled back", volume_id, server_id)
+            op.node = self.facade.node(bdm.node_id)
+            op.info = self.bdms.unseal(bdm.connection_info)
+        undo_attach(self.controller, op)
+        self.bdms.delete(bdm.id)
+        LOG.info("attach of %s to %s rolled back", bdm.volume_id, bdm.instance_uuid)
 
     def _finish_detach(self, bdm: BDM) -> None:
-        f = self.facade
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
-        node = f.nodes.node(bdm.node_id)
+        node = self.facade.node(bdm.node_id)
         if bdm.progress not in GUEST_RELEASED:
-            call(f.controller.BeginDetaching, cpb.BeginDetachingRequest(
-                volume_id=volume_id, server_id=server_id), timeout=UNDO_TIMEOUT)
+            self.controller.begin_detaching(volume_id, server_id, UNDO_TIMEOUT)
             try:
-                f._node_unpublish(node, server_id, volume_id)
+                node.unpublish(server_id, volume_id)
             except FailedPrecondition:
-                f._roll_detaching(server_id, volume_id)
-                f._progress(bdm.id, "mark_attached", state="attached", owner=None)
+                self.controller.roll_detaching(volume_id, server_id)
+                self.bdms.attached(bdm.id)
                 LOG.info("detach of %s from %s rolled back: the guest keeps the disk",
                          volume_id, server_id)
                 return
-            f._progress(bdm.id, "node_unpublish")
-        f._finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
+            self.bdms.progress(bdm.id, "node_unpublish")
+        self.facade.finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
         LOG.info("detach of %s from %s finished", volume_id, server_id)
 
     # -- the loop ----------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_bdm_row_keeps_connection_info_without_the_plain_chap_secret(stack):
     [bdm] = stack.live_bdms(volume_id)
     assert '"target_iqn"' in bdm.connection_info and volume_id in bdm.connection_info
     assert '"auth_password"' not in bdm.connection_info
-    password = stack.facade._unseal(bdm.connection_info).data.auth_password
+    password = stack.facade.bdms.unseal(bdm.connection_info).data.auth_password
     assert len(password) >= 16 and password not in bdm.connection_info
 
 

@@ -7,16 +7,11 @@ import json
 import pytest
 
 from vmattach.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from vmattach.server.facade import (
-    AttachRequest,
-    Deadline,
-    Facade,
-    Saga,
-    device_names,
-    guest_path_hint,
-    validate_attach,
-)
+from vmattach.server.calls import Deadline
+from vmattach.server.devices import device_names, guest_path_hint, pick_device
+from vmattach.server.facade import AttachRequest, validate_attach
 from vmattach.server.models import ServerRecord
+from vmattach.server.steps import ATTACH, ATTACH_STEPS, Attach, Saga, attach_saga, undo_attach
 
 SERVER = "11111111-1111-4111-8111-111111111111"
 VOLUME = "22222222-2222-4222-8222-222222222222"
@@ -55,22 +50,22 @@ def _server(**kw) -> ServerRecord:
 
 
 def test_auto_device_skips_the_root_letter_and_used_names():
-    pick = Facade._pick_device
-    assert pick(AttachRequest(SERVER, VOLUME), _server(), []) == "/dev/vdb"
-    assert pick(AttachRequest(SERVER, VOLUME), _server(), ["/dev/vdb", "/dev/vdc"]) == "/dev/vdd"
+    pick = pick_device
+    assert pick("", _server(), []) == "/dev/vdb"
+    assert pick("", _server(), ["/dev/vdb", "/dev/vdc"]) == "/dev/vdd"
     disks = json.dumps([{"device": "vdb", "serial": "x", "bus": "virtio"}])
-    assert pick(AttachRequest(SERVER, VOLUME), _server(disks=disks), []) == "/dev/vdc"
+    assert pick("", _server(disks=disks), []) == "/dev/vdc"
     scsi = _server(device_prefix="sd", root_device="sda")
-    assert pick(AttachRequest(SERVER, VOLUME), scsi, []) == "/dev/sdb"
+    assert pick("", scsi, []) == "/dev/sdb"
 
 
 def test_requested_device_must_match_the_bus_and_be_free():
-    pick = Facade._pick_device
-    assert pick(AttachRequest(SERVER, VOLUME, device="/dev/vdf"), _server(), []) == "/dev/vdf"
+    pick = pick_device
+    assert pick("/dev/vdf", _server(), []) == "/dev/vdf"
     with pytest.raises(InvalidArgument, match="is invalid"):
-        pick(AttachRequest(SERVER, VOLUME, device="/dev/sdb"), _server(), [])
+        pick("/dev/sdb", _server(), [])
     with pytest.raises(FailedPrecondition, match=r"The supplied device path \(/dev/vdb\) is in use\."):
-        pick(AttachRequest(SERVER, VOLUME, device="/dev/vdb"), _server(), ["/dev/vdb"])
+        pick("/dev/vdb", _server(), ["/dev/vdb"])
 
 
 def test_guest_path_hint_is_udevs_by_id_name():
@@ -107,3 +102,55 @@ def test_saga_undoes_in_reverse_and_runs_every_step_even_after_a_failing_one():
     saga.on_failure("c", lambda: done.append("c"))
     assert saga.rollback() is False
     assert done == ["c", "a"]
+
+
+class _Recorder:
+    """Stands in for the typed calls; records each undo call in order."""
+
+    def __init__(self, calls: list[str], fail: str = ""):
+        self.calls, self.fail = calls, fail
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append(name)
+            if name == self.fail:
+                raise RuntimeError(f"{name} failed")
+        return record
+
+
+def test_the_attach_table_lists_every_step_once_in_flow_order():
+    assert ATTACH_STEPS == ("bdm_insert", "get_volume", "reserve", "get_connector",
+                            "controller_publish", "node_stage", "node_publish", "mark_attached",
+                            "bdm_attached")
+    assert [step for step, undo in ATTACH if undo is not None] == \
+        ["reserve", "controller_publish", "node_stage", "node_publish", "mark_attached"]
+
+
+def test_reconciler_undo_runs_the_tables_undo_last_step_first():
+    calls: list[str] = []
+    node, controller = _Recorder(calls), _Recorder(calls)
+    undo_attach(controller, Attach(SERVER, VOLUME, node=node, info=object()))
+    assert calls == ["mark_detached", "unpublish", "unstage", "unpublish", "unreserve"]
+
+
+def test_undo_without_connection_info_leaves_the_node_alone():
+    calls: list[str] = []
+    undo_attach(_Recorder(calls), Attach(SERVER, VOLUME, node=_Recorder(calls)))
+    assert calls == ["mark_detached", "unpublish", "unreserve"]
+
+
+def test_reconciler_undo_stops_at_the_first_failure():
+    calls: list[str] = []
+    with pytest.raises(RuntimeError):
+        undo_attach(_Recorder(calls, fail="mark_detached"), Attach(SERVER, VOLUME))
+    assert calls == ["mark_detached"]
+
+
+def test_attach_saga_owes_the_undo_of_each_begun_step_only():
+    calls: list[str] = []
+    controller = _Recorder(calls)
+    saga = attach_saga(controller, Attach(SERVER, VOLUME))
+    for step in ("bdm_insert", "get_volume", "reserve", "get_connector", "controller_publish"):
+        saga.begin(step)
+    assert saga.rollback() is True
+    assert calls == ["unpublish", "unreserve"]

@@ -1,0 +1,224 @@
+"""The facade's records: Nova's block_device_mapping rows (every query and
+write of them) and the facade instances' heartbeats. The CHAP secret in a
+row's connection_info is sealed here (common/secretbox.py) and never stored
+in the clear.
+
+A live row has deleted == 0; a soft-deleted one has deleted == its id, so
+the unique indexes (server, device) and (server, volume) hold among live
+rows, across every facade process sharing the database."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+
+import peewee
+from google.protobuf import json_format
+
+from vmattach.common.db import Prepared, utcnow, write_transaction
+from vmattach.common.errors import Aborted, AlreadyExists, InvalidArgument, ResourceExhausted
+from vmattach.common.locks import KeyedLocks
+from vmattach.common.secretbox import SecretBox
+from vmattach.server.devices import device_in_use, pick_device
+from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.server.models import FacadeInstance
+from vmattach.v1 import types_pb2
+
+_LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
+    (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
+
+
+class SameRequest(Exception):
+    """A retried request (same request_id) whose attach already succeeded."""
+
+    def __init__(self, bdm: BDM):
+        super().__init__(bdm.attachment_id)
+        self.bdm = bdm
+
+
+class BdmStore:
+    """The rows of one facade database. Callers hold a connection
+    (common/db.py with_connection)."""
+
+    def __init__(self, db: peewee.Database, secretbox: SecretBox):
+        self.db = db
+        self.secretbox = secretbox
+        self._server_locks = KeyedLocks()
+
+    # -- reading -------------------------------------------------------------------------
+
+    @staticmethod
+    def live(server_id: str, volume_id: str) -> BDM | None:
+        return _LIVE_BDM.first(server_id, volume_id, 0)
+
+    @staticmethod
+    def get(bdm_id: int) -> BDM:
+        return BDM.get_by_id(bdm_id)
+
+    @staticmethod
+    def page(server_id: str, page_size: int, page_token: str) -> tuple[list[BDM], str]:
+        """A server's live rows in id order, page_size at a time."""
+        query = BDM.select().where((BDM.instance_uuid == server_id) & (BDM.deleted == 0))
+        if page_token:
+            if not page_token.isdigit():
+                raise InvalidArgument("page_token is not valid")
+            query = query.where(BDM.id > int(page_token))
+        rows = list(query.order_by(BDM.id).limit(page_size + 1))
+        token = str(rows[page_size - 1].id) if len(rows) > page_size else ""
+        return rows[:page_size], token
+
+    # -- AttachVolume -------------------------------------------------------------------
+
+    def insert(self, server_id: str, volume_id: str, *, device: str, server, limit: int,
+               owner: str, tag: str = "", delete_on_termination: bool = False,
+               request_id: str = "") -> BDM:
+        """A new row `attaching` with its device name, under the server's lock;
+        the unique indexes keep replicas in other processes correct too.
+        AlreadyExists when the volume is attached to the server (SameRequest
+        when it is the same request again), ResourceExhausted at the limit."""
+        with self._server_locks.hold(server_id):
+            for _attempt in range(5):
+                existing = self.live(server_id, volume_id)
+                if existing is not None:
+                    self._already_attached(existing, volume_id, request_id)
+                live = [b.device_name for b in BDM.select(BDM.device_name).where(
+                    (BDM.instance_uuid == server_id) & (BDM.deleted == 0))]
+                if len(live) >= limit:
+                    raise ResourceExhausted(
+                        f"Maximum number of volumes ({len(live)}) reached for server "
+                        f"{server_id}", reason="TOO_MANY_VOLUMES")
+                name = pick_device(device, server, live)
+                try:
+                    with write_transaction(self.db):
+                        return BDM.create(
+                            device_name=name, volume_id=volume_id, instance_uuid=server_id,
+                            attachment_id=str(uuid.uuid4()), tag=tag or None,
+                            delete_on_termination=delete_on_termination, state="attaching",
+                            progress="bdm_insert", owner=owner, request_id=request_id or None,
+                            node_id=server.node_id)
+                except peewee.IntegrityError:
+                    if device:
+                        existing = self.live(server_id, volume_id)
+                        if existing is not None:
+                            self._already_attached(existing, volume_id, request_id)
+                        raise device_in_use(device) from None
+                    continue  # another process took that name: pick again
+            raise Aborted(f"server {server_id} is busy; try again", reason="SERVER_BUSY")
+
+    @staticmethod
+    def _already_attached(existing: BDM, volume_id: str, request_id: str):
+        if request_id and existing.request_id == request_id:
+            if existing.state != "attached":
+                raise Aborted(f"the attach of volume {volume_id} is still in progress",
+                              reason="ATTACH_IN_PROGRESS")
+            raise SameRequest(existing)
+        raise AlreadyExists(f"Invalid volume: volume {volume_id} already attached",
+                            reason="VOLUME_ALREADY_ATTACHED",
+                            metadata={"attachment_id": existing.attachment_id,
+                                      "device": existing.device_name,
+                                      "server_id": existing.instance_uuid,
+                                      "volume_id": existing.volume_id})
+
+    @staticmethod
+    def progress(bdm_id: int, step: str, **fields) -> None:
+        """Record the last step that completed (and any columns it fills)."""
+        BDM.update(progress=step, updated_at=utcnow(), **fields).where(BDM.id == bdm_id).execute()
+
+    def published(self, bdm_id: int, connector: types_pb2.Connector,
+                  info: types_pb2.ConnectionInfo) -> None:
+        """After controller_publish: the connector and the sealed connection_info."""
+        self.progress(bdm_id, "controller_publish",
+                      connector=json_format.MessageToJson(connector, indent=None),
+                      connection_info=self.seal(info))
+
+    def attached(self, bdm_id: int) -> None:
+        """The attach is done (or a detach rolled back): `attached`, nobody's."""
+        self.progress(bdm_id, "mark_attached", state="attached", owner=None)
+
+    @staticmethod
+    def release(bdm_id: int) -> None:
+        """Leave an unfinished operation to the reconciler."""
+        BDM.update(owner=None, updated_at=utcnow()).where(BDM.id == bdm_id).execute()
+
+    @staticmethod
+    def delete(bdm_id: int) -> None:
+        """An attach undone: the row goes (it was never attached)."""
+        BDM.delete().where(BDM.id == bdm_id).execute()
+
+    # -- DetachVolume -----------------------------------------------------------------------
+
+    @staticmethod
+    def take_for_detach(bdm: BDM, owner: str) -> bool:
+        """attached -> detaching, one compare-and-swap; False when the row is
+        not attached (another operation runs)."""
+        return bool(BDM.update(state="detaching", progress="bdm_detaching",
+                               owner=owner, updated_at=utcnow())
+                    .where((BDM.id == bdm.id) & (BDM.state == "attached")).execute())
+
+    @staticmethod
+    def soft_delete(bdm_id: int) -> None:
+        now = utcnow()
+        BDM.update(deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete",
+                   owner=None).where(BDM.id == bdm_id).execute()
+
+    # -- connection_info at rest ---------------------------------------------------------
+
+    def seal(self, info: types_pb2.ConnectionInfo) -> str:
+        """connection_info as stored on the BDM: the CHAP secret encrypted."""
+        data = json_format.MessageToDict(info, preserving_proto_field_name=True)
+        password = data.get("data", {}).pop("auth_password", "")
+        if password:
+            data["data"]["auth_password_encrypted"] = self.secretbox.encrypt(password)
+        return json.dumps(data, sort_keys=True)
+
+    def unseal(self, text: str | None) -> types_pb2.ConnectionInfo:
+        info = types_pb2.ConnectionInfo()
+        if not text:
+            return info
+        data = json.loads(text)
+        sealed = data.get("data", {}).pop("auth_password_encrypted", "")
+        json_format.ParseDict(data, info)
+        if sealed:
+            info.data.auth_password = self.secretbox.decrypt(sealed)
+        return info
+
+    @staticmethod
+    def connector_of(bdm: BDM) -> types_pb2.Connector:
+        return json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
+
+    # -- recovery (server/reconciler.py) ------------------------------------------------------
+
+    @staticmethod
+    def heartbeat(instance_id: str) -> None:
+        (FacadeInstance.insert(id=instance_id, heartbeat_at=utcnow())
+         .on_conflict(conflict_target=[FacadeInstance.id],
+                      update={FacadeInstance.heartbeat_at: utcnow()})
+         .execute())
+
+    @staticmethod
+    def forget_instances(silent_for: float) -> None:
+        """Drop the rows of facade instances silent for that many seconds."""
+        FacadeInstance.delete().where(
+            FacadeInstance.heartbeat_at < utcnow() - datetime.timedelta(seconds=silent_for)
+        ).execute()
+
+    @staticmethod
+    def orphans(lease: float) -> list[BDM]:
+        """Unfinished operations whose owner is nobody or has been silent
+        for lease seconds."""
+        cutoff = utcnow() - datetime.timedelta(seconds=lease)
+        alive = FacadeInstance.select(FacadeInstance.id).where(
+            FacadeInstance.heartbeat_at >= cutoff)
+        return list(BDM.select().where(
+            (BDM.deleted == 0) & BDM.state.in_(["attaching", "detaching"])
+            & (BDM.owner.is_null() | BDM.owner.not_in(alive))).order_by(BDM.id))
+
+    @staticmethod
+    def claim(bdm: BDM, owner: str) -> bool:
+        """Take an orphan, one compare-and-swap on its owner: False when
+        another replica took it first."""
+        previous = BDM.owner.is_null() if bdm.owner is None else (BDM.owner == bdm.owner)
+        return bool(BDM.update(owner=owner, updated_at=utcnow())
+                    .where((BDM.id == bdm.id) & (BDM.deleted == 0) & previous
+                           & (BDM.state == bdm.state)).execute())

@@ -1,0 +1,155 @@
+"""The facade's typed calls to the Controller and to a Node: one method per
+RPC, plain arguments in, the useful part of the answer out. Each takes the
+time it may use: the caller's Deadline for a forward step, or seconds for an
+undo step (which gets UNDO_TIMEOUT even when the caller's time is up)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vmattach.common.errors import DeadlineExceeded, VmattachError
+from vmattach.common.grpcutil import call
+from vmattach.v1 import controller_pb2 as cpb
+from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
+from vmattach.v1 import node_pb2 as npb
+
+LOG = logging.getLogger(__name__)
+
+# Time given to each undo step, even when the caller's deadline has passed.
+UNDO_TIMEOUT = 15.0
+# A node's unpublish waits for the guest to release the disk: more time.
+UNPUBLISH_TIMEOUT = UNDO_TIMEOUT * 4
+
+
+class Deadline:
+    """The time left on the incoming call, shared out to downstream calls."""
+
+    def __init__(self, seconds: float):
+        self.expires = time.monotonic() + seconds
+
+    @classmethod
+    def of(cls, context, cap: float) -> Deadline:
+        # with no client deadline grpc reports a huge number (or None)
+        remaining = context.time_remaining() if context is not None else None
+        return cls(min(remaining, cap) if remaining is not None else cap)
+
+    def left(self) -> float:
+        return max(self.expires - time.monotonic(), 0.0)
+
+    def remaining(self) -> float:
+        """The time left for the next downstream call; DeadlineExceeded when none."""
+        left = self.left()
+        if left <= 0.001:
+            raise DeadlineExceeded("deadline exceeded", reason="DEADLINE_EXCEEDED")
+        return left
+
+
+Time = Deadline | float
+
+
+def _seconds(timeout: Time) -> float:
+    return timeout.remaining() if isinstance(timeout, Deadline) else timeout
+
+
+class ControllerCalls:
+    """The Controller (Cinder's role) as the facade uses it."""
+
+    def __init__(self, stub: controller_pb2_grpc.ControllerStub):
+        self.stub = stub
+
+    def get_volume(self, volume_id: str, timeout: Time) -> cpb.Volume:
+        return call(self.stub.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id),
+                    timeout=_seconds(timeout))
+
+    def reserve(self, volume_id: str, server_id: str, timeout: Time) -> None:
+        call(self.stub.ReserveVolume,
+             cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id),
+             timeout=_seconds(timeout))
+
+    def unreserve(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
+        call(self.stub.UnreserveVolume,
+             cpb.UnreserveVolumeRequest(volume_id=volume_id, server_id=server_id),
+             timeout=_seconds(timeout))
+
+    def publish(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
+                timeout: Time) -> types_pb2.ConnectionInfo:
+        """initialize_connection: export the volume to the connector's host."""
+        return call(self.stub.ControllerPublishVolume, cpb.ControllerPublishVolumeRequest(
+            volume_id=volume_id, server_id=server_id, connector=connector),
+            timeout=_seconds(timeout)).connection_info
+
+    def unpublish(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
+                  timeout: Time = UNDO_TIMEOUT) -> None:
+        """terminate_connection."""
+        call(self.stub.ControllerUnpublishVolume, cpb.ControllerUnpublishVolumeRequest(
+            volume_id=volume_id, server_id=server_id, connector=connector),
+            timeout=_seconds(timeout))
+
+    def mark_attached(self, volume_id: str, server_id: str, device: str,
+                      timeout: Time) -> None:
+        """os-attach."""
+        call(self.stub.MarkAttached, cpb.MarkAttachedRequest(
+            volume_id=volume_id, server_id=server_id, mountpoint=device, mode="rw"),
+            timeout=_seconds(timeout))
+
+    def begin_detaching(self, volume_id: str, server_id: str, timeout: Time) -> None:
+        call(self.stub.BeginDetaching,
+             cpb.BeginDetachingRequest(volume_id=volume_id, server_id=server_id),
+             timeout=_seconds(timeout))
+
+    def roll_detaching(self, volume_id: str, server_id: str,
+                       timeout: Time = UNDO_TIMEOUT) -> None:
+        """Back to in-use; a failure is only logged (the volume then shows
+        `detaching` until the next detach or the audit)."""
+        try:
+            call(self.stub.RollDetaching,
+                 cpb.RollDetachingRequest(volume_id=volume_id, server_id=server_id),
+                 timeout=_seconds(timeout))
+        except VmattachError as exc:
+            LOG.error("roll detaching of %s failed: %s", volume_id, exc)
+
+    def mark_detached(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
+        """os-detach."""
+        call(self.stub.MarkDetached,
+             cpb.MarkDetachedRequest(volume_id=volume_id, server_id=server_id),
+             timeout=_seconds(timeout))
+
+
+class NodeCalls:
+    """One Node (os-brick's and libvirt's role) as the facade uses it."""
+
+    def __init__(self, stub: node_pb2_grpc.NodeStub):
+        self.stub = stub
+
+    def connector(self, timeout: Time) -> types_pb2.Connector:
+        return call(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(),
+                    timeout=_seconds(timeout)).connector
+
+    def stage(self, volume_id: str, info: types_pb2.ConnectionInfo,
+              timeout: Time) -> npb.StagedVolume:
+        return call(self.stub.NodeStageVolume, npb.NodeStageVolumeRequest(
+            volume_id=volume_id, connection_info=info), timeout=_seconds(timeout)).staged
+
+    def unstage(self, volume_id: str, info: types_pb2.ConnectionInfo,
+                timeout: Time = UNDO_TIMEOUT) -> None:
+        # disconnecting needs the target, never the CHAP secret: it does not travel
+        bare = types_pb2.ConnectionInfo()
+        bare.CopyFrom(info)
+        bare.data.ClearField("auth_password")
+        call(self.stub.NodeUnstageVolume, npb.NodeUnstageVolumeRequest(
+            volume_id=volume_id, connection_info=bare), timeout=_seconds(timeout))
+
+    def publish(self, server_id: str, volume_id: str, device: str,
+                info: types_pb2.ConnectionInfo, staged: npb.StagedVolume,
+                timeout: Time) -> None:
+        call(self.stub.NodePublishVolume, npb.NodePublishVolumeRequest(
+            server_id=server_id, volume_id=volume_id, device=device,
+            connection_info=info, staged=staged), timeout=_seconds(timeout))
+
+    def unpublish(self, server_id: str, volume_id: str,
+                  timeout: Time = UNPUBLISH_TIMEOUT) -> None:
+        """Detach the disk and wait for the guest; FailedPrecondition when the
+        guest never releases it."""
+        call(self.stub.NodeUnpublishVolume, npb.NodeUnpublishVolumeRequest(
+            server_id=server_id, volume_id=volume_id), timeout=_seconds(timeout))
