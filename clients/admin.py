@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vmattach.common import auth, pki
 from vmattach.common.config import Settings
-from vmattach.common.db import close_database, open_database, with_connection, write_transaction
+from vmattach.common.db import close_database, open_database
 from vmattach.common.secretbox import SecretBox, add_key, key_file, read_keys, write_keys
 
 LOG = logging.getLogger(__name__)
@@ -39,56 +39,15 @@ def tokens(settings: Settings) -> _Tokens:
 
 # -- key rotation -----------------------------------------------------------------------------
 
-class _Rows:
-    """The stored secrets of one database, re-encrypted with a box."""
-
-    def __init__(self, db, box: SecretBox):
-        self.db, self.box = db, box
-
-    @with_connection
-    def controller(self) -> int:
-        from vmattach.controller.models import Volume
-        count = 0
-        with write_transaction(self.db):
-            for volume in Volume.select(Volume.id, Volume.chap_secret).where(
-                    Volume.chap_secret.is_null(False)):
-                Volume.update(chap_secret=self.box.rotate(volume.chap_secret)).where(
-                    Volume.id == volume.id).execute()
-                count += 1
-        return count
-
-    @with_connection
-    def servers(self) -> int:
-        import json
-
-        from vmattach.server.models import BlockDeviceMapping as BDM
-        count = 0
-        with write_transaction(self.db):
-            for bdm in BDM.select(BDM.id, BDM.connection_info).where(
-                    BDM.connection_info.is_null(False)):
-                data = json.loads(bdm.connection_info)
-                sealed = data.get("data", {}).get("auth_password_encrypted")
-                if not sealed:
-                    continue
-                data["data"]["auth_password_encrypted"] = self.box.rotate(sealed)
-                BDM.update(connection_info=json.dumps(data, sort_keys=True)).where(
-                    BDM.id == bdm.id).execute()
-                count += 1
-        return count
-
-
 def rotate_key(settings: Settings) -> dict[str, int]:
     """Add a new key to each key file in use, re-encrypt every stored secret
     with it, then keep only the new key and the one before it (which still
     reads what a running process wrote before it re-read the file).
     Returns the number of secrets re-encrypted per service."""
-    from vmattach.controller.models import MODELS as CONTROLLER_MODELS
-    from vmattach.server.models import MODELS as SERVERS_MODELS
+    from vmattach.clients.serve import SECRET_STORES
     done: dict[str, int] = {}
-    plan = [("controller", "secret.key", CONTROLLER_MODELS),
-            ("servers", "servers-secret.key", SERVERS_MODELS)]
     rotated: dict[Path, list[bytes]] = {}
-    for service, name, models in plan:
+    for service, name, models, rotate in SECRET_STORES:
         path = key_file(settings, name)
         url = settings.database_url_for(service)
         if not path.exists() and not settings.secret_key_file:
@@ -100,8 +59,7 @@ def rotate_key(settings: Settings) -> dict[str, int]:
             rotated[path] = add_key(path)
         db = open_database(url, models)
         try:
-            rows = _Rows(db, SecretBox(rotated[path], path))
-            done[service] = rows.controller() if service == "controller" else rows.servers()
+            done[service] = rotate(db, SecretBox(rotated[path], path))
         finally:
             close_database(db)
     for path, keys in rotated.items():

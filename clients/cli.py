@@ -56,7 +56,7 @@ def _client(args):
 
 
 def cmd_serve(args) -> int:
-    from vmattach.server.app import serve
+    from vmattach.clients.serve import serve
     return serve(config.load(args))
 
 

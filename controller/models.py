@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import peewee
 
-from vmattach.common.db import utcnow
+from vmattach.common.db import utcnow, write_transaction
 from vmattach.common.migrations import Migration, Schema, add_column
 
 
@@ -70,6 +70,19 @@ class Export(BaseModel):
 
 
 MODELS = [Volume, VolumeAttachment, Export]
+
+
+def rotate_secrets(db: peewee.Database, box) -> int:
+    """Re-encrypt every stored CHAP secret with box's newest key (vmattach
+    rotate-key); returns how many."""
+    count = 0
+    with db.connection_context(), write_transaction(db):
+        for volume in Volume.select(Volume.id, Volume.chap_secret).where(
+                Volume.chap_secret.is_null(False)):
+            Volume.update(chap_secret=box.rotate(volume.chap_secret)).where(
+                Volume.id == volume.id).execute()
+            count += 1
+    return count
 
 
 # -- schema versions (common/migrations.py); every table change adds one -------------

@@ -1,162 +1,82 @@
-"""`vmattach serve`: the services of one process on one listening port."""
+"""Builds the Servers service (the facade) of `vmattach serve`: its database,
+its channels to the Controller and the Nodes, the reconciler."""
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import sys
-import threading
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 
-from vmattach.common import auth, tls
+from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.config import Settings
-from vmattach.common.grpcutil import Service, new_server, start_server
-from vmattach.common.periodic import every
-from vmattach.common.runner import CommandRunner
+from vmattach.common.db import close_database, open_database
+from vmattach.common.grpcutil import Service, channel
+from vmattach.common.secretbox import SecretBox
+from vmattach.common.tls import TlsFiles
+from vmattach.server.calls import ControllerCalls
+from vmattach.server.facade import Facade
+from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
+from vmattach.server.faults import Faults
+from vmattach.server.models import MODELS, SCHEMA
+from vmattach.server.nodes import NodeDirectory
+from vmattach.server.reconciler import Reconciler
+from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
-LOG = logging.getLogger(__name__)
+
+def service_secret(settings: Settings) -> str:
+    """The service token this deployment's processes accept (none with --auth none)."""
+    if settings.auth == "none":
+        return ""
+    from vmattach.common.auth import service_token
+    return service_token(settings.service_token_path())
 
 
-def build_controller(settings: Settings, runner: CommandRunner) -> Service:
-    from vmattach.common.db import close_database, open_database
-    from vmattach.common.secretbox import SecretBox
-    from vmattach.controller.models import MODELS, SCHEMA
-    from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
-    from vmattach.controller.tgt import TgtAdm, check_iqn_prefix
-    from vmattach.controller.volumes import VolumeManager
-    from vmattach.v1 import controller_pb2_grpc
+def connector(settings: Settings, internal_address: str | None,
+              service_secret: str) -> Callable[[str], grpc.Channel]:
+    """How the facade opens its channels to the Controller and the Nodes:
+    with the service certificate over TLS when TLS is configured; in plain
+    text (the process's own loopback server, or a deployment without TLS)
+    with the service token."""
+    files = TlsFiles.of(settings)
+    token = [(SERVICE_HEADER, service_secret)] if service_secret else []
 
-    iqn_prefix = check_iqn_prefix(settings.iqn_prefix)
-    db = open_database(settings.database_url_for("controller"), MODELS, SCHEMA,
+    def connect(address: str) -> grpc.Channel:
+        if files.enabled and address != internal_address:
+            return channel(address, tls=files)
+        return channel(address, metadata=token)
+
+    return connect
+
+
+def build_facade(settings: Settings, own_address: str, internal_address: str | None = None,
+                 service_secret: str = "") -> tuple[Facade, Callable[[], None]]:
+    """The Facade with its database, its Controller channel and its nodes;
+    returns it with the function that closes them."""
+    db = open_database(settings.database_url_for("servers"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
-    manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
-                            settings.tgt_portal, SecretBox.for_settings(settings),
-                            settings.max_volume_gb, iqn_prefix=iqn_prefix)
-    def ensure_exports() -> None:
-        restored = manager.ensure_exports()
-        if restored:
-            LOG.warning("re-created %d tgt exports", restored)
+    addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
+    connect = connector(settings, internal_address, service_secret)
+    nodes = NodeDirectory(db, addresses or [own_address], connect)
+    controller_channel = connect(settings.controller_address or own_address)
+    facade = Facade(db, ControllerCalls(controller_pb2_grpc.ControllerStub(controller_channel)),
+                    nodes,
+                    SecretBox.for_settings(settings, "servers-secret.key"),
+                    Faults(settings.fault_injection),
+                    max_volumes_per_server=settings.max_volumes_per_server)
 
-    # at start, and every interval: a restarted tgtd has no targets
-    manager.ensure_exports()
-    stop = threading.Event()
-    every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False)
-    return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
-                   ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)])
+    def close() -> None:
+        nodes.close()
+        controller_channel.close()
+        close_database(db)
 
-
-def build_node(settings: Settings, runner: CommandRunner, hypervisor=None) -> Service:
-    from vmattach.node.app import build, build_with
-    if hypervisor is not None:  # tests and benchmarks pass a fake
-        return build_with(settings, runner, hypervisor)
-    return build(settings, runner)
+    return facade, close
 
 
-def build_servers(settings: Settings, own_address: str, internal_address: str | None,
-                  service_secret: str) -> Service:
-    from vmattach.server.facade_app import build
-    return build(settings, own_address, internal_address, service_secret)
-
-
-class Running:
-    """A started vmattach server: its port, services and a stop()."""
-
-    def __init__(self, server: grpc.Server, port: int, services: list[Service],
-                 internal: grpc.Server | None = None, on_stop=()):
-        self.server, self.port, self.services, self.internal = server, port, services, internal
-        self.on_stop = list(on_stop)
-
-    def stop(self, grace: float = 5.0) -> None:
-        self.server.stop(grace).wait()
-        if self.internal is not None:
-            self.internal.stop(grace).wait()
-        for svc in self.services:
-            for hook in svc.on_stop:
-                hook()
-        for hook in self.on_stop:
-            hook()
-
-
-def private_state_dir(settings: Settings) -> None:
-    """The state directory exists and only its owner may enter it."""
-    path = Path(settings.state_dir)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
-def authenticator(settings: Settings, names: list[str]) -> tuple[auth.Authenticator, list]:
-    """The Authenticator of this process and the hooks that close it."""
-    if settings.auth == "none":
-        return auth.Authenticator("none"), []
-    secret = auth.service_token(settings.service_token_path())
-    if not {"controller", "servers"} & set(names):
-        return auth.Authenticator("token", None, secret), []  # a Node: internal RPCs only
-    from vmattach.common.db import close_database, open_database
-    db = open_database(settings.database_url_for("auth"), auth.MODELS)
-    return (auth.Authenticator("token", auth.TokenStore(db), secret),
-            [lambda: close_database(db)])
-
-
-def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None,
-          interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Running:
-    """Bind, build the services, start. The servers facade talks to the
-    Controller and Node of its own process (unless other addresses are
-    configured) through a second, loopback-only server with threads of its
-    own, so that facade calls in flight can never starve the calls they make.
-    Tests pass interceptors (both servers get them) to record or delay calls."""
-    names = settings.service_list()
-    tls.check_listen(settings)
-    runner = runner or CommandRunner()
-    private_state_dir(settings)
-    authn, closers = authenticator(settings, names)
-    files = tls.TlsFiles.of(settings)
-    credentials = files.server_credentials() if files.enabled else None
-    server, port = new_server(settings.listen, interceptors=interceptors,
-                              credentials=credentials, authenticator=authn)
-    services: list[Service] = []
-    if "controller" in names:
-        services.append(build_controller(settings, runner))
-    if "node" in names:
-        services.append(build_node(settings, runner, hypervisor))
-    internal = None
-    if "servers" in names:
-        own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
-        internal_address = None
-        if services:
-            # loopback only, plain text: the facade's calls carry the service token
-            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors,
-                                                 authenticator=authn)
-            start_server(internal, services)
-            own_address = internal_address = f"127.0.0.1:{internal_port}"
-        services.append(build_servers(settings, own_address, internal_address,
-                                      authn.service_secret))
-    start_server(server, services)
-    return Running(server, port, services, internal, closers)
-
-
-def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    running = start(settings)
-    if settings.auth == "none":
-        LOG.warning("--auth none: every caller on this host may call every RPC, unauthenticated")
-    host = settings.listen.rsplit(":", 1)[0]
-    print(f"listening on {host}:{running.port}", flush=True)
-    LOG.info("serving %s on port %d (pid %d)", settings.services, running.port, os.getpid())
-    stopped = threading.Event()
-
-    def on_signal(signum, frame):
-        LOG.info("signal %d: stopping", signum)
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
-    running.stop()
-    LOG.info("stopped")
-    return 0
+def build(settings: Settings, own_address: str, internal_address: str | None = None,
+          service_secret: str = "") -> Service:
+    facade, close = build_facade(settings, own_address, internal_address, service_secret)
+    facade.nodes.run_periodic(settings.server_refresh_interval)
+    reconciler = Reconciler(facade, settings.owner_lease)
+    reconciler.run_periodic(settings.reconcile_interval)
+    return Service(SERVICE_NAME, servers_pb2_grpc.add_ServersServicer_to_server,
+                   ServersServicer(facade), on_stop=[reconciler.stop, close])

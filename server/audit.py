@@ -85,7 +85,7 @@ def node_addresses(settings: Settings) -> list[str]:
 
 def _channel(settings: Settings, address: str):
     """A channel with the service role (the facade's own credentials)."""
-    from vmattach.server.facade_app import connector, service_secret
+    from vmattach.server.app import connector, service_secret
     return connector(settings, None, service_secret(settings))(address)
 
 
@@ -239,7 +239,7 @@ EXPORT_KINDS = ("export-missing-at-tgtd", "export-without-connection", "acl-mism
 def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[str]:
     """Fix each divergence through the services' RPCs (and the reconciler);
     returns what it could not fix."""
-    from vmattach.server.facade_app import build_facade, service_secret
+    from vmattach.server.app import build_facade, service_secret
     from vmattach.server.reconciler import Reconciler
     facade, close = build_facade(settings, settings.listen, None, service_secret(settings))
     failed: list[str] = []

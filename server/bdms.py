@@ -184,6 +184,24 @@ class BdmStore:
         return info
 
     @staticmethod
+    def rotate_secrets(db: peewee.Database, box: SecretBox) -> int:
+        """Re-seal every stored CHAP secret with box's newest key (vmattach
+        rotate-key); returns how many."""
+        count = 0
+        with db.connection_context(), write_transaction(db):
+            for bdm in BDM.select(BDM.id, BDM.connection_info).where(
+                    BDM.connection_info.is_null(False)):
+                data = json.loads(bdm.connection_info)
+                sealed = data.get("data", {}).get("auth_password_encrypted")
+                if not sealed:
+                    continue
+                data["data"]["auth_password_encrypted"] = box.rotate(sealed)
+                BDM.update(connection_info=json.dumps(data, sort_keys=True)).where(
+                    BDM.id == bdm.id).execute()
+                count += 1
+        return count
+
+    @staticmethod
     def connector_of(bdm: BDM) -> types_pb2.Connector:
         return json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
 

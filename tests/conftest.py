@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from tests.support.tgtd import TgtDaemon
+from vmattach.clients.serve import Running, start
 from vmattach.common.config import Settings
-from vmattach.server.app import Running, start
 
 # `make test` sets this: there a missing real stack is a failure, not a skip.
 REQUIRE_REALSTACK = os.environ.get("VMATTACH_REQUIRE_REALSTACK") == "1"

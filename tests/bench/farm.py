@@ -1,5 +1,5 @@
 """The fake nodes of the scale benchmark, in one extra process: one Node
-service per fake node (server.app.start with services=node on its own
+service per fake node (clients.serve.start with services=node on its own
 loopback port, on a FakeHypervisor of its own), each hosting --domains
 fake domains. Prints `ready ADDR,ADDR,...`; SIGTERM stops them all.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import fake_hypervisor
+from vmattach.clients.serve import start
 from vmattach.common.config import Settings
-from vmattach.server.app import start
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """The benchmark's vmattach server: the three services in one process (the
-all-in-one), built with server.app.start, the Node on the FAKE hypervisor
+all-in-one), built with clients.serve.start, the Node on the FAKE hypervisor
 with N fake domains, the Controller on SQLite with a fake or a real tgtd.
 
     python -m tests.bench.server --state-dir D --domains 64 [--tgt fake|real]
@@ -29,8 +29,8 @@ import grpc
 
 from tests.bench.common import INITIATOR, node_id
 from tests.bench.fakes import BenchTgtRunner, fake_hypervisor
+from vmattach.clients.serve import start
 from vmattach.common.config import Settings
-from vmattach.server.app import start
 
 
 class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
@@ -46,7 +46,7 @@ class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
 
 def install_counter() -> CountingInterceptor:
     """Wrap every channel the facade opens (to the Controller and the Nodes)."""
-    import vmattach.server.facade_app
+    import vmattach.server.app
     import vmattach.server.nodes
     from vmattach.common.grpcutil import channel as plain_channel
     counter = CountingInterceptor()
@@ -54,7 +54,7 @@ def install_counter() -> CountingInterceptor:
     def counting_channel(address: str, retries: bool = True, **kw):
         return grpc.intercept_channel(plain_channel(address, retries, **kw), counter)
 
-    vmattach.server.facade_app.channel = counting_channel
+    vmattach.server.app.channel = counting_channel
     vmattach.server.nodes.channel = counting_channel
     return counter
 

@@ -49,7 +49,7 @@ def test_list_shows_the_controller_health_and_reflection(controller):
 
 
 def test_list_shows_all_three_services_of_an_all_in_one_server(tmp_path, tgtd, serve):
-    for module in ("vmattach.node.app", "vmattach.server.facade_app"):
+    for module in ("vmattach.node.app", "vmattach.server.app"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not implemented yet")
     need("virsh")

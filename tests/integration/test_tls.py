@@ -15,12 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import make_settings
 from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.clients.serve import start
 from vmattach.common import pki
 from vmattach.common.config import Settings
 from vmattach.common.errors import InvalidArgument
 from vmattach.common.grpcutil import call, channel
 from vmattach.common.tls import TlsFiles
-from vmattach.server.app import start
 from vmattach.v1 import node_pb2, node_pb2_grpc
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))

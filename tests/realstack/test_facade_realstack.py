@@ -18,10 +18,10 @@ from tests.conftest import make_settings, need
 from tests.support.guest import TestGuest, ensure_guest_image, virsh
 from tests.support.tgtd import TgtDaemon
 from vmattach.clients.client import VmattachClient
+from vmattach.clients.serve import start
 from vmattach.common.errors import VmattachError
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
-from vmattach.server.app import start
 from vmattach.server.models import BlockDeviceMapping as BDM
 
 pytestmark = pytest.mark.realstack

@@ -21,10 +21,10 @@ import pytest
 from tests.conftest import REQUIRE_REALSTACK, make_settings, need
 from tests.support.guest import GuestError, TestGuest, ensure_guest_image, virsh
 from tests.support.tgtd import TgtDaemon
+from vmattach.clients.serve import Running, start
 from vmattach.common.config import Settings
 from vmattach.common.grpcutil import call, channel
 from vmattach.controller.tgt import parse_show
-from vmattach.server.app import Running, start
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
 from vmattach.v1 import node_pb2 as npb

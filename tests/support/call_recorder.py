@@ -1,5 +1,5 @@
 """CallRecorder: a gRPC server interceptor for tests (pass it to
-vmattach.server.app.start(..., interceptors=[recorder])) that records every
+vmattach.clients.serve.start(..., interceptors=[recorder])) that records every
 vmattach call a server receives and can make chosen calls go wrong:
 
 - fail(name): answer INTERNAL without running the handler (nothing happened);

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, server_id in enumerate(server_uuids(args.seed, args.servers)):
         hv.add_domain(f"instance-{i:04d}", uuid=server_id)
 
-    from vmattach.server.app import start
+    from vmattach.clients.serve import start
     running = start(settings, hypervisor=hv)
     host = settings.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)

@@ -1,0 +1,140 @@
+"""`vmattach serve`: the services of one process on one listening port.
+
+The one module that wires the Controller (controller/app.py), the Node
+(node/app.py) and the servers facade (server/app.py) together: nothing else
+imports more than one of controller/, node/ and server/
+(tests/unit/test_import_map.py holds that)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from vmattach.common import auth, tls
+from vmattach.common.config import Settings
+from vmattach.common.grpcutil import Service, new_server, start_server
+from vmattach.common.runner import CommandRunner
+from vmattach.controller import app as controller_app
+from vmattach.controller import models as controller_models
+from vmattach.node import app as node_app
+from vmattach.server import app as servers_app
+from vmattach.server import models as servers_models
+from vmattach.server.bdms import BdmStore
+
+LOG = logging.getLogger(__name__)
+
+# Where each service keeps secrets at rest, for `vmattach rotate-key`:
+# (service, key file, its models, the function that re-encrypts its rows).
+SECRET_STORES = [
+    ("controller", "secret.key", controller_models.MODELS, controller_models.rotate_secrets),
+    ("servers", "servers-secret.key", servers_models.MODELS, BdmStore.rotate_secrets),
+]
+
+
+class Running:
+    """A started vmattach server: its port, services and a stop()."""
+
+    def __init__(self, server: grpc.Server, port: int, services: list[Service],
+                 internal: grpc.Server | None = None, on_stop=()):
+        self.server, self.port, self.services, self.internal = server, port, services, internal
+        self.on_stop = list(on_stop)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace).wait()
+        if self.internal is not None:
+            self.internal.stop(grace).wait()
+        for svc in self.services:
+            for hook in svc.on_stop:
+                hook()
+        for hook in self.on_stop:
+            hook()
+
+
+def private_state_dir(settings: Settings) -> None:
+    """The state directory exists and only its owner may enter it."""
+    path = Path(settings.state_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def authenticator(settings: Settings, names: list[str]) -> tuple[auth.Authenticator, list]:
+    """The Authenticator of this process and the hooks that close it."""
+    if settings.auth == "none":
+        return auth.Authenticator("none"), []
+    secret = auth.service_token(settings.service_token_path())
+    if not {"controller", "servers"} & set(names):
+        return auth.Authenticator("token", None, secret), []  # a Node: internal RPCs only
+    from vmattach.common.db import close_database, open_database
+    db = open_database(settings.database_url_for("auth"), auth.MODELS)
+    return (auth.Authenticator("token", auth.TokenStore(db), secret),
+            [lambda: close_database(db)])
+
+
+def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None,
+          interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Running:
+    """Bind, build the services, start. The servers facade talks to the
+    Controller and Node of its own process (unless other addresses are
+    configured) through a second, loopback-only server with threads of its
+    own, so that facade calls in flight can never starve the calls they make.
+    Tests pass interceptors (both servers get them) to record or delay calls."""
+    names = settings.service_list()
+    tls.check_listen(settings)
+    runner = runner or CommandRunner()
+    private_state_dir(settings)
+    authn, closers = authenticator(settings, names)
+    files = tls.TlsFiles.of(settings)
+    credentials = files.server_credentials() if files.enabled else None
+    server, port = new_server(settings.listen, interceptors=interceptors,
+                              credentials=credentials, authenticator=authn)
+    services: list[Service] = []
+    if "controller" in names:
+        services.append(controller_app.build(settings, runner))
+    if "node" in names:
+        # tests and benchmarks pass a fake hypervisor
+        services.append(node_app.build(settings, runner) if hypervisor is None
+                        else node_app.build_with(settings, runner, hypervisor))
+    internal = None
+    if "servers" in names:
+        own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
+        internal_address = None
+        if services:
+            # loopback only, plain text: the facade's calls carry the service token
+            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors,
+                                                 authenticator=authn)
+            start_server(internal, services)
+            own_address = internal_address = f"127.0.0.1:{internal_port}"
+        services.append(servers_app.build(settings, own_address, internal_address,
+                                          authn.service_secret))
+    start_server(server, services)
+    return Running(server, port, services, internal, closers)
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    running = start(settings)
+    if settings.auth == "none":
+        LOG.warning("--auth none: every caller on this host may call every RPC, unauthenticated")
+    host = settings.listen.rsplit(":", 1)[0]
+    print(f"listening on {host}:{running.port}", flush=True)
+    LOG.info("serving %s on port %d (pid %d)", settings.services, running.port, os.getpid())
+    stopped = threading.Event()
+
+    def on_signal(signum, frame):
+        LOG.info("signal %d: stopping", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    running.stop()
+    LOG.info("stopped")
+    return 0
