@@ -148,23 +148,3 @@ def test_server_listing_comes_from_the_node(real):
     assert server.name == real.guest.name and server.state == "running"
     assert server.device_prefix == "vd"
     assert real.guest.uuid in {s.server_id for s in real.client.list_servers()}
-
-
-def test_twenty_concurrent_auto_named_attaches_really_reach_the_guest(real):
-    from concurrent.futures import ThreadPoolExecutor
-    volumes = [real.client.create_volume(f"c20-{uuid.uuid4().hex[:8]}", 1).volume_id
-               for _ in range(20)]
-    with ThreadPoolExecutor(20) as pool:
-        attachments = list(pool.map(lambda v: real.client.attach_volume(real.guest.uuid, v),
-                                    volumes))
-    devices = [a.device for a in attachments]
-    assert len(set(devices)) == 20 and "/dev/vda" not in devices
-    assert sorted(domain_serials(real)) == sorted(volumes)
-    for volume_id in volumes:
-        real.guest.wait_disk(volume_id, timeout=60)
-    with ThreadPoolExecutor(20) as pool:
-        list(pool.map(lambda v: real.client.detach_volume(real.guest.uuid, v), volumes))
-    for volume_id in volumes:
-        real.guest.wait_disk_gone(volume_id, timeout=60)
-        assert_clean(real, volume_id)
-        real.client.delete_volume(volume_id)

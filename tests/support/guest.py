@@ -61,6 +61,7 @@ RC_PREFIX = "VMATTACH-RC "
 BEGIN_PREFIX = "VMATTACH-BEGIN-"
 VIRTIO_SERIAL_LEN = 20  # virtio-blk exposes at most 20 bytes of serial
 SCSI_SERIAL_LEN = 36  # QEMU's scsi-hd silently cuts longer serials to 36
+SCSI_CONTROLLERS = 8  # of a guest with a SCSI root disk
 
 _DISK_LINE = re.compile(r"^(DISK-ADDED|DISK-REMOVED|DISK) (name=\S*(?: \w+=\S*)*)\s*$")
 
@@ -115,13 +116,16 @@ def ensure_guest_image(guest_dir: str | os.PathLike | None = None, timeout: floa
     return d
 
 
-def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | None = None) -> str:
-    """The transient domain XML for a test guest of the given kind.
+def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | None = None,
+               scsi_root: str | os.PathLike | None = None) -> str:
+    """The domain XML for a test guest of the given kind.
 
     kind 'linux': the tiny Linux guest, 96 MiB, serial console on a pty.
     kind 'diskless': no OS at all (enough for hot-plug to reach QEMU).
     Both have ACPI (PCI hot-plug) and an explicit virtio-scsi controller (so
-    libvirt does not hot-add an lsilogic one).
+    libvirt does not hot-add an lsilogic one). scsi_root: a file attached as
+    sda on the SCSI bus (the guest still boots from its kernel and initramfs),
+    so that the server's disks are named sd*.
     """
     if kind not in ("linux", "diskless"):
         raise ValueError(f"unknown guest kind {kind!r} (expected 'linux' or 'diskless')")
@@ -146,6 +150,16 @@ def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | No
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "emulator").text = shutil.which("qemu-system-x86_64") or EMULATOR
     ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    if scsi_root is not None:
+        # libvirt puts 7 SCSI disks on a controller: controllers for 56 disks
+        # from the start, none hot-plugged while disks arrive
+        for index in range(1, SCSI_CONTROLLERS):
+            ET.SubElement(devices, "controller", type="scsi", index=str(index),
+                          model="virtio-scsi")
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=str(scsi_root))
+        ET.SubElement(disk, "target", dev="sda", bus="scsi")
     if kind == "linux":
         serial = ET.SubElement(devices, "serial", type="pty")
         ET.SubElement(serial, "target", port="0")
@@ -232,6 +246,8 @@ class TestGuest:
         self._cmd_output: list[str] = []
         self._cmd_rc: int | None = None
         self._cmd_seq = 0
+        self._persistent = False
+        self._root_file: str | None = None
         self.boot_seconds: float | None = None
 
     # ---- properties ------------------------------------------------------
@@ -255,11 +271,21 @@ class TestGuest:
     def pty_path(self) -> str | None:
         return self._pty_path
 
+    @property
+    def persistent(self) -> bool:
+        return self._persistent
+
     # ---- life cycle ------------------------------------------------------
     @_HybridMethod
     def start(self, uri: str = DEFAULT_URI, name: str | None = None, kind: str = "linux",
-              guest_dir: str | os.PathLike | None = None, ready_timeout: float = 60.0) -> TestGuest:
-        """Create the transient domain; for kind 'linux' wait for the ready marker."""
+              guest_dir: str | os.PathLike | None = None, ready_timeout: float = 60.0,
+              persistent: bool = False, scsi_root: bool = False) -> TestGuest:
+        """Create the domain; for kind 'linux' wait for the ready marker.
+
+        A transient domain by default; persistent=True defines it first (its
+        persistent definition survives restart(); destroy() undefines it).
+        scsi_root=True gives it a small sda on the SCSI bus (a file of its own).
+        """
         if self._uuid is not None:
             raise GuestError(f"guest {self._name} already started")
         if kind not in ("linux", "diskless"):
@@ -267,15 +293,25 @@ class TestGuest:
         if kind == "linux" and not guest_image_available(guest_dir):
             raise GuestError(f"no test guest image in {guest_dir or DEFAULT_GUEST_DIR}; "
                              f"run {BUILD_SCRIPT} (or ensure_guest_image())")
-        self._uri, self._kind = uri, kind
+        self._uri, self._kind, self._persistent = uri, kind, persistent
         self._name = name or f"vmattach-test-{uuidlib.uuid4().hex[:8]}"
-        xml = domain_xml(self._name, kind, guest_dir)
-        with tempfile.NamedTemporaryFile("w", prefix="vmattach-dom-", suffix=".xml") as f:
-            f.write(xml)
-            f.flush()
-            t0 = time.monotonic()
-            virsh(uri, "create", f.name)
+        if scsi_root:
+            fd, self._root_file = tempfile.mkstemp(prefix=f"{self._name}-sda-", suffix=".img")
+            os.ftruncate(fd, 1 << 20)
+            os.close(fd)
+        xml = domain_xml(self._name, kind, guest_dir, scsi_root=self._root_file)
+        t0 = time.monotonic()
         try:
+            with tempfile.NamedTemporaryFile("w", prefix="vmattach-dom-", suffix=".xml") as f:
+                f.write(xml)
+                f.flush()
+                t0 = time.monotonic()
+                if persistent:
+                    virsh(uri, "define", f.name)
+                    self._uuid = virsh(uri, "domuuid", self._name).stdout.strip()
+                    virsh(uri, "start", self._uuid)
+                else:
+                    virsh(uri, "create", f.name)
             self._uuid = virsh(uri, "domuuid", self._name).stdout.strip()
             if kind == "linux":
                 self._open_console()
@@ -285,20 +321,60 @@ class TestGuest:
         except BaseException:
             if self._uuid is None:  # created but uuid unknown: fall back to the unique name
                 virsh(uri, "destroy", self._name, check=False)
+                if persistent:
+                    virsh(uri, "undefine", self._name, check=False)
             self.destroy()
             raise
         return self
 
+    def restart(self, ready_timeout: float = 60.0) -> None:
+        """Power a persistent guest off and start it again from its persistent
+        definition (what a host reboot or `virsh destroy; virsh start` does);
+        waits for the ready marker. Disks seen before are forgotten."""
+        if not self._persistent or self._uuid is None:
+            raise GuestError(f"guest {self._name} is not a started persistent domain")
+        virsh(self._uri, "destroy", self._uuid)
+        self._close_console()
+        with self._cond:
+            self._ready = False
+            self._closed = False
+            self._present.clear()
+        t0 = time.monotonic()
+        virsh(self._uri, "start", self._uuid)
+        if self._kind == "linux":
+            self._open_console()
+            self._wait(lambda: self._ready, ready_timeout,
+                       f"guest {self._name} did not print {READY_MARKER} after a restart")
+            self.boot_seconds = time.monotonic() - t0
+
+    def persistent_serials(self) -> list[str]:
+        """The serials of the disks in the persistent (inactive) definition."""
+        xml = virsh(self._uri, "dumpxml", "--inactive", self._uuid or "").stdout
+        root = ET.fromstring(xml)
+        return [d.findtext("serial") or "" for d in root.findall("devices/disk")
+                if d.findtext("serial")]
+
     def destroy(self) -> None:
-        """Destroy this domain (by uuid) and close the console; idempotent."""
+        """Destroy this domain (by uuid; a persistent one is undefined too) and
+        close the console; idempotent."""
         errors = []
         if self._uuid is not None:
             proc = virsh(self._uri, "destroy", self._uuid, check=False)
             if proc.returncode != 0 and "not found" not in proc.stderr.lower() \
                     and "not running" not in proc.stderr.lower():
                 errors.append(proc.stderr.strip())
+            if self._persistent:
+                proc = virsh(self._uri, "undefine", self._uuid, check=False)
+                if proc.returncode != 0 and "not found" not in proc.stderr.lower():
+                    errors.append(proc.stderr.strip())
             self._uuid = None
         self._close_console()
+        if self._root_file is not None:
+            try:
+                os.unlink(self._root_file)
+            except FileNotFoundError:
+                pass
+            self._root_file = None
         if errors:
             raise GuestError(f"destroying {self._name} failed: {'; '.join(errors)}")
 
@@ -380,6 +456,18 @@ class TestGuest:
             if parsed and parsed[0] == "DISK":
                 result.append({k: parsed[1].get(k) for k in ("name", "serial", "size", "sha256")})
         return result
+
+    def serials(self, timeout: float = 60.0) -> dict[str, str]:
+        """{name: serial} of the guest's disks now, read from sysfs by the
+        guest (cheap: no data is read, unlike disks())."""
+        rc, out = self.run(
+            "for d in /sys/block/vd* /sys/block/sd*; do [ -e $d ] || continue; s=; "
+            "if [ -r $d/serial ]; then s=$(cat $d/serial); "
+            "elif [ -r $d/device/vpd_pg80 ]; then s=$(tail -c +5 $d/device/vpd_pg80 | tr -d '\\000'); "
+            "fi; echo ${d##*/} $s; done", timeout=timeout)
+        if rc != 0:
+            raise GuestError(f"listing the disks failed (rc {rc}): {out}")
+        return dict((line.split() + [""])[:2] for line in out.splitlines() if line.strip())
 
     def events(self) -> list[dict[str, Any]]:
         """All DISK-ADDED/DISK-REMOVED events seen so far (with 'event' and 'time')."""
