@@ -86,6 +86,8 @@ class Settings:
     iqn_prefix: str = _opt("iqn.2010-10.org.openstack:volume-", "prefix of the target IQNs"
                            " (the volume id follows); targets are only ever removed when this"
                            " Controller's database has the volume they name")
+    quota_gigabytes: int = _opt(0, "most GiB all volumes together may have (Cinder's gigabytes"
+                                " quota); 0: no quota", int)
     # Node
     node_id: str = _opt("", "this node's id (default: the host name)")
     libvirt_uri: str = _opt("qemu:///system", "libvirt connection URI")

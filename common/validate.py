@@ -21,3 +21,24 @@ def page_size(value: int, default: int = 100, maximum: int = 1000) -> int:
     if value < 0:
         raise InvalidArgument("page_size must not be negative")
     return min(value or default, maximum)
+
+
+MODES = ("rw", "ro")
+MAX_SIZE_GB = 1 << 20  # 1 PiB: above any max_volume_gb; the services check their own limit
+
+
+def require_mode(value: str, field: str = "mode") -> str:
+    """An attach mode: "rw" (the default, for an empty value) or "ro"."""
+    if not value:
+        return "rw"
+    if value not in MODES:
+        raise InvalidArgument(f"{field} {value[:20]!r} must be 'rw' or 'ro'", reason="INVALID_MODE")
+    return value
+
+
+def require_size_gb(value: int, field: str = "size_gb") -> int:
+    """A size in GiB between 1 and MAX_SIZE_GB (the service's own maximum is
+    checked where it is known)."""
+    if not 1 <= value <= MAX_SIZE_GB:
+        raise InvalidArgument(f"{field} must be between 1 and {MAX_SIZE_GB}", reason="INVALID_SIZE")
+    return value

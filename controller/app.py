@@ -27,7 +27,8 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
                        upgrade=settings.db_upgrade)
     manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
                             settings.tgt_portal, SecretBox.for_settings(settings),
-                            settings.max_volume_gb, iqn_prefix=iqn_prefix)
+                            settings.max_volume_gb, iqn_prefix=iqn_prefix,
+                            quota_gigabytes=settings.quota_gigabytes)
 
     def ensure_exports() -> None:
         restored = manager.ensure_exports()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from vmattach.common.validate import page_size, require_uuid
+from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
 from vmattach.controller.models import Volume, VolumeAttachment
 from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
 from vmattach.v1 import controller_pb2 as pb
@@ -37,7 +37,8 @@ def connection_info_to_pb(info: ConnectionInfo) -> types_pb2.ConnectionInfo:
             target_lun=info.target_lun, target_discovered=info.target_discovered,
             auth_method=info.auth_method, auth_username=info.auth_username,
             auth_password=info.auth_password, access_mode=info.access_mode,
-            encrypted=info.encrypted, volume_id=info.volume_id))
+            encrypted=info.encrypted, volume_id=info.volume_id),
+        multiattach=info.multiattach)
 
 
 def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment]) -> pb.Volume:
@@ -80,7 +81,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
                 require_uuid(request.server_id, "server_id"))
 
     def ReserveVolume(self, request, context):
-        return volume_to_pb(*self.m.reserve(*self._ids(request)))
+        attachment_id = request.attachment_id and require_uuid(request.attachment_id,
+                                                               "attachment_id")
+        return volume_to_pb(*self.m.reserve(*self._ids(request), attachment_id,
+                                            require_mode(request.mode)))
 
     def UnreserveVolume(self, request, context):
         return volume_to_pb(*self.m.unreserve(*self._ids(request)))
@@ -96,7 +100,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def MarkAttached(self, request, context):
         volume_id, server_id = self._ids(request)
         return volume_to_pb(*self.m.mark_attached(volume_id, server_id, request.mountpoint,
-                                                 request.mode or "rw"))
+                                                 require_mode(request.mode)))
 
     def BeginDetaching(self, request, context):
         return volume_to_pb(*self.m.begin_detaching(*self._ids(request)))
@@ -122,3 +126,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         return pb.ReconcileExportsResponse(targets_created=done.targets_created,
                                            targets_removed=done.targets_removed,
                                            acls_changed=done.acls_changed)
+
+    def ExtendVolume(self, request, context):
+        return volume_to_pb(*self.m.extend(require_uuid(request.volume_id, "volume_id"),
+                                           require_size_gb(request.new_size_gb, "new_size_gb")))

@@ -4,6 +4,7 @@ Cinder's TgtAdm helper does)."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from vmattach.common.errors import InvalidArgument
@@ -93,6 +94,32 @@ class TgtAdm:
             return False
         raise CommandError(self._argv("--mode", "target", "--op", "show", "--tid", str(tid)),
                            result)
+
+    def has_lun(self, tid: int, lun: int = 1) -> bool:
+        """Whether target tid has a LUN lun with a backing store (lists every
+        target: not for the hot path)."""
+        # (`show --tid` prints the target's parameters only, not its LUNs)
+        target = self.show().get(tid)
+        return target is not None and lun in target.luns
+
+    def reload_lun(self, tid: int, backing_store: str, lun: int = 1, attempts: int = 5) -> None:
+        """Re-create LUN lun on backing_store so that tgtd reads the file's
+        size again (tgtd has no online resize: `--op update --params
+        disk_size=` is refused). Sessions stay logged in; the LUN keeps its
+        SCSI id and serial (made from tid and lun). A LUN with commands in
+        flight is busy for a moment: retried."""
+        for attempt in range(1, attempts + 1):
+            result = self._run("--mode", "logicalunit", "--op", "delete", "--tid", str(tid),
+                               "--lun", str(lun), check=False)
+            out = result.stderr + result.stdout
+            if result.returncode == 0 or "can't find the logical unit" in out:
+                break
+            if attempt == attempts:
+                raise CommandError(self._argv("--mode", "logicalunit", "--op", "delete",
+                                              "--tid", str(tid), "--lun", str(lun)), result)
+            time.sleep(0.05 * attempt)
+        self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
+                  "--backing-store", backing_store)
 
     def _argv(self, *args: str) -> list[str]:
         argv = ["tgtadm"]

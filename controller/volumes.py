@@ -29,7 +29,13 @@ from pathlib import Path
 import peewee
 
 from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
-from vmattach.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
@@ -78,6 +84,7 @@ class ConnectionInfo:
     access_mode: str = "rw"
     encrypted: bool = False
     driver_volume_type: str = "iscsi"
+    multiattach: bool = False
 
 
 VolumeView = tuple[Volume, list[VolumeAttachment]]
@@ -142,7 +149,7 @@ def _untoken(token: str) -> tuple[datetime.datetime, str]:
 class VolumeManager:
     def __init__(self, db: peewee.Database, volume_dir: Path, tgt: TgtAdm,
                  portal: str, secretbox: SecretBox, max_volume_gb: int = 1024,
-                 iqn_prefix: str = IQN_PREFIX):
+                 iqn_prefix: str = IQN_PREFIX, quota_gigabytes: int = 0):
         self.db = db
         self.iqn_prefix = iqn_prefix
         self.volume_dir = Path(volume_dir)
@@ -151,6 +158,7 @@ class VolumeManager:
         self.portal = portal
         self.secretbox = secretbox
         self.max_volume_gb = max_volume_gb
+        self.quota_gigabytes = quota_gigabytes  # 0: no quota
         self._export_locks = KeyedLocks()
 
     # -- reading ---------------------------------------------------------------
@@ -216,6 +224,7 @@ class VolumeManager:
             raise InvalidArgument(f"size_gb must be between 1 and {self.max_volume_gb}")
         existing = Volume.get_or_none(Volume.name == name)
         if existing is None:
+            self._check_quota(size_gb)
             volume_id = str(uuid.uuid4())
             path = self.volume_dir / f"volume-{volume_id}.img"
             try:
@@ -271,6 +280,65 @@ class VolumeManager:
         volume.delete_instance()
         LOG.info("deleted volume %s", volume_id)
 
+    def _check_quota(self, more_gb: int) -> None:
+        """Cinder's gigabytes quota: the volumes' sizes plus more_gb must stay
+        within quota_gigabytes (racing creates may each pass once; an extend
+        checks under the volume's lock)."""
+        if not self.quota_gigabytes:
+            return
+        consumed = Volume.select(peewee.fn.COALESCE(peewee.fn.SUM(Volume.size_gb), 0)).scalar()
+        if consumed + more_gb > self.quota_gigabytes:
+            raise ResourceExhausted(
+                f"Requested volume or snapshot exceeds allowed gigabytes quota. Requested"
+                f" {more_gb}G, quota is {self.quota_gigabytes}G and {consumed}G has been"
+                f" consumed.", reason="QUOTA_EXCEEDED",
+                metadata={"requested": str(more_gb), "quota": str(self.quota_gigabytes),
+                          "consumed": str(consumed)})
+
+    # -- extend ------------------------------------------------------------------
+
+    @with_connection
+    def extend(self, volume_id: str, new_size_gb: int) -> VolumeView:
+        """os-extend, also of an in-use volume: grow the file, then make tgtd
+        report the new size (it reads a backing file's size only when a LUN is
+        created: LUN 1 is re-created on the same file; sessions stay logged in
+        and the LUN keeps its SCSI id and serial). All under the volume's lock,
+        the new size committed last: a retry after a crash finds the file grown
+        and redoes the LUN, which is idempotent."""
+        if not 1 <= new_size_gb <= self.max_volume_gb:
+            raise InvalidArgument(f"new_size_gb must be between 1 and {self.max_volume_gb}",
+                                  reason="INVALID_SIZE")
+        with self._volume_lock(volume_id):
+            volume = self._get(volume_id)
+            if volume.status not in ("available", "in-use"):
+                raise FailedPrecondition(
+                    f"Invalid volume: Volume {volume_id} status must be available or in-use"
+                    f" to extend, but current status is: {volume.status}.",
+                    reason="VOLUME_NOT_EXTENDABLE", metadata={"status": volume.status})
+            if new_size_gb < volume.size_gb:
+                raise InvalidArgument(
+                    f"New size for extend must be greater than current size. (current:"
+                    f" {volume.size_gb}, extended: {new_size_gb}).", reason="INVALID_SIZE")
+            if new_size_gb > volume.size_gb:
+                self._check_quota(new_size_gb - volume.size_gb)
+            size = new_size_gb << 30
+            try:
+                if os.path.getsize(volume.path) < size:
+                    os.truncate(volume.path, size)  # sparse
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot grow the volume file: {exc.strerror}",
+                                         reason="VOLUME_FILE") from None
+            export = _EXPORT.first(volume_id)
+            if export is not None and (new_size_gb > volume.size_gb
+                                       or not self.tgt.has_lun(_tid(export))):
+                self.tgt.reload_lun(_tid(export), volume.path)
+            if new_size_gb > volume.size_gb:
+                (Volume.update(size_gb=new_size_gb, updated_at=utcnow())
+                 .where(Volume.id == volume_id).execute())
+                LOG.info("extended volume %s from %d to %d GiB (%s)", volume_id, volume.size_gb,
+                         new_size_gb, volume.status)
+        return self.get(volume_id)
+
     # -- reserve / unreserve ---------------------------------------------------
 
     def _attached_servers(self, volume_id: str) -> builtins.list[str]:
@@ -278,8 +346,13 @@ class VolumeManager:
                 .where(VolumeAttachment.volume == volume_id)]
 
     @with_connection
-    def reserve(self, volume_id: str, server_id: str) -> VolumeView:
-        """os-reserve: available -> attaching (in-use -> attaching for multiattach)."""
+    def reserve(self, volume_id: str, server_id: str, attachment_id: str = "",
+                mode: str = "rw") -> VolumeView:
+        """os-reserve: available -> attaching (in-use -> attaching for multiattach).
+        The attachment gets attachment_id (the caller's BDM keeps the same
+        one) and attach_mode mode."""
+        if mode not in ("rw", "ro"):
+            raise InvalidArgument("mode must be 'rw' or 'ro'", reason="INVALID_MODE")
         try:
             with write_transaction(self.db):
                 changed = (Volume.update(status="attaching", attach_status="attaching",
@@ -290,8 +363,9 @@ class VolumeManager:
                                         & (Volume.status == "in-use"))))
                            .execute())
                 if changed:
-                    VolumeAttachment.create(id=str(uuid.uuid4()), volume=volume_id,
-                                            instance_uuid=server_id, attach_status="reserved")
+                    VolumeAttachment.create(id=attachment_id or str(uuid.uuid4()),
+                                            volume=volume_id, instance_uuid=server_id,
+                                            attach_status="reserved", attach_mode=mode)
                     return self.get(volume_id)
         except peewee.IntegrityError:
             raise AlreadyExists(f"Invalid volume: volume {volume_id} already attached",
@@ -368,7 +442,8 @@ class VolumeManager:
             return ConnectionInfo(
                 volume_id=volume_id, target_portal=self.portal, target_iqn=export.target_iqn,
                 auth_username=volume.chap_username,
-                auth_password=self.secretbox.decrypt(volume.chap_secret))
+                auth_password=self.secretbox.decrypt(volume.chap_secret),
+                access_mode=att.attach_mode, multiattach=volume.multiattach)
 
     def _ensure_export(self, volume: Volume) -> tuple[Volume, Export]:
         """The volume's target on tgtd, created when missing (caller holds
@@ -616,6 +691,9 @@ class VolumeManager:
                     if tid != _tid(export):  # made at another tid by a publish that rolled back
                         Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
                     present_acls = present[tid].acls
+                    if 1 not in present[tid].luns:  # an extend stopped half-way
+                        self.tgt.reload_lun(tid, Volume.get_by_id(volume_id).path)
+                        done.targets_created += 1
                 for initiator in sorted(used - set(present_acls)):
                     self.tgt.allow(tid, initiator)
                     done.acls_changed += 1

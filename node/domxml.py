@@ -47,6 +47,8 @@ def disk_xml(spec: DiskSpec) -> str:
     ET.SubElement(disk, "alias", name=spec.alias)
     if spec.readonly:
         ET.SubElement(disk, "readonly")
+    if spec.shareable:
+        ET.SubElement(disk, "shareable")
     return ET.tostring(disk, encoding="unicode")
 
 

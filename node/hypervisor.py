@@ -100,6 +100,7 @@ class DiskSpec:
     source: DiskSource
     cache: str = "none"
     readonly: bool = False
+    shareable: bool = False  # a multiattach volume: other domains may have it too
 
 
 class DetachOutcome(enum.Enum):
@@ -136,6 +137,16 @@ class Hypervisor(abc.ABC):
         """Detach `device` from the persistent config (when there) and from the
         live domain (when there), waiting up to timeout seconds for the live
         removal to complete."""
+
+    @abc.abstractmethod
+    def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
+        """Resize the running domain's disk `device` to size_bytes (the
+        source already has that size: QEMU re-reads it); returns the disk's
+        capacity afterwards."""
+
+    @abc.abstractmethod
+    def disk_capacity(self, server_id: str, device: str) -> int:
+        """The capacity in bytes of the running domain's disk `device`."""
 
     @abc.abstractmethod
     def define_secret(self, spec: SecretSpec) -> None:

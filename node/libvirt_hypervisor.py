@@ -205,6 +205,17 @@ class LibvirtHypervisor(Hypervisor):
             return self._detach_live(dom, device, timeout) if live else DetachOutcome.REMOVED
         return self._call(f"detach disk {device}", _detach, server_id)
 
+    def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
+        def _resize(conn) -> int:
+            dom = conn.lookupByUUIDString(server_id)
+            dom.blockResize(device, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            return dom.blockInfo(device, 0)[0]
+        return self._call(f"resize disk {device}", _resize, server_id)
+
+    def disk_capacity(self, server_id: str, device: str) -> int:
+        return self._call(f"read the size of disk {device}", lambda conn: conn.lookupByUUIDString(
+            server_id).blockInfo(device, 0)[0], server_id)
+
     @staticmethod
     def _detach_config(dom, device: str) -> None:
         xml = find_disk_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), device)

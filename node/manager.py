@@ -10,7 +10,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from vmattach.common.errors import FailedPrecondition, InvalidArgument
+from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import KeyedLocks
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
 from vmattach.node.hypervisor import (
@@ -138,11 +138,42 @@ class NodeManager:
                 raise _device_in_use(device)
             spec = DiskSpec(device=name, bus=bus, serial=volume_id, alias=volume_alias(volume_id),
                             source=connector.disk_source(volume_id, info, staged),
-                            readonly=info.access_mode == "ro")
+                            readonly=info.access_mode == "ro", shareable=info.multiattach)
             self.hypervisor.attach_disk(server_id, spec, live=domain.active,
                                         config=domain.persistent)
             LOG.info("attached volume %s to server %s as %s", volume_id, server_id, name)
             return Disk(name, bus, volume_id, spec.alias)
+
+    def extend(self, server_id: str, volume_id: str, new_size: int,
+               info: ConnectionInfo) -> int:
+        """After the volume grew at the Controller: make this host see the new
+        size, then resize the server's disk to it (virDomainBlockResize; QEMU
+        re-reads the size of its source and tells the guest). Returns the
+        disk's capacity, 0 when the domain is not running (it reads the new
+        size when it starts)."""
+        if not 0 < new_size <= 1 << 60:
+            raise InvalidArgument("new_size_bytes is out of range", reason="INVALID_SIZE")
+        connector = self.connectors.get(info.driver_volume_type)
+        with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
+            domain = self.hypervisor.get_domain(server_id)
+            disk = domain.disk_of_volume(volume_id)
+            if disk is None:
+                raise NotFound(f"Server {server_id} has no disk of volume {volume_id}",
+                               reason="DISK_NOT_FOUND",
+                               metadata={"server_id": server_id, "volume_id": volume_id})
+            connector.extend(volume_id, info, new_size)
+            if not domain.active:
+                return 0
+            size = self.hypervisor.disk_capacity(server_id, disk.device)
+            if size < new_size:
+                size = self.hypervisor.resize_disk(server_id, disk.device, new_size)
+            if size < new_size:
+                raise FailedPrecondition(
+                    f"The disk {disk.device} of server {server_id} still has {size} bytes after"
+                    f" the resize (expected {new_size})", reason="VOLUME_NOT_EXTENDED")
+            LOG.info("resized disk %s of server %s (volume %s) to %d bytes", disk.device,
+                     server_id, volume_id, size)
+            return size
 
     def unpublish(self, server_id: str, volume_id: str) -> None:
         """Detach the volume's disk and wait until the guest released it;

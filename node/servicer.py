@@ -21,7 +21,8 @@ def connection_info_from_pb(msg: types_pb2.ConnectionInfo) -> ConnectionInfo:
         driver_volume_type=msg.driver_volume_type, target_portal=d.target_portal,
         target_iqn=d.target_iqn, target_lun=d.target_lun, auth_method=d.auth_method,
         auth_username=d.auth_username, auth_password=d.auth_password,
-        access_mode=d.access_mode or "rw", device_path=d.device_path, serial=msg.serial)
+        access_mode=d.access_mode or "rw", device_path=d.device_path, serial=msg.serial,
+        multiattach=msg.multiattach)
 
 
 def staged_from_pb(msg: pb.StagedVolume) -> StagedVolume:
@@ -92,3 +93,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def NodeUnpublishVolume(self, request, context):
         self.m.unpublish(require_uuid(request.server_id, "server_id"), _volume_id(request))
         return pb.NodeUnpublishVolumeResponse()
+
+    def NodeExtendVolume(self, request, context):
+        size = self.m.extend(require_uuid(request.server_id, "server_id"), _volume_id(request),
+                             request.new_size_bytes, _connection_info(request))
+        return pb.NodeExtendVolumeResponse(size_bytes=size)

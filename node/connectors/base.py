@@ -25,6 +25,7 @@ class ConnectionInfo:
     access_mode: str = "rw"
     device_path: str = ""
     serial: str = ""
+    multiattach: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class VolumeConnector(abc.ABC):
     @abc.abstractmethod
     def unstage(self, volume_id: str, info: ConnectionInfo) -> None:
         """Disconnect (idempotent: a volume that is not staged is fine)."""
+
+    def extend(self, volume_id: str, info: ConnectionInfo,  # noqa: B027 (optional hook)
+               new_size: int) -> None:
+        """Make this host see the volume's new size (os-brick extend_volume).
+        Nothing to do when QEMU reads the target or the file itself."""
 
     @abc.abstractmethod
     def disk_source(self, volume_id: str, info: ConnectionInfo,

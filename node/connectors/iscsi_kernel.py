@@ -145,6 +145,24 @@ class KernelIscsiConnector(VolumeConnector):
         LOG.info("unstaged volume %s: %slogged out of %s", volume_id,
                  f"/dev/{name} flushed and removed, " if name else "", iqn)
 
+    def extend(self, volume_id: str, info: ConnectionInfo, new_size: int) -> None:
+        """Rescan the session (the kernel re-reads READ CAPACITY) and wait until
+        the by-path device has the new size."""
+        portal, iqn = self._target(info)
+        path = by_path(portal, iqn, require_lun(info))
+        self._node(portal, iqn, "--rescan")
+        seen = [0]
+
+        def grown() -> bool:
+            out = self._run(["blockdev", "--getsize64", path]).stdout.strip()
+            seen[0] = int(out) if out.isdigit() else 0
+            return seen[0] >= new_size
+        if not wait_for(grown, self.device_timeout, interval=0.2):
+            raise FailedPrecondition(f"Volume {volume_id}: {path} still has {seen[0]} bytes "
+                                     f"after the rescan (expected {new_size})",
+                                     reason="VOLUME_NOT_EXTENDED")
+        LOG.info("volume %s: %s rescanned, %d bytes", volume_id, path, seen[0])
+
     def disk_source(self, volume_id: str, info: ConnectionInfo,
                     staged: StagedVolume | None) -> BlockSource:
         portal, iqn = self._target(info)

@@ -44,6 +44,7 @@ class FakeHypervisor(Hypervisor):
         self.domains: dict[str, FakeDomain] = {}
         self.secrets: dict[str, SecretSpec] = {}
         self.attached: dict[tuple[str, str], DiskSpec] = {}  # (uuid, device) -> last spec
+        self.capacity: dict[tuple[str, str], int] = {}  # (uuid, device) -> bytes, once resized
         self.calls: collections.deque[tuple] = collections.deque(maxlen=10_000)  # recent calls
         self._errors: dict[str, list[Exception]] = {}
         self.closed = False
@@ -126,6 +127,32 @@ class FakeHypervisor(Hypervisor):
                 return DetachOutcome.FAILED
             dom.live = [d for d in dom.live if d.device != device]
             return DetachOutcome.REMOVED
+
+    def remove_domain(self, server_id: str) -> None:
+        """The domain vanishes (undefined, or a transient one destroyed) behind
+        the Node's back."""
+        with self._lock:
+            self.domains.pop(server_id, None)
+
+    def _live_disk(self, server_id: str, device: str) -> FakeDomain:
+        dom = self._dom(server_id)
+        if not dom.active or not any(d.device == device for d in dom.live):
+            raise BackendError(f"libvirt could not resize disk {device}: disk not found",
+                               reason="LIBVIRT_ERROR")
+        return dom
+
+    def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
+        self._enter("resize_disk", server_id, device, size_bytes)
+        with self._lock:
+            self._live_disk(server_id, device)
+            self.capacity[(server_id, device)] = size_bytes
+            return size_bytes
+
+    def disk_capacity(self, server_id: str, device: str) -> int:
+        self._enter("disk_capacity", server_id, device)
+        with self._lock:
+            self._live_disk(server_id, device)
+            return self.capacity.get((server_id, device), 0)
 
     def define_secret(self, spec: SecretSpec) -> None:
         self._enter("define_secret", spec.usage)

@@ -117,6 +117,13 @@ class FakeTgtRunner:
                 return _err("can't find the target")
             target.luns[int(o["--lun"])] = o["--backing-store"]
             return _ok()
+        if mode == "logicalunit" and op == "delete":
+            if target is None:
+                return _err("can't find the target")
+            if int(o["--lun"]) not in target.luns:
+                return _err("can't find the logical unit")
+            del target.luns[int(o["--lun"])]
+            return _ok()
         if mode == "account" and op == "show":
             lines = ["Account list:"] + [f"    {user}" for user in self.accounts]
             return Result(0, "\n".join(lines) + "\n", "")

@@ -16,7 +16,14 @@ import pytest
 
 from tests.support.fake_tgt import FakeTarget, FakeTgtAdm, FakeTgtRunner
 from vmattach.common.db import open_database
-from vmattach.common.errors import AlreadyExists, BackendError, FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.errors import (
+    AlreadyExists,
+    BackendError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import MODELS, Export, Volume, VolumeAttachment
 from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
@@ -753,3 +760,107 @@ def test_reconcile_exports_with_prune_makes_tgtd_match_and_leaves_foreign_target
     assert env.tgt.targets[91] == foreign
     assert {s.volume_id for s in env.m.export_states()[0]} == {volume_id}
     assert env.m.reconcile_exports(prune=True) == ExportRepair()  # nothing left to do
+
+# -- extend (os-extend, also in-use), the gigabytes quota, the reservation's id and mode --
+
+
+def _target(env):
+    (target,) = env.tgt.targets.values()
+    return target
+
+
+def test_extend_of_an_available_volume_grows_the_file_and_the_size(env):
+    volume = env.m.create("grow", 1)
+    grown, _ = env.m.extend(volume.id, 3)
+    assert (grown.size_gb, grown.status) == (3, "available")
+    assert os.path.getsize(volume.path) == 3 * GIB
+    assert env.tgt.commands("logicalunit", "delete") == []  # not exported: tgtd untouched
+
+
+def test_extend_of_an_in_use_volume_reloads_its_lun_and_keeps_the_acl(env):
+    volume_id, _srv, _info = attached(env)
+    target = _target(env)
+    acls = list(target.acls)
+    grown, atts = env.m.extend(volume_id, 2)
+    assert (grown.size_gb, grown.status, len(atts)) == (2, "in-use", 1)
+    assert os.path.getsize(grown.path) == 2 * GIB
+    # tgtd reads the size when a LUN is made: LUN 1 deleted and made again on the same file
+    assert len(env.tgt.commands("logicalunit", "delete")) == 1
+    assert _target(env).luns == {1: grown.path} and _target(env).acls == acls
+
+
+@pytest.mark.parametrize("size", [0, 101])
+def test_extend_past_the_limits_is_invalid_and_changes_nothing(env, size):
+    volume = env.m.create("lim", 1)
+    with pytest.raises(InvalidArgument, match="new_size_gb must be between 1 and 100"):
+        env.m.extend(volume.id, size)
+    assert env.m.get(volume.id)[0].size_gb == 1 and os.path.getsize(volume.path) == GIB
+
+
+def test_shrinking_is_invalid_with_cinders_message_and_changes_nothing(env):
+    volume = env.m.create("shrink", 2)
+    with pytest.raises(InvalidArgument) as err:
+        env.m.extend(volume.id, 1)
+    assert err.value.message == ("New size for extend must be greater than current size."
+                                 " (current: 2, extended: 1).")
+    assert env.m.get(volume.id)[0].size_gb == 2 and os.path.getsize(volume.path) == 2 * GIB
+
+
+def test_extend_to_the_same_size_is_a_retry_and_restores_a_missing_lun(env):
+    volume_id, _srv, _info = attached(env)
+    env.m.extend(volume_id, 2)
+    del _target(env).luns[1]  # as if the Controller died between LUN delete and new
+    again, _ = env.m.extend(volume_id, 2)
+    assert again.size_gb == 2 and _target(env).luns == {1: again.path}
+    env.m.extend(volume_id, 2)  # nothing more to do
+    assert len(env.tgt.commands("logicalunit", "new")) == 3
+
+
+def test_ensure_exports_restores_a_lun_an_extend_left_missing(env):
+    volume_id, _srv, _info = attached(env)
+    del _target(env).luns[1]
+    assert env.m.ensure_exports() == 1
+    assert 1 in _target(env).luns
+
+
+def test_extend_of_a_reserved_volume_is_refused(env):
+    volume = env.m.create("busy", 1)
+    env.m.reserve(volume.id, server())
+    with pytest.raises(FailedPrecondition, match="status must be available or in-use to extend,"
+                       " but current status is: attaching"):
+        env.m.extend(volume.id, 2)
+    assert os.path.getsize(volume.path) == GIB
+
+
+def test_a_failed_lun_reload_leaves_the_size_for_a_retry(env):
+    volume_id, _srv, _info = attached(env)
+    env.tgt.fail_on("logicalunit", "new")
+    with pytest.raises(Exception, match="fake failure"):
+        env.m.extend(volume_id, 2)
+    assert env.m.get(volume_id)[0].size_gb == 1
+    grown, _ = env.m.extend(volume_id, 2)  # the retry finishes it
+    assert grown.size_gb == 2 and 1 in _target(env).luns
+
+
+def test_quota_refuses_create_and_extend_past_it(env, tmp_path):
+    m = VolumeManager(env.m.db, tmp_path / "q", env.m.tgt, env.m.portal, env.box,
+                      max_volume_gb=100, quota_gigabytes=5)
+    a = m.create("qa", 3)
+    with pytest.raises(ResourceExhausted, match="exceeds allowed gigabytes quota. Requested 3G,"
+                       " quota is 5G and 3G has been consumed"):
+        m.create("qb", 3)
+    with pytest.raises(ResourceExhausted, match="Requested 3G, quota is 5G"):
+        m.extend(a.id, 6)
+    assert m.get(a.id)[0].size_gb == 3 and os.path.getsize(a.path) == 3 * GIB
+    assert m.extend(a.id, 5)[0].size_gb == 5
+
+
+def test_reserve_keeps_the_callers_attachment_id_and_mode(env):
+    volume = env.m.create("ro", 1, multiattach=True)
+    srv, att_id = server(), str(uuid.uuid4())
+    _, atts = env.m.reserve(volume.id, srv, att_id, "ro")
+    assert [(a.id, a.attach_mode) for a in atts] == [(att_id, "ro")]
+    info = env.m.publish(volume.id, srv, connector())
+    assert (info.access_mode, info.multiattach) == ("ro", True)
+    with pytest.raises(InvalidArgument):
+        env.m.reserve(volume.id, server(), "", "rx")

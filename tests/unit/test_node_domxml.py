@@ -99,3 +99,11 @@ def test_parse_disks_and_find_disk_xml():
                                    Disk("sdb", "scsi", VID, f"ua-{VID}"))
     assert ET.fromstring(find_disk_xml(DOMAIN, "sdb")).findtext("serial") == VID
     assert find_disk_xml(DOMAIN, "vdc") is None
+
+
+def test_shareable_disk():
+    spec = DiskSpec("vdb", "virtio", VID, "ua-x", FileSource("/x"), shareable=True)
+    disk = ET.fromstring(disk_xml(spec))
+    assert disk.find("shareable") is not None and disk.find("driver").get("cache") == "none"
+    assert ET.fromstring(disk_xml(DiskSpec("vdb", "virtio", VID, "ua-x",
+                                           FileSource("/x")))).find("shareable") is None

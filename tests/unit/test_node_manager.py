@@ -233,3 +233,71 @@ def test_unstage_among_ten_thousand_domains_keeps_the_volume_one_of_them_uses(hv
     assert manager.unstage(vid, iscsi_info(vid)) is True
     assert hv.secrets == {}
     assert manager.unstage(new_id(), iscsi_info(new_id())) is True
+
+
+# -- extend, read-only, shareable ------------------------------------------------------------
+
+def test_extend_resizes_the_running_disk_and_is_idempotent(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid, disk = attach_file(manager, dom.uuid, volume_file)
+    assert manager.extend(dom.uuid, vid, 2 << 30, file_info(volume_file)) == 2 << 30
+    assert ("resize_disk", dom.uuid, disk.device, 2 << 30) in hv.calls
+    hv.calls.clear()
+    assert manager.extend(dom.uuid, vid, 2 << 30, file_info(volume_file)) == 2 << 30
+    assert not [c for c in hv.calls if c[0] == "resize_disk"]  # the size is there already
+
+
+def test_extend_of_a_stopped_domain_has_nothing_live_to_resize(manager, hv, volume_file):
+    dom = hv.add_domain(state="shutoff")
+    vid, _disk = attach_file(manager, dom.uuid, volume_file)
+    assert manager.extend(dom.uuid, vid, 2 << 30, file_info(volume_file)) == 0
+    assert not [c for c in hv.calls if c[0] == "resize_disk"]
+
+
+def test_extend_without_the_disk_is_not_found(manager, hv, volume_file):
+    dom = hv.add_domain()
+    with pytest.raises(NotFound, match="has no disk of volume"):
+        manager.extend(dom.uuid, new_id(), 2 << 30, file_info(volume_file))
+    with pytest.raises(NotFound):
+        manager.extend(new_id(), new_id(), 2 << 30, file_info(volume_file))
+
+
+def test_extend_with_a_bad_size_is_invalid(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid, _disk = attach_file(manager, dom.uuid, volume_file)
+    for size in (0, -1, (1 << 60) + 1):
+        with pytest.raises(InvalidArgument):
+            manager.extend(dom.uuid, vid, size, file_info(volume_file))
+
+
+def test_kernel_extend_rescans_and_waits_for_the_new_size(hv):
+    from tests.support.fake_runner import FakeRunner
+    runner = FakeRunner().on("blockdev", "--getsize64", stdout=f"{2 << 30}\n")
+    manager = make_manager(hv, iscsi_connector="kernel", runner=runner)
+    vid = new_id()
+    dom = hv.add_domain()
+    dom.live.append(Disk("vdb", "virtio", vid, f"ua-{vid}"))
+    assert manager.extend(dom.uuid, vid, 2 << 30, iscsi_info(vid)) == 2 << 30
+    rescan = ["iscsiadm", "-m", "node", "-T", f"iqn.2010-10.org.openstack:volume-{vid}", "-p",
+              "127.0.0.1:3260", "--rescan"]
+    assert rescan in runner.argvs
+    assert runner.argvs.index(rescan) < len(runner.argvs) - 1  # the size read after the rescan
+
+
+def test_kernel_extend_that_never_sees_the_size_fails_without_resizing(hv):
+    from tests.support.fake_runner import FakeRunner
+    from vmattach.node.connectors import KernelIscsiConnector
+    runner = FakeRunner().on("blockdev", "--getsize64", stdout=f"{1 << 30}\n")
+    connector = KernelIscsiConnector(runner, device_timeout=0.0)
+    vid = new_id()
+    with pytest.raises(FailedPrecondition, match="still has 1073741824 bytes after the rescan"):
+        connector.extend(vid, iscsi_info(vid), 2 << 30)
+
+
+def test_publish_readonly_and_shareable_from_the_connection_info(manager, hv, volume_file):
+    dom = hv.add_domain()
+    vid = new_id()
+    info = file_info(volume_file, access_mode="ro", multiattach=True)
+    manager.publish(dom.uuid, vid, "/dev/vdc", info, manager.stage(vid, info))
+    spec = hv.attached[(dom.uuid, "vdc")]
+    assert spec.readonly and spec.shareable and spec.cache == "none"
