@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # libvirt's domain states, by name (Server.state in the API).
@@ -162,6 +163,11 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def secret_usages(self) -> list[str]:
         """The usage names of the iSCSI secrets on this host."""
+
+    def set_event_listener(self, listener: Callable[[str, str], None]) -> None:  # noqa: B027
+        """listener(server_id, event) is called (on another thread) when a
+        domain is defined, undefined, started, stopped, ...; the default
+        hypervisor reports nothing (the periodic listing still sees it)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the default has none."""

@@ -24,6 +24,15 @@ T = TypeVar("T")
 _CONNECTION_ERRORS = frozenset({libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
                                 libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN})
 _ALREADY_UNPLUGGING = "already in the process of unplug"
+_LIFECYCLE = {libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+              libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+              libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+              libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+              libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+              libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+              libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+              libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+              libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed"}
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -66,6 +75,7 @@ class LibvirtHypervisor(Hypervisor):
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._waiters = DeviceWaiters()
+        self._listener: Callable[[str, str], None] | None = None
         start_event_loop()
 
     # -- connection ---------------------------------------------------------------------
@@ -100,6 +110,8 @@ class LibvirtHypervisor(Hypervisor):
                                         self._on_device_removed, None),
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
                                         self._on_device_removal_failed, None),
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                        self._on_lifecycle, None),
         ]
         LOG.info("connected to libvirt at %s", self.uri)
         return conn
@@ -162,6 +174,22 @@ class LibvirtHypervisor(Hypervisor):
     def _on_device_removal_failed(self, _conn, dom, alias, _opaque) -> None:
         LOG.info("DEVICE_REMOVAL_FAILED %s on %s", alias, dom.UUIDString())
         self._waiters.resolve(dom.UUIDString(), alias, DetachOutcome.FAILED)
+
+    def set_event_listener(self, listener: Callable[[str, str], None]) -> None:
+        self._listener = listener
+        try:  # connect now: events flow only while a connection is open
+            self._connection()
+        except BackendError as exc:
+            LOG.warning("lifecycle events wait for libvirt: %s", exc.message)
+
+    def _on_lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
+        name = _LIFECYCLE.get(event, "changed")
+        LOG.debug("lifecycle %s of %s", name, dom.UUIDString())
+        if self._listener is not None:
+            try:
+                self._listener(dom.UUIDString(), name)
+            except Exception:  # noqa: BLE001 - never let a listener break libvirt's loop
+                LOG.exception("lifecycle listener failed")
 
     # -- domains ------------------------------------------------------------------------
 

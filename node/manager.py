@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import KeyedLocks
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
+from vmattach.node.events import ServerEvents
 from vmattach.node.hypervisor import (
     BUS_BY_PREFIX,
     DetachOutcome,
@@ -79,6 +80,8 @@ class NodeManager:
         self.connectors = connectors
         self._server_locks = KeyedLocks()
         self._volume_locks = KeyedLocks()
+        self.events = ServerEvents()
+        hypervisor.set_event_listener(self.events.record)
 
     # -- reading ------------------------------------------------------------------------
 

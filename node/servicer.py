@@ -98,3 +98,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         size = self.m.extend(require_uuid(request.server_id, "server_id"), _volume_id(request),
                              request.new_size_bytes, _connection_info(request))
         return pb.NodeExtendVolumeResponse(size_bytes=size)
+
+    def NodeWatchServers(self, request, context):
+        if not 0 <= request.wait_seconds <= 60:
+            raise InvalidArgument("wait_seconds must be between 0 and 60")
+        events, last, lost = self.m.events.wait(max(request.after_seq, 0), request.wait_seconds)
+        return pb.NodeWatchServersResponse(
+            epoch=self.m.events.epoch, last_seq=last, events_lost=lost,
+            events=[pb.NodeServerEvent(seq=e.seq, server_id=e.server_id, event=e.event)
+                    for e in events])

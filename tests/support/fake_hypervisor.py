@@ -48,6 +48,7 @@ class FakeHypervisor(Hypervisor):
         self.calls: collections.deque[tuple] = collections.deque(maxlen=10_000)  # recent calls
         self._errors: dict[str, list[Exception]] = {}
         self.closed = False
+        self.listener = None
 
     # -- set-up helpers for tests -------------------------------------------------------
 
@@ -133,6 +134,11 @@ class FakeHypervisor(Hypervisor):
         the Node's back."""
         with self._lock:
             self.domains.pop(server_id, None)
+        if self.listener is not None:
+            self.listener(server_id, "undefined")
+
+    def set_event_listener(self, listener) -> None:
+        self.listener = listener
 
     def _live_disk(self, server_id: str, device: str) -> FakeDomain:
         dom = self._dom(server_id)

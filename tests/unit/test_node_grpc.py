@@ -189,3 +189,58 @@ def test_connection_info_from_pb_keeps_every_field():
     vid = new_id()
     info = connection_info_from_pb(iscsi_pb(vid))
     assert info == iscsi_info(vid)
+
+
+def test_watch_servers_reports_a_vanished_domain_at_once(node):
+    import threading
+    import time
+    dom = node.hv.add_domain()
+    first = node.NodeWatchServers(pb.NodeWatchServersRequest(wait_seconds=0), timeout=10)
+    assert first.events == [] and first.epoch
+    threading.Timer(0.2, node.hv.remove_domain, [dom.uuid]).start()
+    started = time.monotonic()
+    answer = node.NodeWatchServers(pb.NodeWatchServersRequest(
+        after_seq=first.last_seq, wait_seconds=30), timeout=40)
+    assert time.monotonic() - started < 20  # woken by the event, not by the wait's end
+    assert [(e.server_id, e.event) for e in answer.events] == [(dom.uuid, "undefined")]
+    assert answer.epoch == first.epoch and not answer.events_lost
+    again = node.NodeWatchServers(pb.NodeWatchServersRequest(
+        after_seq=answer.last_seq, wait_seconds=0), timeout=10)
+    assert again.events == [] and again.last_seq == answer.last_seq
+    code, _msg, _reason = code_of(node.NodeWatchServers,
+                                  pb.NodeWatchServersRequest(wait_seconds=61))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_server_events_report_what_was_dropped():
+    from vmattach.node.events import ServerEvents
+    events = ServerEvents(keep=3)
+    for i in range(5):
+        events.record(f"s{i}", "stopped")
+    got, last, lost = events.wait(1, 0)
+    assert [e.server_id for e in got] == ["s2", "s3", "s4"] and last == 5 and lost
+    got, last, lost = events.wait(2, 0)
+    assert len(got) == 3 and not lost
+    got, last, lost = events.wait(99, 0)  # another epoch's number: everything kept
+    assert len(got) == 3
+
+
+def test_extend_through_grpc(node, tmp_path):
+    path = tmp_path / "v.img"
+    path.write_bytes(b"\0" * 512)
+    dom = node.hv.add_domain()
+    vid = new_id()
+    info = types_pb2.ConnectionInfo(driver_volume_type="file",
+                                    data=types_pb2.ConnectionData(device_path=str(path)))
+    staged = node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, connection_info=info),
+                                  timeout=10).staged
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        server_id=dom.uuid, volume_id=vid, device="/dev/vdb", connection_info=info,
+        staged=staged), timeout=10)
+    answer = node.NodeExtendVolume(pb.NodeExtendVolumeRequest(
+        server_id=dom.uuid, volume_id=vid, new_size_bytes=2 << 30, connection_info=info),
+        timeout=10)
+    assert answer.size_bytes == 2 << 30
+    code, _msg, reason = code_of(node.NodeExtendVolume, pb.NodeExtendVolumeRequest(
+        server_id=dom.uuid, volume_id=new_id(), new_size_bytes=2 << 30, connection_info=info))
+    assert code == grpc.StatusCode.NOT_FOUND and reason == "DISK_NOT_FOUND"

@@ -74,9 +74,25 @@ def test_connection_opened_lazily_once_with_event_callbacks():
     assert hv.list_domains() == [] and hv.list_domains() == []
     assert opened == ["qemu:///test"]
     assert conn.registered == [libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-                               libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED]
+                               libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                               libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE]
     hv.close()
     assert conn.closed
+
+
+def test_lifecycle_events_reach_the_listener_by_name():
+    conn = FakeConnection()
+    hv, opened = adapter(conn)
+    seen: list[tuple[str, str]] = []
+    hv.set_event_listener(lambda server_id, event: seen.append((server_id, event)))
+    assert opened == ["qemu:///test"]  # connected at once: events flow only on a connection
+
+    class Dom:
+        def UUIDString(self):
+            return "5b1e0b4c-4b0e-4d8e-9d5c-1f2e3a4b5c6d"
+    hv._on_lifecycle(conn, Dom(), libvirt.VIR_DOMAIN_EVENT_UNDEFINED, 0, None)
+    hv._on_lifecycle(conn, Dom(), libvirt.VIR_DOMAIN_EVENT_STOPPED, 1, None)
+    assert [e for _, e in seen] == ["undefined", "stopped"]
 
 
 def test_dead_connection_is_reopened():
