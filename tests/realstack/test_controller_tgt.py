@@ -214,3 +214,18 @@ def test_a_tgtd_that_is_down_gives_internal_without_the_secret(controller, api):
             volume_id=vol.volume_id, server_id=server_id, connector=connector(new_initiator())))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "tgtadm" in err.value.details()
+
+
+def test_extend_of_an_exported_volume_makes_tgtd_report_the_new_size(controller, api):
+    volume = api.create(f"grow-{uuid.uuid4().hex[:8]}")
+    initiator = new_initiator()
+    data = api.attach(volume.volume_id, initiator)
+    grown = api.ExtendVolume(pb.ExtendVolumeRequest(volume_id=volume.volume_id, new_size_gb=3))
+    assert (grown.size_gb, grown.status) == (3, "in-use")
+    cap = iscsi("iscsi-readcapacity16", initiator, data)
+    assert cap.returncode == 0 and str(3 * GIB) in cap.stdout, cap.stdout + cap.stderr
+    assert can_log_in(initiator, data)  # same target, account and ACL
+    with pytest.raises(grpc.RpcError) as err:
+        api.ExtendVolume(pb.ExtendVolumeRequest(volume_id=volume.volume_id, new_size_gb=2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "New size for extend must be greater than current size" in err.value.details()
