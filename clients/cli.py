@@ -44,7 +44,7 @@ def _show(args, items, columns: list[str]) -> None:
 
 VOLUME_COLUMNS = ["volume_id", "name", "size_gb", "status", "attach_status", "multiattach"]
 SERVER_COLUMNS = ["server_id", "name", "state", "node_id", "device_prefix"]
-ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "tag", "state"]
+ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "mode", "tag", "state"]
 
 
 def _client(args):
@@ -140,7 +140,14 @@ def cmd_volume_attach(args, c):
     _show(args, [c.attach_volume(args.server, args.volume, device=args.device or "",
                                  tag=args.tag or "",
                                  delete_on_termination=args.delete_on_termination,
-                                 request_id=args.request_id or "")], ATTACHMENT_COLUMNS)
+                                 request_id=args.request_id or "",
+                                 mode=args.mode)], ATTACHMENT_COLUMNS)
+
+
+def cmd_volume_extend(args, c):
+    args.many = False
+    done = c.extend_volume(args.volume, args.size)
+    _show(args, [done], ["size_gb", "server_ids"])
 
 
 def cmd_volume_detach(args, c):
@@ -159,7 +166,10 @@ def cmd_server_show(args, c):
 
 def cmd_attachment_list(args, c):
     args.many = True
-    _show(args, list(c.list_attachments(args.server)), ATTACHMENT_COLUMNS)
+    if bool(args.server) == bool(args.volume):
+        raise VmattachError("give a SERVER_ID or --volume VOLUME_ID", reason="INVALID_ARGUMENT")
+    _show(args, list(c.list_attachments(args.server or "", volume_id=args.volume or "")),
+          ATTACHMENT_COLUMNS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,7 +252,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--tag")
     v.add_argument("--delete-on-termination", action="store_true")
     v.add_argument("--request-id", help="a UUID that makes a retry return the same attachment")
+    v.add_argument("--mode", choices=["rw", "ro"], default="rw",
+                   help="ro: the guest can read the disk and not write it")
     v.set_defaults(func=cmd_volume_attach)
+    v = volume.add_parser("extend", help="grow a volume, also while attached")
+    v.add_argument("volume")
+    v.add_argument("--size", type=int, required=True, help="the new size in GiB")
+    v.set_defaults(func=cmd_volume_extend)
     v = volume.add_parser("detach", help="detach a volume from a server")
     v.add_argument("server")
     v.add_argument("volume")
@@ -259,8 +275,9 @@ def parser() -> argparse.ArgumentParser:
 
     attachment = sub.add_parser("attachment", help="volume attachments").add_subparsers(
         dest="action", required=True)
-    a = attachment.add_parser("list", help="list a server's attachments")
-    a.add_argument("server")
+    a = attachment.add_parser("list", help="list a server's (or a volume's) attachments")
+    a.add_argument("server", nargs="?")
+    a.add_argument("--volume", help="list this volume's attachments (all its servers)")
     a.set_defaults(func=cmd_attachment_list)
     return p
 

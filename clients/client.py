@@ -69,10 +69,16 @@ class VmattachClient:
     # attachments and servers (Servers facade)
     def attach_volume(self, server_id: str, volume_id: str, device: str = "", tag: str = "",
                       delete_on_termination: bool = False,
-                      request_id: str = "") -> spb.VolumeAttachment:
+                      request_id: str = "", mode: str = "") -> spb.VolumeAttachment:
         return self._call(self.servers.AttachVolume, spb.AttachVolumeRequest(
             server_id=server_id, volume_id=volume_id, device=device, tag=tag,
-            delete_on_termination=delete_on_termination, request_id=request_id))
+            delete_on_termination=delete_on_termination, request_id=request_id, mode=mode))
+
+    def extend_volume(self, volume_id: str, new_size_gb: int) -> spb.ServersExtendVolumeResponse:
+        """Grow a volume, attached or not (the Servers facade: every server's
+        disk shows the new size when this returns)."""
+        return self._call(self.servers.ExtendVolume, spb.ServersExtendVolumeRequest(
+            volume_id=volume_id, new_size_gb=new_size_gb))
 
     def detach_volume(self, server_id: str, volume_id: str) -> None:
         self._call(self.servers.DetachVolume,
@@ -82,10 +88,11 @@ class VmattachClient:
         return self._call(self.servers.GetVolumeAttachment,
                           spb.GetVolumeAttachmentRequest(server_id=server_id, volume_id=volume_id))
 
-    def list_attachments(self, server_id: str,
-                         page_size: int = 100) -> Iterator[spb.VolumeAttachment]:
+    def list_attachments(self, server_id: str = "", page_size: int = 100,
+                         volume_id: str = "") -> Iterator[spb.VolumeAttachment]:
+        """A server's attachments, or a volume's (all its servers) with volume_id."""
         return self._pages(self.servers.ListVolumeAttachments, spb.ListVolumeAttachmentsRequest(
-            server_id=server_id, page_size=page_size), "attachments")
+            server_id=server_id, volume_id=volume_id, page_size=page_size), "attachments")
 
     def list_servers(self, page_size: int = 100,
                      all_projects: bool = False) -> Iterator[types_pb2.Server]:
