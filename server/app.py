@@ -62,7 +62,8 @@ def build_facade(settings: Settings, own_address: str, internal_address: str | N
                     nodes,
                     SecretBox.for_settings(settings, "servers-secret.key"),
                     Faults(settings.fault_injection),
-                    max_volumes_per_server=settings.max_volumes_per_server)
+                    max_volumes_per_server=settings.max_volumes_per_server,
+                    owner_lease=settings.owner_lease)
 
     def close() -> None:
         nodes.close()
@@ -78,5 +79,7 @@ def build(settings: Settings, own_address: str, internal_address: str | None = N
     facade.nodes.run_periodic(settings.server_refresh_interval)
     reconciler = Reconciler(facade, settings.owner_lease)
     reconciler.run_periodic(settings.reconcile_interval)
+    # a node's lifecycle events (a domain undefined or destroyed) -> look at once
+    facade.nodes.watch(facade.reap_vanished)
     return Service(SERVICE_NAME, servers_pb2_grpc.add_ServersServicer_to_server,
                    ServersServicer(facade), on_stop=[reconciler.stop, close])

@@ -267,6 +267,10 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
                         call(method, request, timeout=CALL_TIMEOUT)
                 elif d.kind in ("disk-without-bdm", "secret-without-bdm"):
                     _repair_on_node(settings, nodes[d.host], d)
+                elif d.kind == "bdm-without-disk":
+                    # the disk left the guest (a detach that completed after it was
+                    # rolled back): finish that detach through the facade
+                    _finish_detach_without_disk(facade, d)
                 elif d.kind in ("operation-unfinished", "volume-status", *EXPORT_KINDS):
                     pass  # the reconciler / ReconcileExports above
                 else:
@@ -276,6 +280,20 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
     finally:
         close()
     return failed
+
+
+def _finish_detach_without_disk(facade, d: Divergence) -> None:
+    from vmattach.server.models import BlockDeviceMapping as BDM
+    with facade.db.connection_context():
+        bdm = BDM.get_or_none((BDM.volume_id == d.volume_id) & (BDM.instance_uuid == d.server_id)
+                              & (BDM.deleted == 0))
+        if bdm is None or bdm.state != "attached":
+            return  # gone or taken meanwhile
+        node = facade.node(bdm.node_id)
+        if node.disk_of(d.server_id, d.volume_id, CALL_TIMEOUT):
+            return  # the disk is back: nothing to finish
+        if not facade.detach_gone(bdm, node, server_gone=False):
+            raise VmattachError(f"BDM {bdm.id} is busy", reason="ABORTED")
 
 
 def _repair_on_node(settings: Settings, node: NodeView, d: Divergence) -> None:

@@ -22,7 +22,7 @@ from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.devices import device_in_use, pick_device
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.server.models import FacadeInstance
+from vmattach.server.models import FacadeInstance, PendingExtend
 from vmattach.v1 import types_pb2
 
 _LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
@@ -67,6 +67,92 @@ class BdmStore:
         rows = list(query.order_by(BDM.id).limit(page_size + 1))
         token = str(rows[page_size - 1].id) if len(rows) > page_size else ""
         return rows[:page_size], token
+
+    @staticmethod
+    def page_of_volume(volume_id: str, page_size: int,
+                       page_token: str) -> tuple[list[BDM], str]:
+        """A volume's live rows (all its servers) in id order."""
+        query = BDM.select().where((BDM.volume_id == volume_id) & (BDM.deleted == 0))
+        if page_token:
+            if not page_token.isdigit():
+                raise InvalidArgument("page_token is not valid")
+            query = query.where(BDM.id > int(page_token))
+        rows = list(query.order_by(BDM.id).limit(page_size + 1))
+        token = str(rows[page_size - 1].id) if len(rows) > page_size else ""
+        return rows[:page_size], token
+
+    @staticmethod
+    def of_volume(volume_id: str) -> list[BDM]:
+        return list(BDM.select().where((BDM.volume_id == volume_id) & (BDM.deleted == 0))
+                    .order_by(BDM.id))
+
+    @staticmethod
+    def attached_on_nodes() -> list[BDM]:
+        """Every live `attached` row (the vanished-server check reads them)."""
+        return list(BDM.select().where((BDM.deleted == 0) & (BDM.state == "attached"))
+                    .order_by(BDM.id))
+
+    @staticmethod
+    def mode_of(bdm: BDM) -> str:
+        """rw or ro: the access_mode of the row's connection_info (Nova keeps
+        it there too); rw before the Controller published the volume."""
+        if not bdm.connection_info:
+            return "rw"
+        return json.loads(bdm.connection_info).get("data", {}).get("access_mode") or "rw"
+
+    @staticmethod
+    def sized(volume_id: str, size_gb: int) -> None:
+        BDM.update(volume_size=size_gb, updated_at=utcnow()).where(
+            (BDM.volume_id == volume_id) & (BDM.deleted == 0)).execute()
+
+    # -- ExtendVolume --------------------------------------------------------------------
+
+    def begin_extend(self, volume_id: str, new_size_gb: int, owner: str, lease: float) -> None:
+        """The volume's pending-extend row, ours; Aborted while another live
+        facade runs one (a dead one's is taken over, with the new size)."""
+        now = utcnow()
+        cutoff = now - datetime.timedelta(seconds=lease)
+        alive = FacadeInstance.select(FacadeInstance.id).where(
+            FacadeInstance.heartbeat_at >= cutoff)
+        with write_transaction(self.db):
+            try:
+                with self.db.atomic():
+                    PendingExtend.create(volume_id=volume_id, new_size_gb=new_size_gb,
+                                         owner=owner)
+                return
+            except peewee.IntegrityError:
+                pass
+            taken = (PendingExtend.update(new_size_gb=new_size_gb, owner=owner, updated_at=now)
+                     .where((PendingExtend.volume_id == volume_id)
+                            & (PendingExtend.owner.is_null() | PendingExtend.owner.not_in(alive)))
+                     .execute())
+        if not taken:
+            raise Aborted(f"an extend of volume {volume_id} is in progress; try again",
+                          reason="OPERATION_IN_PROGRESS", metadata={"volume_id": volume_id})
+
+    @staticmethod
+    def end_extend(volume_id: str) -> None:
+        PendingExtend.delete().where(PendingExtend.volume_id == volume_id).execute()
+
+    @staticmethod
+    def release_extend(volume_id: str) -> None:
+        PendingExtend.update(owner=None, updated_at=utcnow()).where(
+            PendingExtend.volume_id == volume_id).execute()
+
+    @staticmethod
+    def orphan_extends(lease: float) -> list[PendingExtend]:
+        cutoff = utcnow() - datetime.timedelta(seconds=lease)
+        alive = FacadeInstance.select(FacadeInstance.id).where(
+            FacadeInstance.heartbeat_at >= cutoff)
+        return list(PendingExtend.select().where(
+            PendingExtend.owner.is_null() | PendingExtend.owner.not_in(alive)))
+
+    @staticmethod
+    def claim_extend(row: PendingExtend, owner: str) -> bool:
+        previous = (PendingExtend.owner.is_null() if row.owner is None
+                    else (PendingExtend.owner == row.owner))
+        return bool(PendingExtend.update(owner=owner, updated_at=utcnow())
+                    .where((PendingExtend.volume_id == row.volume_id) & previous).execute())
 
     # -- AttachVolume -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from vmattach.common.errors import DeadlineExceeded, VmattachError
+from vmattach.common.errors import DeadlineExceeded, NotFound, VmattachError
 from vmattach.common.grpcutil import call
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
@@ -62,9 +62,13 @@ class ControllerCalls:
         return call(self.stub.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id),
                     timeout=_seconds(timeout))
 
-    def reserve(self, volume_id: str, server_id: str, timeout: Time) -> None:
+    def reserve(self, volume_id: str, server_id: str, timeout: Time, attachment_id: str = "",
+                mode: str = "rw") -> None:
+        """os-reserve; the Controller's attachment gets attachment_id (the BDM's)
+        and attach_mode mode."""
         call(self.stub.ReserveVolume,
-             cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id),
+             cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id,
+                                      attachment_id=attachment_id, mode=mode),
              timeout=_seconds(timeout))
 
     def unreserve(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
@@ -87,11 +91,20 @@ class ControllerCalls:
             timeout=_seconds(timeout))
 
     def mark_attached(self, volume_id: str, server_id: str, device: str,
-                      timeout: Time) -> None:
+                      timeout: Time, mode: str = "rw") -> None:
         """os-attach."""
         call(self.stub.MarkAttached, cpb.MarkAttachedRequest(
-            volume_id=volume_id, server_id=server_id, mountpoint=device, mode="rw"),
+            volume_id=volume_id, server_id=server_id, mountpoint=device, mode=mode),
             timeout=_seconds(timeout))
+
+    def extend(self, volume_id: str, new_size_gb: int, timeout: Time) -> cpb.Volume:
+        """os-extend: the file and the export grow (idempotent)."""
+        return call(self.stub.ExtendVolume, cpb.ExtendVolumeRequest(
+            volume_id=volume_id, new_size_gb=new_size_gb), timeout=_seconds(timeout))
+
+    def delete_volume(self, volume_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
+        call(self.stub.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=volume_id),
+             timeout=_seconds(timeout))
 
     def begin_detaching(self, volume_id: str, server_id: str, timeout: Time) -> None:
         call(self.stub.BeginDetaching,
@@ -150,6 +163,37 @@ class NodeCalls:
     def unpublish(self, server_id: str, volume_id: str,
                   timeout: Time = UNPUBLISH_TIMEOUT) -> None:
         """Detach the disk and wait for the guest; FailedPrecondition when the
-        guest never releases it."""
-        call(self.stub.NodeUnpublishVolume, npb.NodeUnpublishVolumeRequest(
-            server_id=server_id, volume_id=volume_id), timeout=_seconds(timeout))
+        guest never releases it. A domain that no longer exists has no disk:
+        done."""
+        try:
+            call(self.stub.NodeUnpublishVolume, npb.NodeUnpublishVolumeRequest(
+                server_id=server_id, volume_id=volume_id), timeout=_seconds(timeout))
+        except NotFound as exc:
+            if exc.reason != "SERVER_NOT_FOUND":
+                raise
+            LOG.info("server %s is gone: volume %s has no disk there", server_id, volume_id)
+
+    def extend(self, server_id: str, volume_id: str, new_size_bytes: int,
+               info: types_pb2.ConnectionInfo, timeout: Time) -> int:
+        """Resize the server's disk of the volume; the capacity QEMU reports
+        (0 for a domain that is not running)."""
+        bare = types_pb2.ConnectionInfo()
+        bare.CopyFrom(info)
+        bare.data.ClearField("auth_password")  # a rescan needs the session, not the secret
+        return call(self.stub.NodeExtendVolume, npb.NodeExtendVolumeRequest(
+            server_id=server_id, volume_id=volume_id, new_size_bytes=new_size_bytes,
+            connection_info=bare), timeout=_seconds(timeout)).size_bytes
+
+    def servers(self, timeout: Time) -> list[types_pb2.Server]:
+        """The domains on the node now, with their disks."""
+        return list(call(self.stub.ListServers, npb.NodeListServersRequest(),
+                         timeout=_seconds(timeout)).servers)
+
+    def disk_of(self, server_id: str, volume_id: str, timeout: Time) -> bool:
+        """Whether the domain shows a disk of the volume now (False also when
+        the domain is gone)."""
+        for server in self.servers(timeout):
+            if server.server_id == server_id:
+                return any(d.serial == volume_id or d.alias == f"ua-{volume_id}"
+                           for d in server.disks)
+        return False

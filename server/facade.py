@@ -18,9 +18,12 @@ import peewee
 from vmattach.common.db import with_connection
 from vmattach.common.errors import (
     Aborted,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    Unavailable,
     VmattachError,
 )
 from vmattach.common.secretbox import SecretBox
@@ -34,11 +37,28 @@ from vmattach.server.steps import Attach, Saga, attach_saga
 
 LOG = logging.getLogger(__name__)
 
-# Server states that can take a disk, and Nova's vm_state for each state.
-ATTACHABLE = {"running", "paused", "shutoff"}
+# Server states that can take (and give back) a disk: Nova's vm_states active
+# (running, and blocked: a running domain waiting on a resource), paused and
+# stopped. The refusal names Nova's vm_state of the others, or its task_state
+# for a domain being shut down.
+ATTACHABLE = {"running", "blocked", "paused", "shutoff"}
 VM_STATE = {"running": "active", "paused": "paused", "shutoff": "stopped",
-            "crashed": "error", "shutdown": "stopped", "pmsuspended": "suspended",
+            "crashed": "error", "pmsuspended": "suspended",
             "blocked": "active", "nostate": "building"}
+TASK_STATE = {"shutdown": "powering-off"}
+
+
+def check_server_state(action: str, server) -> None:
+    """FailedPrecondition in Nova's words when the server cannot take action."""
+    if server.state in ATTACHABLE:
+        return
+    if server.state in TASK_STATE:
+        where = f"task_state {TASK_STATE[server.state]}"
+    else:
+        where = f"vm_state {VM_STATE.get(server.state, server.state)}"
+    raise FailedPrecondition(f"Cannot '{action}' instance {server.server_id} while it is in "
+                             f"{where}", reason="SERVER_STATE",
+                             metadata={"server_id": server.server_id, "state": server.state})
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class AttachRequest:
     tag: str = ""
     delete_on_termination: bool = False
     request_id: str = ""
+    mode: str = "rw"
 
 
 def not_attached(server_id: str, volume_id: str) -> NotFound:
@@ -70,7 +91,8 @@ def validate_attach(req: AttachRequest) -> None:
 class Facade:
     def __init__(self, db: peewee.Database, controller: ControllerCalls, nodes: NodeDirectory,
                  secretbox: SecretBox, faults: Faults | None = None,
-                 max_volumes_per_server: int = 26, call_cap: float = 300.0):
+                 max_volumes_per_server: int = 26, call_cap: float = 300.0,
+                 owner_lease: float = 15.0):
         self.db = db
         self.controller = controller
         self.nodes = nodes
@@ -78,6 +100,7 @@ class Facade:
         self.faults = faults or Faults()
         self.max_volumes_per_server = max_volumes_per_server
         self.call_cap = call_cap
+        self.owner_lease = owner_lease
         # this process's operations carry this id; see server/reconciler.py
         self.instance_id = str(uuid.uuid4())
 
@@ -102,10 +125,7 @@ class Facade:
         # 1. validate: ids (servicer), device and tag, the server and its state
         validate_attach(req)
         server = self.nodes.server(req.server_id)
-        if server.state not in ATTACHABLE:
-            raise FailedPrecondition(
-                f"Cannot 'attach_volume' instance {req.server_id} while it is in vm_state "
-                f"{VM_STATE.get(server.state, server.state)}", reason="SERVER_STATE")
+        check_server_state("attach_volume", server)
         handle = self.nodes.node(server.node_id)
         node = NodeCalls(handle.stub)
         # 2. pick the device name and insert the BDM row in state attaching
@@ -124,8 +144,9 @@ class Facade:
             volume = self.step("get_volume", self.controller.get_volume, req.volume_id,
                                deadline, saga=saga)
             # 4. reserve it (one compare-and-swap at the Controller)
+            # (the Controller's attachment takes the BDM's attachment id and the mode)
             self.step("reserve", self.controller.reserve, req.volume_id, req.server_id,
-                      deadline, saga=saga)
+                      deadline, bdm.attachment_id, req.mode, saga=saga)
             self.bdms.progress(bdm.id, "reserve", volume_size=volume.size_gb,
                                node_id=handle.node_id)
             # 5. the connector of the node that hosts the server
@@ -143,7 +164,7 @@ class Facade:
             self.bdms.progress(bdm.id, "node_publish")
             # 9. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
-                      req.server_id, bdm.device_name, deadline, saga=saga)
+                      req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
             # 10. save the connection_info (sealed above), state attached
             self.step("bdm_attached", self.bdms.attached, bdm.id, saga=saga)
         except Exception as exc:
@@ -174,19 +195,35 @@ class Facade:
         try:
             node = self.node(bdm.node_id)
             try:
+                # the server's state allows it (a server that is gone does too: its
+                # disks went with it)
+                server = self.nodes.known_server(server_id)
+                if server is not None:
+                    check_server_state("detach_volume", server)
                 # 2. begin detaching at the Controller (in-use -> detaching); its undo
                 # (roll detaching, idempotent) runs on any failure: a call that timed
                 # out may have taken effect
                 self.step("begin_detaching", self.controller.begin_detaching, volume_id,
                           server_id, deadline)
+            except VmattachError:
+                self.controller.roll_detaching(volume_id, server_id)
+                raise
+            try:
                 # 3. unpublish on the node: detach from the domain, wait for the guest
                 self.step("node_unpublish", node.unpublish, server_id, volume_id, deadline)
+            except (Unavailable, DeadlineExceeded) as exc:
+                # no answer: the unplug may have been sent and may complete; decide
+                # from what the domain shows
+                if not self._unplug_happened(bdm, node, exc):
+                    self.controller.roll_detaching(volume_id, server_id)
+                    raise
             except VmattachError:
                 self.controller.roll_detaching(volume_id, server_id)
                 raise
             self.bdms.progress(bdm.id, "node_unpublish")
-        except VmattachError:
-            self.bdms.attached(bdm.id)
+        except VmattachError as exc:
+            if not getattr(exc, "left_to_reconciler", False):
+                self.bdms.attached(bdm.id)
             raise
         # From here the disk has left the guest: the remaining steps only roll forward.
         try:
@@ -196,6 +233,25 @@ class Facade:
             self.bdms.release(bdm.id)  # the reconciler finishes it
             raise
         LOG.info("detached volume %s from server %s", volume_id, server_id)
+
+    def _unplug_happened(self, bdm: BDM, node: NodeCalls, error: VmattachError) -> bool:
+        """After the node did not answer an unpublish: True when the domain
+        shows no disk of the volume any more (roll forward), False when it
+        shows it (roll back). When the node cannot say either, the row stays
+        `detaching` for the reconciler and the error is raised."""
+        try:
+            present = node.disk_of(bdm.instance_uuid, bdm.volume_id, UNDO_TIMEOUT)
+        except VmattachError as exc:
+            LOG.warning("detach of %s from %s: no answer from the node (%s, then %s); left to"
+                        " the reconciler", bdm.volume_id, bdm.instance_uuid, error.reason,
+                        exc.reason)
+            self.bdms.release(bdm.id)
+            error.left_to_reconciler = True
+            raise error from None
+        LOG.info("detach of %s from %s: the node did not answer (%s); the domain %s the disk",
+                 bdm.volume_id, bdm.instance_uuid, error.reason,
+                 "still has" if present else "no longer has")
+        return not present
 
     def finish_detach(self, bdm: BDM, node: NodeCalls, timeout: Callable[[], float]) -> None:
         """Detach steps 4-7, once the disk has left the guest (the reconciler
@@ -216,6 +272,126 @@ class Facade:
         # 7. soft-delete the BDM row
         self.step("bdm_delete", self.bdms.soft_delete, bdm.id)
 
+    # -- ExtendVolume -------------------------------------------------------------------
+
+    @with_connection
+    def extend(self, volume_id: str, new_size_gb: int,
+               deadline: Deadline) -> tuple[int, list[str]]:
+        """Grow the volume at the Controller, then every attached disk on its
+        node; (the new size, the servers). Refusals change nothing; any other
+        failure leaves the pending-extend row to the reconciler, which repeats
+        the (idempotent) steps."""
+        # 1. the volume's pending-extend row (one extend per volume at a time)
+        self.bdms.begin_extend(volume_id, new_size_gb, self.instance_id, self.owner_lease)
+        try:
+            # 2. the file and tgtd's LUN grow
+            volume = self.step("controller_extend", self.controller.extend, volume_id,
+                               new_size_gb, deadline)
+        except (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted):
+            self.bdms.end_extend(volume_id)  # refused: nothing changed
+            raise
+        except BaseException:
+            self.bdms.release_extend(volume_id)
+            raise
+        try:
+            # 3. every server's disk
+            servers = self.extend_disks(volume_id, volume.size_gb, deadline)
+        except BaseException:
+            self.bdms.release_extend(volume_id)
+            raise
+        # 4. done
+        self.bdms.sized(volume_id, volume.size_gb)
+        self.bdms.end_extend(volume_id)
+        LOG.info("extended volume %s to %d GiB on %d server(s)", volume_id, volume.size_gb,
+                 len(servers))
+        return volume.size_gb, servers
+
+    def extend_disks(self, volume_id: str, size_gb: int, timeout: Deadline | float) -> list[str]:
+        """Step 3: each live row's node resizes the server's disk (Nova's
+        volume-extended event); the servers done. A server or disk that is no
+        longer there is skipped (its detach cleans up)."""
+        done = []
+        for bdm in self.bdms.of_volume(volume_id):
+            if not bdm.connection_info or bdm.state == "attaching":
+                continue  # not on the node yet: it attaches with the new size
+            info = self.bdms.unseal(bdm.connection_info)
+            try:
+                self.step("node_extend", self.node(bdm.node_id).extend, bdm.instance_uuid,
+                          volume_id, size_gb << 30, info, timeout)
+            except NotFound as exc:
+                LOG.info("extend of %s: server %s has no disk of it (%s)", volume_id,
+                         bdm.instance_uuid, exc.reason)
+                continue
+            done.append(bdm.instance_uuid)
+        return done
+
+    # -- servers that vanish, disks that went --------------------------------------------
+
+    @with_connection
+    def reap_vanished(self, node_ids: set[str] | None = None) -> int:
+        """Detach what servers that no longer exist on their node had attached
+        (the node's own listing decides, never the cache alone); returns how
+        many rows were finished."""
+        by_node: dict[str, list[BDM]] = {}
+        for bdm in self.bdms.attached_on_nodes():
+            if node_ids is None or bdm.node_id in node_ids:
+                by_node.setdefault(bdm.node_id, []).append(bdm)
+        done = 0
+        for node_id, rows in by_node.items():
+            try:
+                node = self.node(node_id)
+                present = {s.server_id for s in node.servers(UNDO_TIMEOUT)}
+            except VmattachError as exc:
+                LOG.warning("node %s did not list its servers: %s", node_id, exc.message)
+                continue
+            for bdm in rows:
+                if bdm.instance_uuid in present:
+                    continue
+                LOG.warning("server %s is gone from node %s with volume %s attached: detaching",
+                            bdm.instance_uuid, node_id, bdm.volume_id)
+                try:
+                    if self.detach_gone(bdm, node, server_gone=True):
+                        done += 1
+                except VmattachError as exc:
+                    LOG.warning("detach of %s from vanished %s failed, the reconciler retries:"
+                                " %s", bdm.volume_id, bdm.instance_uuid, exc.message)
+        return done
+
+    def detach_gone(self, bdm: BDM, node: NodeCalls, server_gone: bool) -> bool:
+        """Detach a volume whose disk has already left the guest (its server
+        vanished, or the audit found the row without its disk): the detach's
+        steps 1-7, then, for a server that is gone, delete_on_termination.
+        False when another operation holds the row."""
+        server_id, volume_id = bdm.instance_uuid, bdm.volume_id
+        if not self.bdms.take_for_detach(bdm, self.instance_id):
+            return False
+        try:
+            try:
+                self.controller.begin_detaching(volume_id, server_id, UNDO_TIMEOUT)
+            except FailedPrecondition as exc:  # MarkDetached ends an attached one too
+                LOG.info("begin detaching %s: %s", volume_id, exc.message)
+            node.unpublish(server_id, volume_id)  # no domain, or no disk: nothing to wait for
+            self.bdms.progress(bdm.id, "node_unpublish")
+            self.finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
+        except BaseException:
+            self.bdms.release(bdm.id)  # the reconciler finishes it
+            raise
+        if server_gone:
+            self.delete_on_termination(bdm)
+        return True
+
+    def delete_on_termination(self, bdm: BDM) -> None:
+        """The volume of a row marked delete_on_termination goes with its
+        server (kept, with a warning, while another server uses it)."""
+        if not bdm.delete_on_termination:
+            return
+        try:
+            self.controller.delete_volume(bdm.volume_id)
+            LOG.info("deleted volume %s with its server %s (delete_on_termination)",
+                     bdm.volume_id, bdm.instance_uuid)
+        except FailedPrecondition as exc:
+            LOG.warning("volume %s kept: %s", bdm.volume_id, exc.message)
+
     # -- reading ------------------------------------------------------------------------
 
     @with_connection
@@ -226,6 +402,12 @@ class Facade:
         return bdm
 
     @with_connection
-    def list(self, server_id: str, page_size: int, page_token: str) -> tuple[list[BDM], str]:
+    def list(self, server_id: str, page_size: int, page_token: str,
+             volume_id: str = "") -> tuple[list[BDM], str]:
+        """A server's attachments, or a volume's (all its servers)."""
+        if bool(server_id) == bool(volume_id):
+            raise InvalidArgument("give one of server_id and volume_id", reason="INVALID_ARGUMENT")
+        if volume_id:
+            return self.bdms.page_of_volume(volume_id, page_size, page_token)
         self.nodes.server(server_id)
         return self.bdms.page(server_id, page_size, page_token)

@@ -6,7 +6,8 @@ import json
 
 from google.protobuf import timestamp_pb2
 
-from vmattach.common.validate import page_size, require_uuid
+from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
+from vmattach.server.bdms import BdmStore
 from vmattach.server.calls import Deadline
 from vmattach.server.devices import guest_path_hint
 from vmattach.server.facade import AttachRequest, Facade
@@ -31,7 +32,7 @@ def attachment_to_pb(bdm: BlockDeviceMapping) -> pb.VolumeAttachment:
         device=bdm.device_name, tag=bdm.tag or "",
         delete_on_termination=bdm.delete_on_termination,
         guest_path_hint=guest_path_hint(prefix, bdm.volume_id), state=bdm.state,
-        created_at=_ts(bdm.created_at))
+        created_at=_ts(bdm.created_at), mode=BdmStore.mode_of(bdm))
 
 
 def server_to_pb(record: ServerRecord) -> types_pb2.Server:
@@ -52,7 +53,8 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
             volume_id=require_uuid(request.volume_id, "volume_id"),
             device=request.device, tag=request.tag,
             delete_on_termination=request.delete_on_termination,
-            request_id=request.request_id and require_uuid(request.request_id, "request_id"))
+            request_id=request.request_id and require_uuid(request.request_id, "request_id"),
+            mode=require_mode(request.mode))
         return attachment_to_pb(self.f.attach(req, Deadline.of(context, self.f.call_cap)))
 
     def DetachVolume(self, request, context):
@@ -66,8 +68,10 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
                                            require_uuid(request.volume_id, "volume_id")))
 
     def ListVolumeAttachments(self, request, context):
-        rows, token = self.f.list(require_uuid(request.server_id, "server_id"),
-                                  page_size(request.page_size), request.page_token)
+        server_id = request.server_id and require_uuid(request.server_id, "server_id")
+        volume_id = request.volume_id and require_uuid(request.volume_id, "volume_id")
+        rows, token = self.f.list(server_id, page_size(request.page_size), request.page_token,
+                                  volume_id)
         return pb.ListVolumeAttachmentsResponse(
             attachments=[attachment_to_pb(b) for b in rows], next_page_token=token)
 
@@ -78,3 +82,9 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
 
     def GetServer(self, request, context):
         return server_to_pb(self.f.nodes.server(require_uuid(request.server_id, "server_id")))
+
+    def ExtendVolume(self, request, context):
+        size_gb, servers = self.f.extend(require_uuid(request.volume_id, "volume_id"),
+                                         require_size_gb(request.new_size_gb, "new_size_gb"),
+                                         Deadline.of(context, self.f.call_cap))
+        return pb.ServersExtendVolumeResponse(size_gb=size_gb, server_ids=servers)

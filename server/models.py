@@ -83,8 +83,31 @@ class FacadeInstance(BaseModel):
         table_name = "facade_instance"
 
 
-MODELS = [BlockDeviceMapping, ServerRecord, FacadeInstance]
+class PendingExtend(BaseModel):
+    """An ExtendVolume in flight (one per volume). The row goes once every
+    server's disk has the new size; a row whose owner stopped sending
+    heartbeats (or released it after a node failed) is finished by the
+    reconciler (version 2)."""
+    volume_id = peewee.CharField(primary_key=True, max_length=36)
+    new_size_gb = peewee.IntegerField()
+    owner = peewee.CharField(max_length=36, null=True, index=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "pending_extend"
+
+
+MODELS = [BlockDeviceMapping, ServerRecord, FacadeInstance, PendingExtend]
+
+
+def _v2_pending_extend(db: peewee.Database) -> None:
+    db.create_tables([PendingExtend], safe=True)
+
 
 # schema versions (common/migrations.py); every table change adds a Migration
-MIGRATIONS: list[Migration] = []
+MIGRATIONS: list[Migration] = [
+    Migration(2, "pending_extend: ExtendVolume in flight, finished by the reconciler",
+              _v2_pending_extend),
+]
 SCHEMA = Schema("servers", MODELS, MIGRATIONS)

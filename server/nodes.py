@@ -108,6 +108,38 @@ class NodeDirectory:
                     ServerRecord.server_id.in_(gone[start:start + 200])
                     & (ServerRecord.node_id == info.node_id)).execute()
 
+    def watch(self, on_change: Callable[[set[str]], object], wait: int = 20) -> None:
+        """Follow every node's lifecycle events (NodeWatchServers, a long poll,
+        one thread per node): when a domain was undefined, stopped, started,
+        ..., refresh the cache and call on_change({node id}) at once instead of
+        at the next periodic refresh."""
+        for address in self.addresses:
+            threading.Thread(target=self._watch, args=(address, on_change, wait), daemon=True,
+                             name=f"watch-{address}").start()
+
+    def _watch(self, address: str, on_change: Callable[[set[str]], object], wait: int) -> None:
+        stub = node_pb2_grpc.NodeStub(self._channels[address])
+        epoch, after = "", 0
+        while not self._stop.is_set():
+            try:
+                answer = call(stub.NodeWatchServers, npb.NodeWatchServersRequest(
+                    after_seq=after, wait_seconds=wait), timeout=wait + NODE_CALL_TIMEOUT)
+            except VmattachError as exc:
+                if not self._stop.is_set():
+                    LOG.debug("watching node at %s: %s", address, exc.message)
+                self._stop.wait(2.0)
+                continue
+            restarted = bool(epoch) and answer.epoch != epoch
+            epoch, after = answer.epoch, answer.last_seq
+            if not (answer.events or answer.events_lost or restarted) or self._stop.is_set():
+                continue
+            LOG.info("node at %s reports %d lifecycle event(s)", address, len(answer.events))
+            try:
+                self.refresh()
+                on_change({h.node_id for h in self._nodes.values() if h.address == address})
+            except Exception:  # noqa: BLE001 - the watch must go on; the periodic run retries
+                LOG.exception("reacting to the events of node at %s failed", address)
+
     def run_periodic(self, interval: float) -> threading.Thread:
         """Refresh now (at start), then every interval."""
         return every(interval, self.refresh, self._stop, "server-refresh")
@@ -127,6 +159,11 @@ class NodeDirectory:
             raise Unavailable(f"node {node_id} is not reachable", reason="NODE_UNAVAILABLE",
                               metadata={"node_id": node_id})
         return handle
+
+    @with_connection
+    def known_server(self, server_id: str) -> ServerRecord | None:
+        """The cached server, or None (no refresh)."""
+        return _SERVER.first(server_id)
 
     @with_connection
     def server(self, server_id: str) -> ServerRecord:

@@ -24,7 +24,7 @@ import threading
 import peewee
 
 from vmattach.common.db import with_connection
-from vmattach.common.errors import FailedPrecondition, VmattachError
+from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound, VmattachError
 from vmattach.common.periodic import every
 from vmattach.server.calls import UNDO_TIMEOUT
 from vmattach.server.facade import Facade
@@ -62,7 +62,8 @@ class Reconciler:
         finished or undone."""
         self.heartbeat()
         self.bdms.forget_instances(silent_for=max(self.lease * 100, 3600))
-        done = 0
+        done = self.finish_extends()
+        done += self.facade.reap_vanished()
         for bdm in self.orphans():
             if not self.bdms.claim(bdm, self.me):
                 continue  # another replica took it
@@ -73,6 +74,30 @@ class Reconciler:
                 LOG.warning("recovery of BDM %d (%s %s) failed, will retry: %s", bdm.id,
                             bdm.state, bdm.volume_id, exc)
                 self.bdms.release(bdm.id)
+        return done
+
+    def finish_extends(self) -> int:
+        """Repeat the (idempotent) steps of every extend whose facade died or
+        gave up half-way."""
+        done = 0
+        for row in self.bdms.orphan_extends(self.lease):
+            if not self.bdms.claim_extend(row, self.me):
+                continue
+            try:
+                volume = self.controller.extend(row.volume_id, row.new_size_gb, UNDO_TIMEOUT)
+                self.facade.extend_disks(row.volume_id, volume.size_gb, UNDO_TIMEOUT)
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
+                LOG.warning("extend of %s to %d GiB dropped: %s", row.volume_id,
+                            row.new_size_gb, exc.message)
+            except (VmattachError, peewee.PeeweeException) as exc:
+                LOG.warning("extend of %s failed, will retry: %s", row.volume_id, exc)
+                self.bdms.release_extend(row.volume_id)
+                continue
+            else:
+                self.bdms.sized(row.volume_id, volume.size_gb)
+                LOG.info("extend of %s to %d GiB finished", row.volume_id, volume.size_gb)
+            self.bdms.end_extend(row.volume_id)
+            done += 1
         return done
 
     def recover(self, bdm: BDM) -> None:
@@ -89,7 +114,7 @@ class Reconciler:
 
     def _roll_attach_forward(self, bdm: BDM) -> None:
         self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
-                                      UNDO_TIMEOUT)
+                                      UNDO_TIMEOUT, self.bdms.mode_of(bdm))
         self.bdms.attached(bdm.id)
         LOG.info("attach of %s to %s rolled forward", bdm.volume_id, bdm.instance_uuid)
 
@@ -118,6 +143,9 @@ class Reconciler:
             self.bdms.progress(bdm.id, "node_unpublish")
         self.facade.finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
         LOG.info("detach of %s from %s finished", volume_id, server_id)
+        if bdm.delete_on_termination and server_id not in {
+                s.server_id for s in node.servers(UNDO_TIMEOUT)}:
+            self.facade.delete_on_termination(bdm)  # the server vanished meanwhile
 
     # -- the loop ----------------------------------------------------------------------------
 
