@@ -119,17 +119,18 @@ def _rules(service: str, audience: str, reads: tuple[str, ...], changes: tuple[s
 POLICY: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": Rule("open"),
     **_rules("Controller", "public", ("GetVolume", "ListVolumes"),
-             ("CreateVolume", "DeleteVolume")),
+             ("CreateVolume", "DeleteVolume", "ExtendVolume")),
     **_rules("Controller", "internal", ("ListExports",),
              ("ReconcileExports", "ReserveVolume", "UnreserveVolume", "ControllerPublishVolume",
               "ControllerUnpublishVolume", "MarkAttached", "BeginDetaching", "RollDetaching",
               "MarkDetached")),
-    **_rules("Node", "internal", ("NodeGetInfo", "ListServers", "ListSecrets"),
+    **_rules("Node", "internal", ("NodeGetInfo", "ListServers", "ListSecrets",
+                                  "NodeWatchServers"),
              ("NodeStageVolume", "NodeUnstageVolume", "NodePublishVolume",
-              "NodeUnpublishVolume")),
+              "NodeUnpublishVolume", "NodeExtendVolume")),
     **_rules("Servers", "public",
              ("GetVolumeAttachment", "ListVolumeAttachments", "ListServers", "GetServer"),
-             ("AttachVolume", "DetachVolume")),
+             ("AttachVolume", "DetachVolume", "ExtendVolume")),
 }
 # an RPC missing from the table is for the service role only
 DEFAULT_RULE = Rule("internal", "admin", True)
