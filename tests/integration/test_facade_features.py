@@ -226,7 +226,8 @@ def test_a_vanished_server_is_detached_everywhere_and_its_temporary_volume_delet
             stack.client.get_volume(temporary)
             return False
         except NotFound:
-            return stack.client.get_volume(keep).status == "available"
+            return (stack.client.get_volume(keep).status == "available"
+                    and [r.instance_uuid for r in stack.live_bdms()] == [other])
     deadline = time.monotonic() + 30  # the node's event wakes the facade: no reconciler run
     while not cleaned() and time.monotonic() < deadline:
         time.sleep(0.2)
