@@ -19,6 +19,7 @@ from tests.conftest import make_settings, need
 from tests.support.guest import TestGuest, ensure_guest_image, virsh
 from tests.support.tgtd import TgtDaemon
 from vmattach.clients.client import VmattachClient
+from vmattach.clients.serve import start
 from vmattach.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -28,7 +29,6 @@ from vmattach.common.errors import (
 )
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
-from vmattach.server.app import start
 
 pytestmark = pytest.mark.realstack
 
