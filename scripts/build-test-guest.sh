@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the tiny Linux test guest of docs/real-stack.md ("A real Linux guest
-# in about 3 seconds") from Debian packages, and cache it.
+# Build the tiny Linux test guest of docs/operations.md ("The real stack on
+# one host") from Debian packages, and cache it.
 #
 # Output: ${VMATTACH_GUEST_DIR:-/var/cache/vmattach/guest}/{vmlinuz,initrd.gz}
 # A stamp file (hash of this script) makes a second run a no-op; set

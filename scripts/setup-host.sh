@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare this Debian 12 host (as root) for the real stack of
-# docs/real-stack.md: libvirtd + QEMU (TCG), tgtd, libiscsi tools.
+# docs/operations.md: libvirtd + QEMU (TCG), tgtd, libiscsi tools.
 #
 # Idempotent: packages are installed only when missing, users/groups and
 # directories only created when absent, qemu.conf is appended to once

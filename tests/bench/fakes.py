@@ -1,4 +1,4 @@
-"""The benchmark's fakes, at the outermost boundary only (docs/design.md):
+"""The benchmark's fakes, at the outermost boundary only (docs/architecture.md, "Rules the code keeps"):
 the in-memory hypervisor of tests/support/fake_hypervisor.py and the fake tgtd of
 tests/support/fake_tgt.py. Never imported by production code."""
 
