@@ -23,7 +23,8 @@ def pki_init(directory: str, hosts: str) -> list[Path]:
 class _Tokens:
     def __init__(self, settings: Settings):
         Path(settings.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = open_database(settings.database_url_for("auth"), auth.MODELS)
+        self.db = open_database(settings.database_url_for("auth"), auth.MODELS, auth.SCHEMA,
+                                upgrade=settings.db_upgrade)
         self.store = auth.TokenStore(self.db)
 
     def __enter__(self) -> auth.TokenStore:

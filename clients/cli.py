@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 
 from vmattach.common import config
 from vmattach.common.errors import VmattachError
+from vmattach.common.version import version
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -62,7 +63,15 @@ def cmd_serve(args) -> int:
 
 def cmd_audit(args) -> int:
     from vmattach.server.audit import run
-    return run(config.load(args), args.repair)
+    return run(config.load(args), args.repair, args.metrics_file)
+
+
+def cmd_db_upgrade(args) -> int:
+    from vmattach.clients.serve import upgrade_databases
+    for component, found, now in upgrade_databases(config.load(args)):
+        before = "new" if found is None else f"version {found}"
+        print(f"{component}: {before} -> version {now}")
+    return 0
 
 
 def cmd_pki_init(args) -> int:
@@ -188,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name, default=os.environ.get(env), help=f"{what} (env {env})")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--version", action="version", version=f"vmattach {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start vmattach services")
@@ -198,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
                                          " exit 1 on any divergence")
     config.add_arguments(audit)
     audit.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    audit.add_argument("--metrics-file", help="also write the divergence count there in"
+                                              " Prometheus' text format (node_exporter's"
+                                              " textfile collector)")
     audit.set_defaults(func=cmd_audit, local=True)
 
     pki = sub.add_parser("pki", help="certificates for TLS").add_subparsers(
@@ -228,6 +241,13 @@ def parser() -> argparse.ArgumentParser:
                                                " stored secret with it")
     config.add_arguments(rotate)
     rotate.set_defaults(func=cmd_rotate_key, local=True)
+
+    db = sub.add_parser("db", help="the services' databases").add_subparsers(
+        dest="action", required=True)
+    d = db.add_parser("upgrade", help="bring the databases of --services to this version's"
+                                      " schema (serve does it at start unless --db-upgrade false)")
+    config.add_arguments(d)
+    d.set_defaults(func=cmd_db_upgrade, local=True)
 
     volume = sub.add_parser("volume", help="volumes and their attachment").add_subparsers(
         dest="action", required=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 import grpc
 
 from vmattach.common import auth, tls
+from vmattach.common import observability as obs
 from vmattach.common.config import Settings
 from vmattach.common.grpcutil import Service, new_server, start_server
 from vmattach.common.runner import CommandRunner
+from vmattach.common.version import version
 from vmattach.controller import app as controller_app
 from vmattach.controller import models as controller_models
 from vmattach.node import app as node_app
@@ -73,7 +74,8 @@ def authenticator(settings: Settings, names: list[str]) -> tuple[auth.Authentica
     if not {"controller", "servers"} & set(names):
         return auth.Authenticator("token", None, secret), []  # a Node: internal RPCs only
     from vmattach.common.db import close_database, open_database
-    db = open_database(settings.database_url_for("auth"), auth.MODELS)
+    db = open_database(settings.database_url_for("auth"), auth.MODELS, auth.SCHEMA,
+                       upgrade=settings.db_upgrade)
     return (auth.Authenticator("token", auth.TokenStore(db), secret),
             [lambda: close_database(db)])
 
@@ -117,15 +119,57 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     return Running(server, port, services, internal, closers)
 
 
-def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    running = start(settings)
+def upgrade_databases(settings: Settings) -> list[tuple[str, int | None, int]]:
+    """`vmattach db upgrade`: the schema of each database of settings'
+    services (and of the user tokens where public services run) brought to
+    this version; (service, version found, version now)."""
+    from vmattach.common import migrations
+    from vmattach.common.db import close_database, connect_database
+    from vmattach.controller import models as controller_models
+    from vmattach.server import models as server_models
+    schemas = {"controller": controller_models.SCHEMA, "servers": server_models.SCHEMA,
+               "auth": auth.SCHEMA}
+    private_state_dir(settings)
+    done = []
+    names = settings.service_list()
+    if settings.auth != "none" and {"controller", "servers"} & set(names):
+        names.append("auth")
+    for name in names:
+        if name not in schemas:
+            continue  # the Node keeps no database
+        schema = schemas[name]
+        db = connect_database(settings.database_url_for(name), schema.models)
+        try:
+            found, now = migrations.upgrade(db, schema)
+        finally:
+            close_database(db)
+        done.append((name, found, now))
+    return done
+
+
+def serve(settings: Settings, hypervisor=None) -> int:
+    """Run until SIGTERM/SIGINT. Prints `listening on HOST:PORT` and, with
+    metrics_listen, `metrics on HOST:PORT` on the next line. (hypervisor:
+    tests pass a fake one.)"""
+    obs.setup_logging(settings.log_level, settings.log_format)
+    obs.setup_tracing(settings.tracing, f"vmattach-{settings.services.replace(',', '-')}")
+    if settings.metrics_listen:
+        obs.parse_listen(settings.metrics_listen)  # a typo fails before anything starts
+    running = start(settings, hypervisor=hypervisor)
     if settings.auth == "none":
         LOG.warning("--auth none: every caller on this host may call every RPC, unauthenticated")
     host = settings.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
-    LOG.info("serving %s on port %d (pid %d)", settings.services, running.port, os.getpid())
+    metrics = None
+    if settings.metrics_listen:
+        try:
+            metrics_host, metrics_port, metrics = obs.start_metrics_server(settings.metrics_listen)
+        except BaseException:
+            running.stop(0)
+            raise
+        print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
+    LOG.info("vmattach %s serving %s on port %d (pid %d)", version(), settings.services,
+             running.port, os.getpid())
     stopped = threading.Event()
 
     def on_signal(signum, frame):
@@ -136,5 +180,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     stopped.wait()
     running.stop()
+    if metrics is not None:
+        metrics.shutdown()
     LOG.info("stopped")
     return 0

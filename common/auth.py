@@ -32,6 +32,7 @@ import peewee
 from vmattach.common import tls
 from vmattach.common.db import Prepared, utcnow, with_connection
 from vmattach.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from vmattach.common.migrations import Schema
 
 LOG = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class AuthToken(peewee.Model):
 
 
 MODELS = [AuthToken]
+# schema versions (common/migrations.py); every table change adds a Migration
+SCHEMA = Schema("auth", MODELS, [])
 _TOKEN = Prepared(lambda i: AuthToken.select().where(AuthToken.id == i), 1)
 
 

@@ -15,21 +15,6 @@ from vmattach.common.errors import InvalidArgument
 SERVICES = ("controller", "node", "servers")
 
 
-def _bool(value) -> bool:
-    """A yes/no setting: true/false, yes/no, on/off, 1/0 (TOML booleans too)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-_bool.__name__ = "boolean"
-
-
 def _opt(default, help, type=str):
     return field(default=default, metadata={"help": help, "type": type})
 
@@ -64,7 +49,7 @@ class Settings:
     tracing: str = _opt("", "OpenTelemetry tracing: empty (off), console, or otlp"
                         " (needs the package's [tracing] extra)")
     db_upgrade: bool = _opt(True, "upgrade the database schema at start (false: refuse to"
-                            " start on an older schema; run `vmattach db upgrade`)", _bool)
+                            " start on an older schema; run `vmattach db upgrade`)", flag)
     # Security (docs/security.md)
     tls_cert: str = _opt("", "PEM certificate this server presents (and the facade's outgoing"
                          " calls use); with tls_key, turns TLS on")

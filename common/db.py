@@ -44,12 +44,9 @@ def _private_sqlite_file(url: str) -> None:
             pass
 
 
-def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,
-                  upgrade: bool = True) -> peewee.Database:
-    """Connect lazily to url (sqlite:///path, postgresql://..., postgres+pool://...),
-    bind the models to it and create their tables. With a schema
-    (common/migrations.py) its migrations run instead (upgrade=False: the
-    schema must be at the latest version already)."""
+def connect_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.Database:
+    """A lazily connecting Database for url (sqlite:///path, postgresql://...,
+    postgres+pool://...) with the models bound to it; no table is made."""
     if url.startswith("sqlite"):
         _private_sqlite_file(url)
     if url.startswith("sqlite:"):
@@ -68,8 +65,17 @@ def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,
             given = parse_qs(urlparse(url).query)
             options = {k: v for k, v in POOL_DEFAULTS.items() if k not in given}
         db = connect(url, autoconnect=False, **options)
+    db.bind(list(models), bind_refs=False, bind_backrefs=False)
+    return db
+
+
+def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,
+                  upgrade: bool = True) -> peewee.Database:
+    """connect_database, then create the models' tables. With a schema
+    (common/migrations.py) its migrations run instead (upgrade=False: the
+    schema must be at the latest version already)."""
     models = list(models)
-    db.bind(models, bind_refs=False, bind_backrefs=False)
+    db = connect_database(url, models)
     if schema is not None:
         from vmattach.common import migrations
         try:

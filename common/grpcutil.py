@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from vmattach.common import auth
+from vmattach.common import observability as obs
 from vmattach.common.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
 from vmattach.common.redact import mask, redacted, secrets_of
 from vmattach.common.tls import TlsFiles
@@ -40,18 +41,30 @@ def _ids(msg) -> list[str]:
 
 def _status(code: grpc.StatusCode, message: str, reason: str,
             metadata: dict[str, str] | None = None) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    metadata = dict(metadata or {})
+    if obs.request_id():  # every error says which request it was
+        metadata["request_id"] = obs.request_id()
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
+def _metadata_value(context, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else None
+    return None
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Authenticates every call (with an Authenticator: common/auth.py) and
-    makes its caller current; maps VmattachError to its status (with an
-    ErrorInfo detail), any other exception to INTERNAL with an incident id;
-    logs every call once, and writes one audit line per state-changing or
-    refused call."""
+    makes its caller current; gives the call its request id (common/
+    observability.py); maps VmattachError to its status (with an ErrorInfo
+    detail), any other exception to INTERNAL with an incident id; logs every
+    call once (health checks at DEBUG), counts it in grpc_server_handled_total
+    / grpc_server_handling_seconds, and writes one audit line per
+    state-changing or refused call."""
 
     def __init__(self, authenticator: auth.Authenticator | None = None):
         self.authenticator = authenticator
@@ -66,8 +79,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         authenticator = self.authenticator
         rule = auth.rule_of(method)
+        service, short = obs.split_method(method)
+        level = logging.DEBUG if service in obs.QUIET_SERVICES else logging.INFO
 
         def unary(request, context):
+            rid = obs.accepted_request_id(_metadata_value(context, obs.REQUEST_ID_HEADER))
+            with obs.request_context(rid):
+                return _unary(request, context)
+
+        def _unary(request, context):
             start = time.perf_counter()
             outcome = "OK"
             caller = auth.current()
@@ -105,8 +125,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             finally:
                 if acting is not None:
                     auth.done_acting(acting)
-                if LOG.isEnabledFor(logging.INFO):
-                    LOG.info("%s %s %.1fms", method, outcome, (time.perf_counter() - start) * 1000)
+                elapsed = time.perf_counter() - start
+                obs.observe_server_call(method, outcome, elapsed)
+                if LOG.isEnabledFor(level):
+                    LOG.log(level, "%s %s %.1fms", method, outcome, elapsed * 1000,
+                            extra={"grpc_service": service, "grpc_method": short,
+                                   "grpc_code": outcome, "duration_ms": round(elapsed * 1000, 1)})
                 if (rule.changes or outcome in ("UNAUTHENTICATED", "PERMISSION_DENIED")) \
                         and AUDIT.isEnabledFor(logging.INFO):
                     ids = dict.fromkeys(_ids(request) + _ids(response))
@@ -210,6 +234,32 @@ class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor):
                                          details.compression), request)
 
 
+class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Every outgoing call: the request id of the call being served (when
+    there is one) in its x-request-id metadata, and its outcome in
+    grpc_client_handled_total / grpc_client_handling_seconds."""
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = client_call_details
+        rid = obs.request_id()
+        if rid:
+            metadata = [(k, v) for k, v in (details.metadata or ())
+                        if k != obs.REQUEST_ID_HEADER]
+            metadata.append((obs.REQUEST_ID_HEADER, rid))
+            details = _CallDetails(details.method, details.timeout, metadata,
+                                   details.credentials, details.wait_for_ready,
+                                   details.compression)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        start = time.perf_counter()
+        outcome = continuation(details, request)
+        try:
+            code = outcome.code().name
+        except Exception:  # noqa: BLE001 - a call object without a code: count it as UNKNOWN
+            code = "UNKNOWN"
+        obs.observe_client_call(method, code, time.perf_counter() - start)
+        return outcome
+
+
 def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
             metadata=()) -> grpc.Channel:
     """A channel to address: TLS when tls is enabled, and metadata (e.g. the
@@ -223,7 +273,7 @@ def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
         ch = grpc.insecure_channel(address, options=options)
     if metadata:
         ch = grpc.intercept_channel(ch, MetadataInterceptor(metadata))
-    return ch
+    return grpc.intercept_channel(ch, ClientInterceptor())
 
 
 def error_from_rpc(err: grpc.RpcError) -> VmattachError:

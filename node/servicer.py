@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vmattach.common.errors import InvalidArgument
 from vmattach.common.validate import require_uuid
+from vmattach.common.version import version
 from vmattach.node.connectors import ConnectionInfo, StagedVolume
 from vmattach.node.hypervisor import Disk, Domain
 from vmattach.node.manager import NodeManager
@@ -66,6 +67,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         c = info.connector
         return pb.NodeGetInfoResponse(
             node_id=info.node_id, max_volumes_per_server=info.max_volumes_per_server,
+            version=version(),
             connector=types_pb2.Connector(ip=c.ip, host=c.host, initiator=c.initiator,
                                           platform=c.platform, os_type=c.os_type,
                                           multipath=c.multipath))

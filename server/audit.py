@@ -315,9 +315,29 @@ def _summary(snap: Snapshot) -> str:
     return f"the Controller and {len(snap.nodes)} node(s)"
 
 
-def run(settings: Settings, do_repair: bool) -> int:
+def write_metrics(path: str, found: list[Divergence]) -> None:
+    """The divergence count in Prometheus' text format, for node_exporter's
+    textfile collector (written whole, then renamed into place)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    registry = CollectorRegistry()
+    total = Gauge("vmattach_audit_divergences", "divergences the last audit found",
+                  registry=registry)
+    by_kind = Gauge("vmattach_audit_divergences_by_kind", "divergences the last audit found,"
+                    " by kind", ["kind"], registry=registry)
+    last = Gauge("vmattach_audit_last_run_timestamp_seconds", "when the last audit finished",
+                 registry=registry)
+    total.set(len(found))
+    for d in found:
+        by_kind.labels(d.kind).inc()
+    last.set_to_current_time()
+    write_to_textfile(path, registry)
+
+
+def run(settings: Settings, do_repair: bool, metrics_file: str | None = None) -> int:
     snap = snapshot(settings)
     found = divergences(snap)
+    if metrics_file:
+        write_metrics(metrics_file, found)
     for d in found:
         print(d)
     if not found:

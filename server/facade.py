@@ -26,6 +26,7 @@ from vmattach.common.errors import (
     Unavailable,
     VmattachError,
 )
+from vmattach.common.observability import count_operation, timed_step
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.bdms import BdmStore, SameRequest
 from vmattach.server.calls import UNDO_TIMEOUT, ControllerCalls, Deadline, NodeCalls
@@ -110,16 +111,19 @@ class Facade:
 
     def step(self, name: str, fn: Callable, *args, saga: Saga | None = None):
         """Run one step of server/steps.py between its two fault-injection
-        points; with a saga, the step's undo is owed from the moment it begins."""
+        points; with a saga, the step's undo is owed from the moment it begins.
+        Timed in vmattach_attach_step_seconds (a span of its own with tracing on)."""
         if saga is not None:
             saga.begin(name)
-        self.faults.check("before", name)
-        result = fn(*args)
-        self.faults.check("after", name)
+        with timed_step(name):
+            self.faults.check("before", name)
+            result = fn(*args)
+            self.faults.check("after", name)
         return result
 
     # -- AttachVolume ---------------------------------------------------------------
 
+    @count_operation("attach")
     @with_connection
     def attach(self, req: AttachRequest, deadline: Deadline) -> BDM:
         # 1. validate: ids (servicer), device and tag, the server and its state
@@ -183,6 +187,7 @@ class Facade:
 
     # -- DetachVolume -----------------------------------------------------------------
 
+    @count_operation("detach")
     @with_connection
     def detach(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
         # 1. find the BDM, and take it: attached -> detaching (one compare-and-swap)

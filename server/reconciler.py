@@ -23,6 +23,7 @@ import threading
 
 import peewee
 
+from vmattach.common import observability as obs
 from vmattach.common.db import with_connection
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound, VmattachError
 from vmattach.common.periodic import every
@@ -67,13 +68,18 @@ class Reconciler:
         for bdm in self.orphans():
             if not self.bdms.claim(bdm, self.me):
                 continue  # another replica took it
-            try:
-                self.recover(bdm)
-                done += 1
-            except (VmattachError, peewee.PeeweeException) as exc:
-                LOG.warning("recovery of BDM %d (%s %s) failed, will retry: %s", bdm.id,
-                            bdm.state, bdm.volume_id, exc)
-                self.bdms.release(bdm.id)
+            operation = bdm.state[:-3]  # attach, detach
+            # its own request id: the Controller's and Node's lines of this recovery share it
+            with obs.request_context(obs.new_request_id()):
+                try:
+                    outcome = self.recover(bdm)
+                    done += 1
+                except (VmattachError, peewee.PeeweeException) as exc:
+                    outcome = "failed"
+                    LOG.warning("recovery of BDM %d (%s %s) failed, will retry: %s", bdm.id,
+                                bdm.state, bdm.volume_id, exc)
+                    self.bdms.release(bdm.id)
+            obs.RECOVERED.labels(operation, outcome).inc()
         return done
 
     def finish_extends(self) -> int:
@@ -100,7 +106,9 @@ class Reconciler:
             done += 1
         return done
 
-    def recover(self, bdm: BDM) -> None:
+    def recover(self, bdm: BDM) -> str:
+        """Finish or undo bdm's operation; returns the outcome: rolled_forward,
+        rolled_back (an attach, or a detach the guest refused) or finished."""
         LOG.info("recovering %s of volume %s on server %s (last step %s)", bdm.state[:-3],
                  bdm.volume_id, bdm.instance_uuid, bdm.progress)
         if bdm.state == "attaching":
@@ -112,13 +120,14 @@ class Reconciler:
             return self._roll_attach_back(bdm)
         return self._finish_detach(bdm)
 
-    def _roll_attach_forward(self, bdm: BDM) -> None:
+    def _roll_attach_forward(self, bdm: BDM) -> str:
         self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
                                       UNDO_TIMEOUT, self.bdms.mode_of(bdm))
         self.bdms.attached(bdm.id)
         LOG.info("attach of %s to %s rolled forward", bdm.volume_id, bdm.instance_uuid)
+        return "rolled_forward"
 
-    def _roll_attach_back(self, bdm: BDM) -> None:
+    def _roll_attach_back(self, bdm: BDM) -> str:
         op = Attach(bdm.instance_uuid, bdm.volume_id, connector=self.bdms.connector_of(bdm))
         if bdm.connection_info:  # the node may have staged and published it
             op.node = self.facade.node(bdm.node_id)
@@ -126,8 +135,9 @@ class Reconciler:
         undo_attach(self.controller, op)
         self.bdms.delete(bdm.id)
         LOG.info("attach of %s to %s rolled back", bdm.volume_id, bdm.instance_uuid)
+        return "rolled_back"
 
-    def _finish_detach(self, bdm: BDM) -> None:
+    def _finish_detach(self, bdm: BDM) -> str:
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
         node = self.facade.node(bdm.node_id)
         if bdm.progress not in GUEST_RELEASED:
@@ -139,13 +149,14 @@ class Reconciler:
                 self.bdms.attached(bdm.id)
                 LOG.info("detach of %s from %s rolled back: the guest keeps the disk",
                          volume_id, server_id)
-                return
+                return "rolled_back"
             self.bdms.progress(bdm.id, "node_unpublish")
         self.facade.finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
         LOG.info("detach of %s from %s finished", volume_id, server_id)
         if bdm.delete_on_termination and server_id not in {
                 s.server_id for s in node.servers(UNDO_TIMEOUT)}:
             self.facade.delete_on_termination(bdm)  # the server vanished meanwhile
+        return "finished"
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """The README's "Running it" command, as written, on a fresh state directory
 (and a free port instead of 50051, which another test may hold), against the
-host's tgtd and libvirtd that scripts/setup-host.sh leaves running."""
+host's tgtd and libvirtd that scripts/setup-host.sh leaves running, with
+its secure default (a user token from `vmattach token create`; the
+Controller's internal calls with the service token, as the facade makes
+them)."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import need
 from tests.support.vmattach_process import VMATTACH, ServeProcess
+from vmattach.common.auth import SERVICE_HEADER
+from vmattach.common.errors import Unauthenticated
 from vmattach.common.grpcutil import call, channel
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, servers_pb2, servers_pb2_grpc, types_pb2
@@ -45,9 +51,16 @@ def test_the_readme_command_serves_on_a_fresh_machine(tmp_path):
     argv[argv.index("--state-dir") + 1] = str(tmp_path / "state")
     assert argv[argv.index("--listen") + 1] == "127.0.0.1:50051"
     argv[argv.index("--listen") + 1] = "127.0.0.1:0"
-    proc = ServeProcess(argv[2:], tmp_path / "serve.log", command=[VMATTACH, "serve"])
+    state = tmp_path / "state"
+    created = subprocess.run([VMATTACH, "token", "create", "--state-dir", str(state),
+                              "--project", "demo", "--role", "admin"],
+                             capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    user = [("authorization", f"Bearer {created.stdout.strip()}")]
+    proc = ServeProcess(argv[2:], tmp_path / "serve.log", command=[VMATTACH, "serve"],
+                        env={"VMATTACH_AUTH": "token"})
     try:
         assert proc.address, proc.first_line
+        service = [(SERVICE_HEADER, (state / "service.token").read_text().strip())]
         ch = channel(proc.address)
         health = health_pb2_grpc.HealthStub(ch)
         for name in ("", "vmattach.v1.Controller", "vmattach.v1.Node", "vmattach.v1.Servers"):
@@ -55,25 +68,30 @@ def test_the_readme_command_serves_on_a_fresh_machine(tmp_path):
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         # the Controller exports on the host's tgtd (what failed before it was started)
         controller = controller_pb2_grpc.ControllerStub(ch)
+        with pytest.raises(Unauthenticated):  # the secure default: no token, no answer
+            call(controller.ListVolumes, cpb.ListVolumesRequest(), timeout=TIMEOUT)
         vol = call(controller.CreateVolume, cpb.CreateVolumeRequest(name="readme", size_gb=1),
-                   timeout=TIMEOUT)
+                   timeout=TIMEOUT, metadata=user)
         server = str(uuid.uuid4())
         connector = types_pb2.Connector(initiator="iqn.1993-08.org.debian:01:readme-test",
                                         ip="127.0.0.1", host="readme-test")
         call(controller.ReserveVolume, cpb.ReserveVolumeRequest(
-            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT)
+            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT, metadata=service)
         info = call(controller.ControllerPublishVolume, cpb.ControllerPublishVolumeRequest(
-            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT)
+            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT,
+            metadata=service)
         assert info.connection_info.data.target_portal == "127.0.0.1:3260"
         call(controller.ControllerUnpublishVolume, cpb.ControllerUnpublishVolumeRequest(
-            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT)
+            volume_id=vol.volume_id, server_id=server, connector=connector), timeout=TIMEOUT,
+            metadata=service)
         call(controller.UnreserveVolume, cpb.UnreserveVolumeRequest(
-            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT)
+            volume_id=vol.volume_id, server_id=server), timeout=TIMEOUT, metadata=service)
         call(controller.DeleteVolume, cpb.DeleteVolumeRequest(volume_id=vol.volume_id),
-             timeout=TIMEOUT)
+             timeout=TIMEOUT, metadata=user)
         # the facade answers from the node of its own process
         servers = servers_pb2_grpc.ServersStub(ch)
-        call(servers.ListServers, servers_pb2.ListServersRequest(), timeout=TIMEOUT)
+        call(servers.ListServers, servers_pb2.ListServersRequest(), timeout=TIMEOUT,
+             metadata=user)
         ch.close()
         assert proc.terminate() == 0
     finally:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
-import threading
 import uuid
 
 from tests.support.fake_hypervisor import FakeHypervisor
@@ -58,24 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.services is None:
         args.services = "controller,node"
     settings = config.load(args)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hv = FakeHypervisor()
     for i, server_id in enumerate(server_uuids(args.seed, args.servers)):
         hv.add_domain(f"instance-{i:04d}", uuid=server_id)
-
-    from vmattach.clients.serve import start
-    running = start(settings, hypervisor=hv)
-    host = settings.listen.rsplit(":", 1)[0]
-    print(f"listening on {host}:{running.port}", flush=True)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
     if args.dump:
         signal.signal(signal.SIGUSR1, lambda *_: write_dump(hv, args.dump))
-    stopped.wait()
-    running.stop()
-    return 0
+    # what `vmattach serve` does (logs, metrics, signals), on the fake hypervisor
+    from vmattach.clients.serve import serve
+    return serve(settings, hypervisor=hv)
 
 
 if __name__ == "__main__":

@@ -29,33 +29,35 @@ class ServeProcess:
         full_env = {"VMATTACH_AUTH": "none", **os.environ, **(env or {})}
         self.proc = subprocess.Popen([*(command or [VMATTACH, "serve"]), *args],
                                      stdout=subprocess.PIPE, stderr=self._log, env=full_env)
+        self._buf = b""
         try:
-            self.first_line = self._first_line(timeout)
+            self.first_line = self.read_line(timeout)
         except BaseException:
             self.stop()
             raise
         m = LISTENING_RE.match(self.first_line)
         self.address = m.group(1) if m else None
 
-    def _first_line(self, timeout: float) -> str:
+    def read_line(self, timeout: float = 30.0) -> str:
+        """The next line of its standard output."""
         deadline = time.monotonic() + timeout
-        buf = b""
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         try:
-            while b"\n" not in buf:
+            while b"\n" not in self._buf:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"vmattach serve printed nothing in {timeout}s; log: {self.log()}")
+                    raise TimeoutError(f"vmattach serve printed no line in {timeout}s; log: {self.log()}")
                 if sel.select(left):
                     chunk = os.read(self.proc.stdout.fileno(), 4096)
                     if not chunk:
                         raise RuntimeError(f"vmattach serve exited with {self.proc.wait(5)}; "
                                            f"log: {self.log()}")
-                    buf += chunk
+                    self._buf += chunk
         finally:
             sel.close()
-        return buf.split(b"\n", 1)[0].decode()
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
 
     def log(self) -> str:
         self._log.flush()
