@@ -185,7 +185,9 @@ def test_errors_carry_an_error_info_detail(ctl):
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert err.details() == f"Volume {missing} could not be found."
     info = error_info(err)
-    assert (info.reason, info.domain, dict(info.metadata)) == \
+    metadata = dict(info.metadata)
+    assert metadata.pop("request_id").startswith("req-")  # every error names its request
+    assert (info.reason, info.domain, metadata) == \
         ("VOLUME_NOT_FOUND", "vmattach.io", {"volume_id": missing})
 
 
