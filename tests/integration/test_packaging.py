@@ -58,7 +58,10 @@ def test_the_wheel_holds_only_the_vmattach_namespace(wheel):
                and not (n.split("/")[0].startswith("vmattach-") and ".dist-info/" in n)]
     assert outside == []
     tops = {n.split("/")[1] for n in names if n.startswith("vmattach/") and n.count("/") > 1}
-    assert tops == {"common", "controller", "node", "server", "clients", "v1"}
+    assert tops == {"common", "controller", "node", "server", "clients", "deploy", "v1"}
+    # the service files travel as package data
+    assert {"vmattach/deploy/vmattach.toml", "vmattach/deploy/systemd/vmattach.service",
+            "vmattach/deploy/systemd/vmattach-node.service"} <= set(names)
     # the generated code is built by the package build, and tests are not shipped
     assert "vmattach/v1/servers_pb2.py" in names and "vmattach/v1/servers_pb2_grpc.py" in names
     assert not [n for n in names if "/tests/" in n or "fake" in n]
