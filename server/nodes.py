@@ -27,6 +27,8 @@ from vmattach.v1 import node_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 NODE_CALL_TIMEOUT = 10.0
+# lifecycle events after which a domain may no longer exist
+GONE_EVENTS = frozenset({"undefined", "stopped", "crashed"})
 _SERVER = Prepared(lambda s: ServerRecord.select().where(ServerRecord.server_id == s), 1)
 
 
@@ -131,9 +133,12 @@ class NodeDirectory:
                 continue
             restarted = bool(epoch) and answer.epoch != epoch
             epoch, after = answer.epoch, answer.last_seq
-            if not (answer.events or answer.events_lost or restarted) or self._stop.is_set():
+            # a domain that went (undefined, or a transient one stopped): look now. A
+            # new domain waits for the periodic refresh or the first request naming it
+            gone = [e for e in answer.events if e.event in GONE_EVENTS]
+            if not (gone or answer.events_lost or restarted) or self._stop.is_set():
                 continue
-            LOG.info("node at %s reports %d lifecycle event(s)", address, len(answer.events))
+            LOG.info("node at %s: %d domain(s) undefined or stopped", address, len(gone))
             try:
                 self.refresh()
                 on_change({h.node_id for h in self._nodes.values() if h.address == address})
