@@ -176,11 +176,9 @@ class LibvirtHypervisor(Hypervisor):
         self._waiters.resolve(dom.UUIDString(), alias, DetachOutcome.FAILED)
 
     def set_event_listener(self, listener: Callable[[str, str], None]) -> None:
+        # events flow once the connection is open: the first call opens it (the
+        # facade's server listing at its start), so start-up never waits for libvirtd
         self._listener = listener
-        try:  # connect now: events flow only while a connection is open
-            self._connection()
-        except BackendError as exc:
-            LOG.warning("lifecycle events wait for libvirt: %s", exc.message)
 
     def _on_lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
         name = _LIFECYCLE.get(event, "changed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from vmattach.common.errors import InvalidArgument
 from vmattach.common.validate import require_uuid
 from vmattach.common.version import version
@@ -104,7 +106,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def NodeWatchServers(self, request, context):
         if not 0 <= request.wait_seconds <= 60:
             raise InvalidArgument("wait_seconds must be between 0 and 60")
-        events, last, lost = self.m.events.wait(max(request.after_seq, 0), request.wait_seconds)
+        # in slices of a second: a cancelled call (the caller went, or this server
+        # stops) frees its thread at once
+        deadline = time.monotonic() + request.wait_seconds
+        while True:
+            left = deadline - time.monotonic()
+            events, last, lost = self.m.events.wait(max(request.after_seq, 0), min(left, 1.0))
+            if events or lost or left <= 1.0 or not context.is_active():
+                break
         return pb.NodeWatchServersResponse(
             epoch=self.m.events.epoch, last_seq=last, events_lost=lost,
             events=[pb.NodeServerEvent(seq=e.seq, server_id=e.server_id, event=e.event)
