@@ -45,6 +45,7 @@ def _show(args, items, columns: list[str]) -> None:
 
 VOLUME_COLUMNS = ["volume_id", "name", "size_gb", "status", "attach_status", "multiattach"]
 SERVER_COLUMNS = ["server_id", "name", "state", "node_id", "device_prefix"]
+NODE_COLUMNS = ["node_id", "address", "reachable", "servers", "attachments", "last_seen"]
 ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "mode", "tag", "state"]
 
 
@@ -173,6 +174,11 @@ def cmd_server_show(args, c):
     _show(args, [c.get_server(args.server)], SERVER_COLUMNS)
 
 
+def cmd_node_list(args, c):
+    args.many = True
+    _show(args, c.list_nodes(), NODE_COLUMNS)
+
+
 def cmd_attachment_list(args, c):
     args.many = True
     if bool(args.server) == bool(args.volume):
@@ -292,6 +298,12 @@ def parser() -> argparse.ArgumentParser:
     s = server.add_parser("show", help="show a server")
     s.add_argument("server")
     s.set_defaults(func=cmd_server_show)
+
+    node = sub.add_parser("node", help="hypervisor hosts (nodes)").add_subparsers(
+        dest="action", required=True)
+    n = node.add_parser("list", help="list the facade's nodes: reachable, servers,"
+                                     " attachments, last seen")
+    n.set_defaults(func=cmd_node_list)
 
     attachment = sub.add_parser("attachment", help="volume attachments").add_subparsers(
         dest="action", required=True)

@@ -101,3 +101,6 @@ class VmattachClient:
 
     def get_server(self, server_id: str) -> types_pb2.Server:
         return self._call(self.servers.GetServer, spb.GetServerRequest(server_id=server_id))
+
+    def list_nodes(self) -> list[spb.NodeStatus]:
+        return list(self._call(self.servers.ListNodes, spb.ListNodesRequest()).nodes)

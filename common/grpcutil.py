@@ -39,6 +39,17 @@ def _ids(msg) -> list[str]:
             if f.name.endswith("_id") and isinstance(v, str)]
 
 
+class _Answer(grpc.Status):
+    def __init__(self, code, details, trailing_metadata):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+# A status vmattach answers itself (e.g. UNAVAILABLE naming a lost node, after
+# the rollback ran) is never retried by the client's transparent retries,
+# which are meant for a server that could not be reached at all (gRFC A6).
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
 def _status(code: grpc.StatusCode, message: str, reason: str,
             metadata: dict[str, str] | None = None) -> grpc.Status:
     metadata = dict(metadata or {})
@@ -47,7 +58,9 @@ def _status(code: grpc.StatusCode, message: str, reason: str,
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message,
+                                                    details=[detail]))
+    return _Answer(status.code, status.details, (*status.trailing_metadata, NO_RETRY))
 
 
 def _metadata_value(context, key: str) -> str | None:
@@ -261,10 +274,11 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
 
 
 def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
-            metadata=()) -> grpc.Channel:
+            metadata=(), options: list[tuple[str, int | str]] | None = None) -> grpc.Channel:
     """A channel to address: TLS when tls is enabled, and metadata (e.g. the
-    authorization header) on every call."""
-    options: list[tuple[str, int | str]] = [("grpc.enable_retries", 1 if retries else 0)]
+    authorization header) on every call; options: more gRPC channel
+    arguments (e.g. reconnect back-off)."""
+    options = [("grpc.enable_retries", 1 if retries else 0), *(options or [])]
     if retries:
         options.append(("grpc.service_config", RETRY_SERVICE_CONFIG))
     if tls is not None and (tls.enabled or tls.ca):

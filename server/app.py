@@ -18,7 +18,7 @@ from vmattach.server.facade import Facade
 from vmattach.server.facade_servicer import SERVICE_NAME, ServersServicer
 from vmattach.server.faults import Faults
 from vmattach.server.models import MODELS, SCHEMA
-from vmattach.server.nodes import NodeDirectory
+from vmattach.server.nodes import NodeDirectory, parse_nodes
 from vmattach.server.reconciler import Reconciler
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc
 
@@ -32,7 +32,7 @@ def service_secret(settings: Settings) -> str:
 
 
 def connector(settings: Settings, internal_address: str | None,
-              service_secret: str) -> Callable[[str], grpc.Channel]:
+              service_secret: str) -> Callable[..., grpc.Channel]:
     """How the facade opens its channels to the Controller and the Nodes:
     with the service certificate over TLS when TLS is configured; in plain
     text (the process's own loopback server, or a deployment without TLS)
@@ -40,10 +40,11 @@ def connector(settings: Settings, internal_address: str | None,
     files = TlsFiles.of(settings)
     token = [(SERVICE_HEADER, service_secret)] if service_secret else []
 
-    def connect(address: str) -> grpc.Channel:
+    def connect(address: str, **options) -> grpc.Channel:
+        """options: more of common.grpcutil.channel's (retries, options)."""
         if files.enabled and address != internal_address:
-            return channel(address, tls=files)
-        return channel(address, metadata=token)
+            return channel(address, tls=files, **options)
+        return channel(address, metadata=token, **options)
 
     return connect
 
@@ -54,9 +55,8 @@ def build_facade(settings: Settings, own_address: str, internal_address: str | N
     returns it with the function that closes them."""
     db = open_database(settings.database_url_for("servers"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
-    addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
     connect = connector(settings, internal_address, service_secret)
-    nodes = NodeDirectory(db, addresses or [own_address], connect)
+    nodes = NodeDirectory(db, parse_nodes(settings.nodes) or [("", own_address)], connect)
     controller_channel = connect(settings.controller_address or own_address)
     facade = Facade(db, ControllerCalls(controller_pb2_grpc.ControllerStub(controller_channel)),
                     nodes,

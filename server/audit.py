@@ -32,6 +32,7 @@ VOLUME_SECRET_PREFIX = "volume-"
 ALIAS_PREFIX = "ua-"
 CONTROLLER = "controller"
 CALL_TIMEOUT = 30.0
+NODE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,16 @@ class Divergence:
     detail: str = ""
 
     def __str__(self) -> str:
-        where = f"volume {self.volume_id}" + (f" server {self.server_id}" if self.server_id else "")
-        return f"{self.host}: {self.kind}: {where}: {self.detail}"
+        where = " ".join(([f"volume {self.volume_id}"] if self.volume_id else [])
+                         + ([f"server {self.server_id}"] if self.server_id else []))
+        return f"{self.host}: {self.kind}: " + (f"{where}: " if where else "") + self.detail
 
 
 @dataclass
 class NodeView:
     """What one node answered (or why it did not)."""
     address: str
-    node_id: str = ""
+    node_id: str = ""                                # as configured, then as it answers
     servers: dict = field(default_factory=dict)     # server id -> types_pb2.Server
     secrets: list = field(default_factory=list)     # secret usages
     error: str = ""
@@ -78,9 +80,10 @@ def controller_address(settings: Settings) -> str:
     return settings.controller_address or settings.listen
 
 
-def node_addresses(settings: Settings) -> list[str]:
-    addresses = [a.strip().split("=", 1)[-1] for a in settings.nodes.split(",") if a.strip()]
-    return addresses or [settings.listen]
+def node_addresses(settings: Settings) -> list[tuple[str, str]]:
+    """[(configured node id or "", address)]"""
+    from vmattach.server.nodes import parse_nodes
+    return parse_nodes(settings.nodes) or [("", settings.listen)]
 
 
 def _channel(settings: Settings, address: str):
@@ -89,13 +92,13 @@ def _channel(settings: Settings, address: str):
     return connector(settings, None, service_secret(settings))(address)
 
 
-def _read_node(settings: Settings, address: str) -> NodeView:
-    view = NodeView(address)
+def _read_node(settings: Settings, configured_id: str, address: str) -> NodeView:
+    view = NodeView(address, configured_id)
     ch = _channel(settings, address)
     try:
         stub = node_pb2_grpc.NodeStub(ch)
         view.node_id = call(stub.NodeGetInfo, npb.NodeGetInfoRequest(),
-                            timeout=CALL_TIMEOUT).node_id
+                            timeout=NODE_TIMEOUT).node_id
         view.servers = {s.server_id: s for s in call(
             stub.ListServers, npb.NodeListServersRequest(), timeout=CALL_TIMEOUT).servers}
         view.secrets = list(call(stub.ListSecrets, npb.NodeListSecretsRequest(),
@@ -135,7 +138,7 @@ def snapshot(settings: Settings) -> Snapshot:
         snap.strays = list(exports.stray_targets)
     finally:
         ch.close()
-    snap.nodes = [_read_node(settings, address) for address in node_addresses(settings)]
+    snap.nodes = [_read_node(settings, *node) for node in node_addresses(settings)]
     return snap
 
 
@@ -204,7 +207,7 @@ def divergences(snap: Snapshot) -> list[Divergence]:
     hosted = {}  # server id -> the node that hosts it
     for node in snap.nodes:
         if node.error:
-            found.append(Divergence(node.host, "node-unreachable", "-", "",
+            found.append(Divergence(node.host, "node-unreachable", "", "",
                                     f"{node.address}: {node.error}"))
             continue
         for server_id, server in node.servers.items():

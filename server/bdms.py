@@ -25,6 +25,9 @@ from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import FacadeInstance, PendingExtend
 from vmattach.v1 import types_pb2
 
+# The progress of an attach whose rollback did not finish (see rolling_back()).
+ROLLING_BACK = "rolling_back"
+
 _LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
 
@@ -226,6 +229,12 @@ class BdmStore:
     def release(bdm_id: int) -> None:
         """Leave an unfinished operation to the reconciler."""
         BDM.update(owner=None, updated_at=utcnow()).where(BDM.id == bdm_id).execute()
+
+    @classmethod
+    def rolling_back(cls, bdm_id: int) -> None:
+        """An attach whose rollback did not finish (some undo steps ran, others
+        failed): left to the reconciler, which only ever undoes it."""
+        cls.progress(bdm_id, ROLLING_BACK, owner=None)
 
     @staticmethod
     def delete(bdm_id: int) -> None:

@@ -179,7 +179,7 @@ class Facade:
             if saga.rollback():
                 self.bdms.delete(bdm.id)
             else:
-                self.bdms.release(bdm.id)
+                self.bdms.rolling_back(bdm.id)
             raise
         LOG.info("attached volume %s to server %s as %s", req.volume_id, req.server_id,
                  bdm.device_name)

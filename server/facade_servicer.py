@@ -88,3 +88,11 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
                                          require_size_gb(request.new_size_gb, "new_size_gb"),
                                          Deadline.of(context, self.f.call_cap))
         return pb.ServersExtendVolumeResponse(size_gb=size_gb, server_ids=servers)
+
+    def ListNodes(self, request, context):
+        return pb.ListNodesResponse(nodes=[
+            pb.NodeStatus(node_id=state.name, address=state.address, reachable=state.reachable,
+                          servers=servers, attachments=attachments,
+                          last_seen=_ts(state.last_seen) if state.last_seen else None,
+                          last_error=state.last_error[:500])
+            for state, servers, attachments in self.f.nodes.statuses()])

@@ -2,8 +2,10 @@
 (or kill the process) at a step boundary.
 
 Switched on through the `fault_injection` setting ("before:reserve",
-"after:node_publish=kill", several separated by commas) or at run time with
-arm()/disarm(). Off unless switched on."""
+"after:node_publish=kill", "after:node_stage=pause:3", several separated by
+commas) or at run time with arm()/disarm(). `pause:SECONDS` (at most 60)
+holds the operation at that boundary, so that a test can cut a link or kill
+a service half-way through it. Off unless switched on."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from vmattach.common.errors import BackendError, DeadlineExceeded, InvalidArgument, Unavailable
 
@@ -39,9 +42,9 @@ class Faults:
         when, _, step = where.partition(":")
         if when not in ("before", "after") or not step:
             raise InvalidArgument(f"fault {where!r}: expected before:<step> or after:<step>")
-        if action not in ACTIONS and action != "kill":
+        if action not in ACTIONS and action != "kill" and _pause_seconds(action) is None:
             raise InvalidArgument(f"fault action {action!r}: expected one of "
-                                  f"{', '.join([*ACTIONS, 'kill'])}")
+                                  f"{', '.join([*ACTIONS, 'kill', 'pause:SECONDS'])}")
         with self._lock:
             self._armed[where] = action
 
@@ -59,4 +62,17 @@ class Faults:
         LOG.warning("fault injection: %s (%s)", where, action)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        pause = _pause_seconds(action)
+        if pause is not None:
+            time.sleep(pause)
+            return
         raise ACTIONS[action](where)
+
+
+def _pause_seconds(action: str) -> float | None:
+    name, _, seconds = action.partition(":")
+    try:
+        value = float(seconds)
+    except ValueError:
+        return None
+    return value if name == "pause" and 0 < value <= 60 else None

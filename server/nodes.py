@@ -1,87 +1,260 @@
 """The facade's directory of nodes and of the servers they host.
 
-Nodes are configured by address (setting `nodes`); each node's id comes
-from its NodeGetInfo. The servers are cached in the facade's database from
-each node's ListServers: at start, every `server_refresh_interval` seconds,
-and whenever a request names a server the cache does not know yet."""
+Nodes are configured by address (setting `nodes`: `HOST:PORT` or
+`NODE_ID=HOST:PORT`); each node's id comes from its NodeGetInfo. The
+servers are cached in the facade's database from each node's ListServers:
+at start, every `server_refresh_interval` seconds, and whenever a request
+names a server the cache does not know yet.
+
+The directory also keeps each node's health (reachable, last seen, last
+error), shown by ListNodes. A call to a node that fails with UNAVAILABLE or
+DEADLINE_EXCEEDED is followed by a short probe; when the probe fails too,
+the node is down, and until it answers again every call to it fails at once
+(after a new probe at most every REPROBE_AFTER seconds) with UNAVAILABLE
+naming the node, so that an attach to a server on a lost host fails well
+within its deadline and undo steps towards it are left to the reconciler."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import grpc
 import peewee
 
 from vmattach.common.db import Prepared, utcnow, with_connection
-from vmattach.common.errors import NotFound, Unavailable, VmattachError
-from vmattach.common.grpcutil import call, channel
+from vmattach.common.errors import (
+    DeadlineExceeded,
+    NotFound,
+    Unavailable,
+    VmattachError,
+)
+from vmattach.common.grpcutil import call, channel, error_from_rpc
 from vmattach.common.periodic import every
-from vmattach.server.models import ServerRecord
+from vmattach.server.models import BlockDeviceMapping, ServerRecord
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
 
 LOG = logging.getLogger(__name__)
-NODE_CALL_TIMEOUT = 10.0
+NODE_CALL_TIMEOUT = 10.0      # a refresh's calls
+READ_TIMEOUT = 5.0            # the read-only calls of a flow (NodeGetInfo)
+PROBE_TIMEOUT = 2.0           # is the node there at all?
+# kept back from a node call's time, so that when the node is lost the facade can
+# still probe it, roll back and answer (UNAVAILABLE naming it) within its caller's deadline
+ANSWER_MARGIN = 5.0
+REPROBE_AFTER = 1.0           # a down node is probed again at most this often
+OLD_CHANNEL_GRACE = 120.0     # a replaced channel is closed this much later
+READ_ONLY = ("NodeGetInfo", "ListServers", "ListSecrets")
+# reconnect soon after a host comes back (gRPC's default back-off grows to 120 s);
+# a channel of its own connections (gRPC shares them between channels of the same
+# target and arguments, and a new channel must not inherit a dead connection)
+NODE_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.use_local_subchannel_pool", 1)]
 # lifecycle events after which a domain may no longer exist
 GONE_EVENTS = frozenset({"undefined", "stopped", "crashed"})
 _SERVER = Prepared(lambda s: ServerRecord.select().where(ServerRecord.server_id == s), 1)
+
+
+def parse_nodes(setting: str) -> list[tuple[str, str]]:
+    """`NODE_ID=HOST:PORT,HOST:PORT` -> [(configured id or "", address)]."""
+    out = []
+    for item in (a.strip() for a in setting.split(",")):
+        if item:
+            node_id, _, address = item.rpartition("=")
+            out.append((node_id, address))
+    return out
+
+
+@dataclass
+class NodeState:
+    """What the directory knows of one configured node."""
+    address: str
+    configured_id: str = ""
+    node_id: str = ""
+    reachable: bool = False
+    last_seen: datetime.datetime | None = None   # last answer (UTC)
+    last_error: str = ""
+    checked_at: float = 0.0                       # monotonic time of the last answer or probe
+    max_volumes_per_server: int = 26
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.node_id or self.configured_id or self.address
+
+
+def node_unavailable(state: NodeState, why: str) -> Unavailable:
+    return Unavailable(f"node {state.name} ({state.address}) is not reachable: {why}",
+                       reason="NODE_UNAVAILABLE",
+                       metadata={"node_id": state.name, "address": state.address})
+
+
+class GuardedStub:
+    """A NodeStub whose calls fail at once, naming the node, while the node
+    is down, and that turn a lost node into Unavailable naming it."""
+
+    def __init__(self, directory: NodeDirectory, state: NodeState):
+        self._directory, self._state = directory, state
+
+    def __getattr__(self, name: str):
+        def guarded(request, timeout=None, metadata=None):
+            d, state = self._directory, self._state
+            method = getattr(d.stub(state.address), name)
+            if not state.reachable and not d.probe(state):
+                raise node_unavailable(state, state.last_error or "no answer")
+            if timeout is not None:
+                timeout = (min(timeout, READ_TIMEOUT) if name in READ_ONLY
+                           else max(timeout - min(ANSWER_MARGIN, timeout / 4), 0.1))
+            try:
+                reply = method(request, timeout=timeout, metadata=metadata)
+            except grpc.RpcError as err:
+                exc = error_from_rpc(err)
+                lost = isinstance(exc, Unavailable | DeadlineExceeded) \
+                    or err.code() == grpc.StatusCode.CANCELLED  # its channel was replaced
+                if lost and not d.probe(state):
+                    raise node_unavailable(state, exc.message) from None
+                raise exc from None
+            d.answered(state)
+            return reply
+
+        return guarded
 
 
 @dataclass
 class NodeHandle:
     node_id: str
     address: str
-    stub: node_pb2_grpc.NodeStub
+    stub: GuardedStub
     max_volumes_per_server: int
 
 
 class NodeDirectory:
-    def __init__(self, db: peewee.Database, addresses: list[str],
-                 connect: Callable[[str], grpc.Channel] = channel):
+    def __init__(self, db: peewee.Database, addresses: list[str] | list[tuple[str, str]],
+                 connect: Callable[..., grpc.Channel] = channel):
+        """addresses: "HOST:PORT" or (configured node id, "HOST:PORT"); connect:
+        how to open a channel (TLS, service token), common.grpcutil.channel's
+        keyword arguments accepted."""
         self.db = db
-        self.addresses = addresses
-        self._channels = {a: connect(a) for a in addresses}
+        self._connect = connect
+        pairs = [a if isinstance(a, tuple) else ("", a) for a in addresses]
+        self.addresses = [a for _, a in pairs]
+        self._states = {a: NodeState(a, configured_id=i) for i, a in pairs}
+        self._channels = {a: connect(a, options=NODE_CHANNEL_OPTIONS) for a in self.addresses}
+        self._raw = {a: node_pb2_grpc.NodeStub(ch) for a, ch in self._channels.items()}
         self._nodes: dict[str, NodeHandle] = {}
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0
         self._stop = threading.Event()
+        self._ask_timeout = NODE_CALL_TIMEOUT
+        self._pool = ThreadPoolExecutor(max_workers=min(16, max(len(self.addresses), 1)),
+                                        thread_name_prefix="node-refresh")
 
     def close(self) -> None:
         self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for ch in self._channels.values():
             ch.close()
+
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        return self._raw[address]
+
+    # -- health -------------------------------------------------------------------------
+
+    def answered(self, state: NodeState) -> None:
+        if not state.reachable:
+            LOG.warning("node %s (%s) answers again", state.name, state.address)
+        state.reachable, state.last_error = True, ""
+        state.last_seen, state.checked_at = utcnow(), time.monotonic()
+
+    def lost(self, state: NodeState, why: str) -> None:
+        if state.reachable:
+            LOG.warning("node %s (%s) does not answer: %s", state.name, state.address, why)
+        state.reachable, state.last_error, state.checked_at = False, why, time.monotonic()
+
+    def _new_channel(self, address: str) -> None:
+        """A new channel (and so a new connection) for a node that stopped
+        answering: a TCP connection across a link that went down can stay
+        silent long after the link is back (its retransmissions back off for
+        minutes), while a new one connects at once. The old channel is
+        closed a little later, once the calls still on it are over."""
+        old = self._channels[address]
+        self._channels[address] = self._connect(address, options=NODE_CHANNEL_OPTIONS)
+        self._raw[address] = node_pb2_grpc.NodeStub(self._channels[address])
+        timer = threading.Timer(OLD_CHANNEL_GRACE, old.close)
+        timer.daemon = True
+        timer.start()
+
+    def probe(self, state: NodeState) -> bool:
+        """Ask the node for its info with a short deadline (one probe at a
+        time per node; a down node at most every REPROBE_AFTER seconds);
+        True when it answered."""
+        with state.lock:
+            if not state.reachable and time.monotonic() - state.checked_at < REPROBE_AFTER:
+                return False
+            # on a channel of its own: the node's channel may sit in a long
+            # reconnect back-off, or on a connection that died with the link
+            ch = self._connect(state.address, retries=False, options=NODE_CHANNEL_OPTIONS)
+            try:
+                node_pb2_grpc.NodeStub(ch).NodeGetInfo(npb.NodeGetInfoRequest(),
+                                                       timeout=PROBE_TIMEOUT)
+            except grpc.RpcError as err:
+                self.lost(state, error_from_rpc(err).message)
+                return False
+            finally:
+                ch.close()
+            if not state.reachable:
+                self._new_channel(state.address)
+            self.answered(state)
+            return True
 
     # -- refreshing the cache -----------------------------------------------------------
 
     @with_connection
     def refresh(self, if_older_than: float | None = None) -> None:
-        """Ask every node for its servers. With if_older_than, skip when a
-        refresh that started after that moment has finished (many callers
-        wait for one; a refresh that was already asking the nodes when the
-        caller came may have missed the server it is looking for)."""
+        """Ask every node for its servers, all at once. With if_older_than
+        (a request looking for a server it does not know), skip when a
+        refresh that started after that moment has finished, and skip the
+        nodes known to be down (the periodic refresh keeps asking them)."""
         with self._refresh_lock:
             if if_older_than is not None and self._refreshed_at > if_older_than:
                 return
             started = time.monotonic()
-            for address in self.addresses:
-                try:
-                    self._refresh_node(address)
-                except VmattachError as exc:
-                    LOG.warning("node at %s did not answer: %s", address, exc.message)
+            wanted = [s for s in self._states.values()
+                      if if_older_than is None or s.reachable or not s.checked_at]
+            answers = list(self._pool.map(self._ask, wanted))
+            for state, answer in zip(wanted, answers, strict=True):
+                if answer is not None:
+                    self._store(state, *answer)
             self._refreshed_at = started
 
-    def _refresh_node(self, address: str) -> None:
-        stub = node_pb2_grpc.NodeStub(self._channels[address])
-        info = call(stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=NODE_CALL_TIMEOUT)
-        servers = call(stub.ListServers, npb.NodeListServersRequest(),
-                       timeout=NODE_CALL_TIMEOUT).servers
-        self._nodes[info.node_id] = NodeHandle(info.node_id, address, stub,
-                                               info.max_volumes_per_server or 26)
+    def _ask(self, state: NodeState):
+        if not state.reachable and state.checked_at and not self.probe(state):
+            return None
+        stub = self._raw[state.address]
+        try:
+            info = call(stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=self._ask_timeout)
+            servers = call(stub.ListServers, npb.NodeListServersRequest(),
+                           timeout=self._ask_timeout).servers
+        except VmattachError as exc:
+            LOG.info("node at %s did not answer: %s", state.address, exc.message)
+            self.lost(state, exc.message)
+            return None
+        self.answered(state)
+        return info, servers
+
+    def _store(self, state: NodeState, info, servers) -> None:
+        state.node_id = info.node_id
+        state.max_volumes_per_server = info.max_volumes_per_server or 26
+        self._nodes[info.node_id] = NodeHandle(
+            info.node_id, state.address, GuardedStub(self, state),
+            state.max_volumes_per_server)
         fields = ("name", "state", "device_prefix", "root_device", "disks", "node_id")
         reported = {s.server_id: (s.name, s.state, s.device_prefix or "vd", s.root_device,
                                   json.dumps([{"device": d.device, "serial": d.serial,
@@ -146,13 +319,15 @@ class NodeDirectory:
                 LOG.exception("reacting to the events of node at %s failed", address)
 
     def run_periodic(self, interval: float) -> threading.Thread:
-        """Refresh now (at start), then every interval."""
+        """Refresh now (at start), then every interval (a node that does not
+        answer within the interval counts as down)."""
+        self._ask_timeout = min(NODE_CALL_TIMEOUT, max(interval, PROBE_TIMEOUT))
         return every(interval, self.refresh, self._stop, "server-refresh")
 
     # -- lookups ----------------------------------------------------------------------
 
     def handles(self) -> list[NodeHandle]:
-        """The nodes that answered the last refresh."""
+        """The nodes that answered a refresh."""
         return list(self._nodes.values())
 
     def node(self, node_id: str) -> NodeHandle:
@@ -161,6 +336,9 @@ class NodeDirectory:
             self.refresh(if_older_than=time.monotonic())
             handle = self._nodes.get(node_id)
         if handle is None:
+            state = next((s for s in self._states.values() if s.configured_id == node_id), None)
+            if state is not None:
+                raise node_unavailable(state, state.last_error or "it never answered")
             raise Unavailable(f"node {node_id} is not reachable", reason="NODE_UNAVAILABLE",
                               metadata={"node_id": node_id})
         return handle
@@ -189,3 +367,18 @@ class NodeDirectory:
         rows = list(query.limit(page_size + 1))
         token = rows[page_size - 1].server_id if len(rows) > page_size else ""
         return rows[:page_size], token
+
+    @with_connection
+    def statuses(self) -> list[tuple[NodeState, int, int]]:
+        """Every configured node with its number of servers and of live
+        attachments (from the shared database), in configuration order."""
+        ids = [s.node_id for s in self._states.values() if s.node_id]
+        servers = dict(ServerRecord.select(ServerRecord.node_id, peewee.fn.COUNT(1))
+                       .where(ServerRecord.node_id.in_(ids)).group_by(ServerRecord.node_id)
+                       .tuples()) if ids else {}
+        bdm = BlockDeviceMapping
+        attachments = dict(bdm.select(bdm.node_id, peewee.fn.COUNT(1))
+                           .where((bdm.deleted == 0) & bdm.node_id.in_(ids))
+                           .group_by(bdm.node_id).tuples()) if ids else {}
+        return [(s, servers.get(s.node_id, 0), attachments.get(s.node_id, 0))
+                for s in self._states.values()]

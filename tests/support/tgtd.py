@@ -29,7 +29,11 @@ def free_ports(count: int) -> list[int]:
 
 class TgtDaemon:
     def __init__(self, portal_port: int | None = None, control_port: int | None = None,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, bind: str = "127.0.0.1",
+                 netns: str | None = None):
+        """bind: the portal's listening address; netns: run tgtd (and the
+        tgtadm calls of this class) inside that network namespace."""
+        self.bind, self.prefix = bind, (["ip", "netns", "exec", netns] if netns else [])
         self.portal_port = portal_port or free_ports(1)[0]
         # tgtd's control "port" names its local IPC socket; it must be < 32768.
         self.control_port = control_port or random.randint(1024, 32767)
@@ -38,16 +42,16 @@ class TgtDaemon:
 
     @property
     def portal(self) -> str:
-        return f"127.0.0.1:{self.portal_port}"
+        return f"{self.bind}:{self.portal_port}"
 
     def _tgtadm(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["tgtadm", "--control-port", str(self.control_port), *args],
+        return subprocess.run([*self.prefix, "tgtadm", "--control-port", str(self.control_port), *args],
                               capture_output=True, text=True, timeout=10)
 
     def start(self, timeout: float = 10.0) -> TgtDaemon:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            ["tgtd", "-f", "--iscsi", f"portal={self.portal}",
+            [*self.prefix, "tgtd", "-f", "--iscsi", f"portal={self.portal}",
              "--control-port", str(self.control_port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
