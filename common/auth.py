@@ -132,6 +132,8 @@ POLICY: dict[str, Rule] = {
     **_rules("Servers", "public",
              ("GetVolumeAttachment", "ListVolumeAttachments", "ListServers", "GetServer"),
              ("AttachVolume", "DetachVolume", "ExtendVolume")),
+    # the hypervisor hosts' addresses and health: for operators
+    "/vmattach.v1.Servers/ListNodes": Rule("public", "admin"),
 }
 # an RPC missing from the table is for the service role only
 DEFAULT_RULE = Rule("internal", "admin", True)

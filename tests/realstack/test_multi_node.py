@@ -29,7 +29,9 @@ from tests.support.hosts import Topology
 from tests.support.tgtd import TgtDaemon
 from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.clients.client import VmattachClient
+from vmattach.common import pki
 from vmattach.common.errors import Unavailable, VmattachError
+from vmattach.common.tls import TlsFiles
 
 pytestmark = pytest.mark.realstack
 
@@ -61,6 +63,16 @@ class MultiHost:
         self.a = topo.add_hypervisor("a", 11)
         self.b = topo.add_hypervisor("b", 12)
         self.node_ids = {self.a: f"{self.tag}-host-a", self.b: f"{self.tag}-host-b"}
+        # every service speaks TLS with the service certificate (the facades' calls
+        # to the Controller and the Nodes carry it too); its names: every host's
+        # address, and the loopback the test process reaches the relay at
+        certs = self.tmp / "pki"
+        pki.init(certs, ["127.0.0.1", "localhost",
+                         *(h.ip for h in (self.api, self.storage, self.a, self.b))])
+        self.tls = TlsFiles(str(certs / "service.crt"), str(certs / "service.key"),
+                            str(certs / "ca.crt"))
+        self.tls_args = ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key,
+                         "--tls-ca", self.tls.ca]
         # tgtd listens on every address of the storage host; the Controller
         # advertises the one the hypervisors reach over their links
         self.tgtd = TgtDaemon(PORTAL_PORT, bind="0.0.0.0", netns=self.storage.netns,
@@ -95,11 +107,13 @@ class MultiHost:
         self.guests = {self.a: ga, self.b: gb}
 
     def client(self, name: str, timeout: float = 120) -> VmattachClient:
-        return VmattachClient(self.local[name], self.local["controller"], timeout=timeout)
+        return VmattachClient(self.local[name], self.local["controller"], timeout=timeout,
+                              tls=self.tls)
 
     def _serve(self, name: str, argv: list[str], args: list[str]) -> ServeProcess:
-        proc = ServeProcess(args + ["--log-level", "INFO"], self.tmp / f"{name}.log",
-                            command=argv, timeout=60)
+        proc = ServeProcess(args + self.tls_args + ["--log-level", "INFO"],
+                            self.tmp / f"{name}.log", command=argv, timeout=60,
+                            env={"VMATTACH_AUTH": "token"})
         assert proc.address, f"{name}: {proc.first_line}\n{proc.log()}"
         self.procs[name] = proc
         return proc
@@ -158,8 +172,9 @@ class MultiHost:
 
     def nodes(self) -> dict[str, dict]:
         """`vmattach node list --json` from facade 1, by node id."""
-        out = subprocess.run([VMATTACH, "--address", self.local["facade-1"], "--json", "node",
-                              "list"], capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run([VMATTACH, "--address", self.local["facade-1"], *self.tls_args,
+                              "--json", "node", "list"],
+                             capture_output=True, text=True, timeout=60, check=True)
         return {n["node_id"]: n for n in json.loads(out.stdout)}
 
     def wait_reachable(self, host, reachable: bool, timeout: float) -> float:
@@ -176,7 +191,8 @@ class MultiHost:
             VMATTACH, "audit", *(["--repair"] if repair else []),
             "--database-url", self.database_url, "--state-dir", str(self.tmp / "api"),
             "--controller-address", self.controller_address, "--nodes", self.nodes_setting,
-            "--log-level", "WARNING"), capture_output=True, text=True, timeout=180)
+            *self.tls_args, "--log-level", "WARNING"), capture_output=True, text=True,
+            timeout=180)
 
     def wait_log(self, name: str, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -253,8 +269,8 @@ def test_both_nodes_are_listed_reachable_with_their_servers(dc):
     servers = {s.server_id: s.node_id for s in dc.clients[0].list_servers()}
     assert servers[dc.guests[dc.a].uuid] == dc.node_ids[dc.a]
     assert servers[dc.guests[dc.b].uuid] == dc.node_ids[dc.b]
-    table = subprocess.run([VMATTACH, "--address", dc.local["facade-1"], "node", "list"],
-                           capture_output=True, text=True, timeout=60).stdout
+    table = subprocess.run([VMATTACH, "--address", dc.local["facade-1"], *dc.tls_args, "node",
+                            "list"], capture_output=True, text=True, timeout=60).stdout
     assert table.splitlines()[0].split() == ["NODE_ID", "ADDRESS", "REACHABLE", "SERVERS",
                                              "ATTACHMENTS", "LAST_SEEN"]
 
