@@ -293,9 +293,9 @@ class NodeDirectory:
                              name=f"watch-{address}").start()
 
     def _watch(self, address: str, on_change: Callable[[set[str]], object], wait: int) -> None:
-        stub = node_pb2_grpc.NodeStub(self._channels[address])
         epoch, after = "", 0
         while not self._stop.is_set():
+            stub = self.stub(address)  # the node's channel is replaced when it was lost
             try:
                 answer = call(stub.NodeWatchServers, npb.NodeWatchServersRequest(
                     after_seq=after, wait_seconds=wait), timeout=wait + NODE_CALL_TIMEOUT)
