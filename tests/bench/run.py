@@ -246,17 +246,19 @@ def real_stack(cfg, work: Path) -> dict:
     tgtd = TgtDaemon(log_path=work / "real-tgtd.log").start()
     guest = serve = None
     try:
+        guest = TestGuest.start(kind="diskless")
+        # the diskless guest gets a SCSI root disk (a plain file, not a vmattach
+        # volume): the facade then names volumes sd*, and a SCSI disk detaches
+        # at once from a guest with no OS (a virtio one never does). Before the
+        # facade starts: a disk added later is no lifecycle event, and the
+        # facade would keep the server as it first saw it until its next refresh
+        virsh(guest.uri, "attach-disk", guest.uuid, str(root), "sda", "--targetbus", "scsi",
+              "--live")
         serve = ServeProcess(["--state-dir", str(state), "--listen", "127.0.0.1:0",
                               "--tgt-portal", tgtd.portal,
                               "--tgt-control-port", str(tgtd.control_port),
                               "--log-level", "WARNING", "--detach-timeout", "5",
                               "--detach-retries", "2"], work / "real-server.log")
-        guest = TestGuest.start(kind="diskless")
-        # the diskless guest gets a SCSI root disk (a plain file, not a vmattach
-        # volume): the facade then names volumes sd*, and a SCSI disk detaches
-        # at once from a guest with no OS (a virtio one never does)
-        virsh(guest.uri, "attach-disk", guest.uuid, str(root), "sda", "--targetbus", "scsi",
-              "--live")
         with VmattachClient(serve.address, timeout=120) as client:
             volume = client.create_volume(f"bench-real-{uuid.uuid4().hex[:6]}", 1).volume_id
             pairs = [(guest.uuid, volume)]
