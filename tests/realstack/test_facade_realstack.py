@@ -37,7 +37,7 @@ def real(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("facade-real")
     tgtd = TgtDaemon(log_path=tmp / "tgtd.log").start()
     settings = make_settings(tmp, tgt_portal=tgtd.portal, tgt_control_port=tgtd.control_port,
-                             detach_timeout=5, detach_retries=2)
+                             detach_timeout=15, detach_retries=2)  # a guest under load is slow
     running = start(settings)
     guest = TestGuest.start(kind="linux")
 
