@@ -16,7 +16,9 @@ class BaseModel(peewee.Model):
 
 class Volume(BaseModel):
     id = peewee.CharField(primary_key=True, max_length=36)
-    name = peewee.CharField(max_length=255, unique=True)
+    name = peewee.CharField(max_length=255)
+    # the project of the token that created it (common/auth.py); "" with --auth none
+    project_id = peewee.CharField(max_length=64, default="")
     size_gb = peewee.IntegerField()
     multiattach = peewee.BooleanField(default=False)
     status = peewee.CharField(max_length=32, index=True)
@@ -31,7 +33,7 @@ class Volume(BaseModel):
 
     class Meta:
         table_name = "controller_volume"
-        indexes = ((("created_at", "id"), False),)
+        indexes = ((("created_at", "id"), False), (("project_id", "name"), True))
 
 
 class VolumeAttachment(BaseModel):
@@ -92,8 +94,18 @@ def _v2_target_tid(db: peewee.Database) -> None:
     db.execute_sql("UPDATE controller_export SET target_tid = tid WHERE target_tid IS NULL")
 
 
+def _v3_volume_project(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+    add_column(db, "controller_volume", "project_id", peewee.CharField(max_length=64, default=""))
+    db.execute_sql("DROP INDEX IF EXISTS controller_volume_name")
+    migrate(SchemaMigrator.from_database(db).add_index("controller_volume", ("project_id", "name"),
+                                                       True))
+
+
 MIGRATIONS = [
     Migration(2, "controller_export.target_tid: the tgtd tid apart from the export id",
               _v2_target_tid),
+    Migration(3, "controller_volume.project_id: volumes belong to a project; names unique"
+              " per project", _v3_volume_project),
 ]
 SCHEMA = Schema("controller", MODELS, MIGRATIONS)

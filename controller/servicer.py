@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
+from vmattach.common import auth
 from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
 from vmattach.controller.models import Volume, VolumeAttachment
 from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
@@ -46,7 +47,7 @@ def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment]) -> pb.Volu
     msg = pb.Volume(volume_id=volume.id, name=volume.name, size_gb=volume.size_gb,
                     status=volume.status, attach_status=volume.attach_status,
                     multiattach=volume.multiattach, created_at=_ts(volume.created_at),
-                    updated_at=_ts(volume.updated_at))
+                    updated_at=_ts(volume.updated_at), project_id=volume.project_id)
     for att in attachments:
         record = msg.attachments.add(attachment_id=att.id, server_id=att.instance_uuid,
                                      mountpoint=att.mountpoint, attach_status=att.attach_status,
@@ -62,13 +63,15 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         self.m = manager
 
     def CreateVolume(self, request, context):
-        return volume_to_pb(self.m.create(request.name, request.size_gb, request.multiattach), [])
+        return volume_to_pb(self.m.create(request.name, request.size_gb, request.multiattach,
+                                          auth.current().project), [])
 
     def GetVolume(self, request, context):
         return volume_to_pb(*self.m.get(require_uuid(request.volume_id, "volume_id")))
 
     def ListVolumes(self, request, context):
-        volumes, attachments, token = self.m.list(page_size(request.page_size), request.page_token)
+        volumes, attachments, token = self.m.list(page_size(request.page_size), request.page_token,
+                                                  auth.current().list_scope(request.all_projects))
         return pb.ListVolumesResponse(
             volumes=[volume_to_pb(v, attachments[v.id]) for v in volumes], next_page_token=token)
 

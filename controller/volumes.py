@@ -28,6 +28,7 @@ from pathlib import Path
 
 import peewee
 
+from vmattach.common import auth
 from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
 from vmattach.common.errors import (
     AlreadyExists,
@@ -192,13 +193,20 @@ class VolumeManager:
 
     @with_connection
     def get(self, volume_id: str) -> VolumeView:
-        return self._get(volume_id), _ATTACHMENTS.rows(volume_id)
+        """A volume the caller may see (another project's: NotFound)."""
+        volume = self._get(volume_id)
+        if not auth.current().sees(volume.project_id):
+            raise not_found(volume_id)
+        return volume, _ATTACHMENTS.rows(volume_id)
 
     @with_connection
-    def list(self, page_size: int, page_token: str = ""):
-        """One page of volumes in creation order, their attachments fetched in
-        one more query; returns (volumes, attachments by volume id, next token)."""
+    def list(self, page_size: int, page_token: str = "", project_id: str | None = None):
+        """One page of volumes in creation order (of project_id only, unless
+        None), their attachments fetched in one more query; returns
+        (volumes, attachments by volume id, next token)."""
         query = Volume.select().order_by(Volume.created_at, Volume.id)
+        if project_id is not None:
+            query = query.where(Volume.project_id == project_id)
         if page_token:
             stamp, last_id = _untoken(page_token)
             query = query.where(peewee.Tuple(Volume.created_at, Volume.id) > (stamp, last_id))
@@ -217,22 +225,25 @@ class VolumeManager:
     # -- create / delete -------------------------------------------------------
 
     @with_connection
-    def create(self, name: str, size_gb: int, multiattach: bool = False) -> Volume:
+    def create(self, name: str, size_gb: int, multiattach: bool = False,
+               project_id: str = "") -> Volume:
+        """A volume of project_id; names are unique within a project."""
         if not NAME_RE.fullmatch(name or ""):
             raise InvalidArgument("name must be 1-255 letters, digits, spaces, '.', '_' or '-'")
         if not 1 <= size_gb <= self.max_volume_gb:
             raise InvalidArgument(f"size_gb must be between 1 and {self.max_volume_gb}")
-        existing = Volume.get_or_none(Volume.name == name)
+        existing = Volume.get_or_none((Volume.name == name) & (Volume.project_id == project_id))
         if existing is None:
             self._check_quota(size_gb)
             volume_id = str(uuid.uuid4())
             path = self.volume_dir / f"volume-{volume_id}.img"
             try:
                 volume = Volume.create(id=volume_id, name=name, size_gb=size_gb,
+                                       project_id=project_id,
                                        multiattach=multiattach, status="creating",
                                        path=str(path))
             except peewee.IntegrityError:  # a concurrent create of the same name won
-                existing = Volume.get(Volume.name == name)
+                existing = Volume.get((Volume.name == name) & (Volume.project_id == project_id))
             else:
                 try:
                     # 0600: only the Controller (and tgtd, as root) reads a volume's bytes
@@ -255,6 +266,11 @@ class VolumeManager:
 
     @with_connection
     def delete(self, volume_id: str) -> None:
+        """Delete a volume; a missing one, or another project's, is OK and
+        left alone (the caller cannot tell them apart)."""
+        owner = _VOLUME.first(volume_id)
+        if owner is not None and not auth.current().sees(owner.project_id):
+            return
         with write_transaction(self.db):
             # "deleting" too: retrying a delete that failed or crashed half-way
             changed = (Volume.update(status="deleting", updated_at=utcnow())
@@ -265,7 +281,7 @@ class VolumeManager:
                        .execute())
             if not changed:
                 volume = Volume.get_or_none(Volume.id == volume_id)
-                if volume is None:
+                if volume is None or not auth.current().sees(volume.project_id):
                     return  # deleting a missing volume is not an error
                 raise FailedPrecondition(
                     f"Invalid volume: Volume status must be available or error to delete,"
@@ -310,6 +326,8 @@ class VolumeManager:
                                   reason="INVALID_SIZE")
         with self._volume_lock(volume_id):
             volume = self._get(volume_id)
+            if not auth.current().sees(volume.project_id):
+                raise not_found(volume_id)
             if volume.status not in ("available", "in-use"):
                 raise FailedPrecondition(
                     f"Invalid volume: Volume {volume_id} status must be available or in-use"
@@ -435,6 +453,13 @@ class VolumeManager:
                 raise FailedPrecondition(
                     f"Invalid volume: volume {volume_id} is not reserved for instance {server_id}",
                     reason="VOLUME_NOT_RESERVED")
+            published = Connector.from_json(att.connector)
+            if published is not None and published.initiator != connector.initiator:
+                # the attachment keeps the host it was published for: no second ACL entry
+                raise FailedPrecondition(
+                    f"Invalid volume: volume {volume_id} is already published for instance"
+                    f" {server_id} to another host", reason="CONNECTOR_MISMATCH",
+                    metadata={"volume_id": volume_id, "server_id": server_id})
             volume, export = self._ensure_export(volume)
             self.tgt.allow(_tid(export), connector.initiator)
             (VolumeAttachment.update(connector=connector.to_json(), updated_at=utcnow())

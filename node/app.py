@@ -27,7 +27,8 @@ def node_config(settings: Settings) -> NodeConfig:
 def build_with(settings: Settings, runner: CommandRunner, hypervisor: Hypervisor) -> Service:
     """The Node service on a given hypervisor (tests pass the fake one)."""
     config = node_config(settings)
-    connectors = make_factory(settings.iscsi_connector, hypervisor, runner, config.initiator_iqn)
+    connectors = make_factory(settings.iscsi_connector, hypervisor, runner, config.initiator_iqn,
+                              settings.file_volume_dirs())
     manager = NodeManager(config, hypervisor, connectors)
     return Service(SERVICE_NAME, node_pb2_grpc.add_NodeServicer_to_server, NodeServicer(manager),
                    on_stop=[hypervisor.close])

@@ -70,10 +70,36 @@ def _disk(el: ET.Element) -> Disk:
                 alias=alias.get("name", "") if alias is not None else "")
 
 
+NOVA_NS_PREFIX = "http://openstack.org/xmlns/libvirt/nova/"
+
+
 def parse_disks(domain_xml: str) -> tuple[Disk, ...]:
     """The disks of a domain XML, in document order."""
     root = ET.fromstring(domain_xml)
     return tuple(_disk(el) for el in root.iterfind("devices/disk"))
+
+
+def parse_project(root: ET.Element) -> str:
+    """The owner project's id as Nova writes it into <metadata>:
+    <nova:instance><nova:owner><nova:project uuid="..."> (any version of
+    Nova's namespace); "" when there is none."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        return ""
+    for instance in metadata:
+        if not (instance.tag.startswith("{" + NOVA_NS_PREFIX) and instance.tag.endswith("}instance")):
+            continue
+        ns = instance.tag[1:].split("}", 1)[0]
+        project = instance.find(f"{{{ns}}}owner/{{{ns}}}project")
+        if project is not None:
+            return (project.get("uuid") or "").strip()[:64]
+    return ""
+
+
+def parse_domain(domain_xml: str) -> tuple[tuple[Disk, ...], str]:
+    """The disks and the owner project of a domain XML."""
+    root = ET.fromstring(domain_xml)
+    return tuple(_disk(el) for el in root.iterfind("devices/disk")), parse_project(root)
 
 
 def find_disk_xml(domain_xml: str, device: str) -> str | None:

@@ -43,6 +43,8 @@ class Domain:
     active: bool
     persistent: bool
     disks: tuple[Disk, ...] = ()
+    # the owner project Nova writes into the domain's <metadata>; "" when none
+    project_id: str = ""
 
     def disk_of_volume(self, volume_id: str) -> Disk | None:
         alias = volume_alias(volume_id)

@@ -14,7 +14,7 @@ from typing import TypeVar
 import libvirt
 
 from vmattach.common.errors import BackendError, NotFound
-from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, secret_xml
+from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, parse_domain, secret_xml
 from vmattach.node.events import DeviceWaiters
 from vmattach.node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
 
@@ -194,10 +194,11 @@ class LibvirtHypervisor(Hypervisor):
     @staticmethod
     def _domain(dom) -> Domain:
         state = dom.state()[0]
+        disks, project_id = parse_domain(dom.XMLDesc(0))
         return Domain(uuid=dom.UUIDString(), name=dom.name(),
                       state=STATES[state] if 0 <= state < len(STATES) else "nostate",
                       active=dom.isActive() == 1, persistent=dom.isPersistent() == 1,
-                      disks=parse_disks(dom.XMLDesc(0)))
+                      disks=disks, project_id=project_id)
 
     def list_domains(self) -> list[Domain]:
         def _list(conn) -> list[Domain]:

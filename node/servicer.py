@@ -47,7 +47,8 @@ def server_to_pb(domain: Domain) -> types_pb2.Server:
     return types_pb2.Server(server_id=domain.uuid, name=domain.name, state=domain.state,
                             device_prefix=domain.device_prefix,
                             root_device=root.device if root else "",
-                            disks=[disk_to_pb(d) for d in domain.disks])
+                            disks=[disk_to_pb(d) for d in domain.disks],
+                            project_id=domain.project_id)
 
 
 def _volume_id(request) -> str:

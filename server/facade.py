@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import peewee
 
+from vmattach.common import auth
 from vmattach.common.db import with_connection
 from vmattach.common.errors import (
     Aborted,
@@ -73,6 +74,11 @@ class AttachRequest:
     mode: str = "rw"
 
 
+def volume_not_found(volume_id: str) -> NotFound:
+    return NotFound(f"Volume {volume_id} could not be found.", reason="VOLUME_NOT_FOUND",
+                    metadata={"volume_id": volume_id})
+
+
 def not_attached(server_id: str, volume_id: str) -> NotFound:
     return NotFound(f"Instance {server_id} is not attached to volume {volume_id}",
                     reason="ATTACHMENT_NOT_FOUND",
@@ -128,7 +134,7 @@ class Facade:
     def attach(self, req: AttachRequest, deadline: Deadline) -> BDM:
         # 1. validate: ids (servicer), device and tag, the server and its state
         validate_attach(req)
-        server = self.nodes.server(req.server_id)
+        server = self.nodes.visible_server(req.server_id)
         check_server_state("attach_volume", server)
         handle = self.nodes.node(server.node_id)
         node = NodeCalls(handle.stub)
@@ -147,6 +153,9 @@ class Facade:
             # 3. get the volume from the Controller
             volume = self.step("get_volume", self.controller.get_volume, req.volume_id,
                                deadline, saga=saga)
+            if not auth.current().sees(volume.project_id):
+                # the Controller answers the service role; the user may not see it
+                raise volume_not_found(req.volume_id)
             # 4. reserve it (one compare-and-swap at the Controller)
             # (the Controller's attachment takes the BDM's attachment id and the mode)
             self.step("reserve", self.controller.reserve, req.volume_id, req.server_id,
@@ -190,6 +199,7 @@ class Facade:
     @count_operation("detach")
     @with_connection
     def detach(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
+        self.nodes.visible_server(server_id)
         # 1. find the BDM, and take it: attached -> detaching (one compare-and-swap)
         bdm = self.bdms.live(server_id, volume_id)
         if bdm is None:
@@ -286,6 +296,7 @@ class Facade:
         node; (the new size, the servers). Refusals change nothing; any other
         failure leaves the pending-extend row to the reconciler, which repeats
         the (idempotent) steps."""
+        self.visible_volume(volume_id, deadline)
         # 1. the volume's pending-extend row (one extend per volume at a time)
         self.bdms.begin_extend(volume_id, new_size_gb, self.instance_id, self.owner_lease)
         try:
@@ -399,8 +410,19 @@ class Facade:
 
     # -- reading ------------------------------------------------------------------------
 
+    def visible_volume(self, volume_id: str, timeout: Deadline | float = 30.0) -> None:
+        """NotFound unless the caller may see the volume (the Controller
+        answers the facade's service role about any volume)."""
+        caller = auth.current()
+        if caller.privileged:
+            return
+        volume = self.controller.get_volume(volume_id, timeout)
+        if not caller.sees(volume.project_id):
+            raise volume_not_found(volume_id)
+
     @with_connection
     def get(self, server_id: str, volume_id: str) -> BDM:
+        self.nodes.visible_server(server_id)
         bdm = self.bdms.live(server_id, volume_id)
         if bdm is None:
             raise not_attached(server_id, volume_id)
@@ -413,6 +435,7 @@ class Facade:
         if bool(server_id) == bool(volume_id):
             raise InvalidArgument("give one of server_id and volume_id", reason="INVALID_ARGUMENT")
         if volume_id:
+            self.visible_volume(volume_id)
             return self.bdms.page_of_volume(volume_id, page_size, page_token)
-        self.nodes.server(server_id)
+        self.nodes.visible_server(server_id)
         return self.bdms.page(server_id, page_size, page_token)

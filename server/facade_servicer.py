@@ -6,6 +6,7 @@ import json
 
 from google.protobuf import timestamp_pb2
 
+from vmattach.common import auth
 from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
 from vmattach.server.bdms import BdmStore
 from vmattach.server.calls import Deadline
@@ -40,7 +41,7 @@ def server_to_pb(record: ServerRecord) -> types_pb2.Server:
         server_id=record.server_id, name=record.name, state=record.state,
         device_prefix=record.device_prefix, root_device=record.root_device,
         disks=[types_pb2.ServerDisk(**d) for d in json.loads(record.disks)],
-        node_id=record.node_id, updated_at=_ts(record.updated_at))
+        node_id=record.node_id, updated_at=_ts(record.updated_at), project_id=record.project_id)
 
 
 class ServersServicer(servers_pb2_grpc.ServersServicer):
@@ -76,12 +77,14 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
             attachments=[attachment_to_pb(b) for b in rows], next_page_token=token)
 
     def ListServers(self, request, context):
-        rows, token = self.f.nodes.list_servers(page_size(request.page_size), request.page_token)
+        rows, token = self.f.nodes.list_servers(page_size(request.page_size), request.page_token,
+                                                auth.current().list_scope(request.all_projects))
         return pb.ListServersResponse(servers=[server_to_pb(r) for r in rows],
                                       next_page_token=token)
 
     def GetServer(self, request, context):
-        return server_to_pb(self.f.nodes.server(require_uuid(request.server_id, "server_id")))
+        return server_to_pb(self.f.nodes.visible_server(require_uuid(request.server_id,
+                                                                      "server_id")))
 
     def ExtendVolume(self, request, context):
         size_gb, servers = self.f.extend(require_uuid(request.volume_id, "volume_id"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import peewee
 
 from vmattach.common.db import utcnow
-from vmattach.common.migrations import Migration, Schema
+from vmattach.common.migrations import Migration, Schema, add_column
 
 
 class BaseModel(peewee.Model):
@@ -68,6 +68,8 @@ class ServerRecord(BaseModel):
     disks = peewee.TextField(default="[]")  # JSON list of {device, serial, bus}
     node_id = peewee.CharField(max_length=255, index=True)
     updated_at = peewee.DateTimeField(default=utcnow)
+    # the owner project from the domain's Nova metadata; "" when none (admins only)
+    project_id = peewee.CharField(max_length=64, default="", index=True)
 
     class Meta:
         table_name = "servers_server"
@@ -105,9 +107,17 @@ def _v2_pending_extend(db: peewee.Database) -> None:
     db.create_tables([PendingExtend], safe=True)
 
 
+def _v3_server_project(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+    if add_column(db, "servers_server", "project_id", peewee.CharField(max_length=64, default="")):
+        migrate(SchemaMigrator.from_database(db).add_index("servers_server", ("project_id",), False))
+
+
 # schema versions (common/migrations.py); every table change adds a Migration
 MIGRATIONS: list[Migration] = [
     Migration(2, "pending_extend: ExtendVolume in flight, finished by the reconciler",
               _v2_pending_extend),
+    Migration(3, "servers_server.project_id: the owner project from Nova's metadata",
+              _v3_server_project),
 ]
 SCHEMA = Schema("servers", MODELS, MIGRATIONS)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import peewee
 
+from vmattach.common import auth
 from vmattach.common.db import Prepared, utcnow, with_connection
 from vmattach.common.errors import (
     DeadlineExceeded,
@@ -133,6 +134,11 @@ class NodeHandle:
     address: str
     stub: GuardedStub
     max_volumes_per_server: int
+
+
+def server_not_found(server_id: str) -> NotFound:
+    return NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
+                    metadata={"server_id": server_id})
 
 
 class NodeDirectory:
@@ -255,10 +261,12 @@ class NodeDirectory:
         self._nodes[info.node_id] = NodeHandle(
             info.node_id, state.address, GuardedStub(self, state),
             state.max_volumes_per_server)
-        fields = ("name", "state", "device_prefix", "root_device", "disks", "node_id")
+        fields = ("name", "state", "device_prefix", "root_device", "disks", "node_id",
+                  "project_id")
         reported = {s.server_id: (s.name, s.state, s.device_prefix or "vd", s.root_device,
                                   json.dumps([{"device": d.device, "serial": d.serial,
-                                               "bus": d.bus} for d in s.disks]), info.node_id)
+                                               "bus": d.bus} for d in s.disks]), info.node_id,
+                                  s.project_id)
                     for s in servers}
         # write only what changed: a refresh of thousands of unchanged servers is one read
         known = {row[0]: row[1:] for row in ServerRecord.select(
@@ -355,13 +363,24 @@ class NodeDirectory:
             self.refresh(if_older_than=time.monotonic())
             record = _SERVER.first(server_id)
         if record is None:
-            raise NotFound(f"Server {server_id} could not be found.", reason="SERVER_NOT_FOUND",
-                           metadata={"server_id": server_id})
+            raise server_not_found(server_id)
+        return record
+
+    def visible_server(self, server_id: str) -> ServerRecord:
+        """server(), for a caller who may see it: another project's server
+        is NotFound, exactly like a missing one."""
+        record = self.server(server_id)
+        if not auth.current().sees(record.project_id):
+            raise server_not_found(server_id)
         return record
 
     @with_connection
-    def list_servers(self, page_size: int, page_token: str) -> tuple[list[ServerRecord], str]:
+    def list_servers(self, page_size: int, page_token: str,
+                     project_id: str | None = None) -> tuple[list[ServerRecord], str]:
+        """A page of servers (of project_id only, unless None)."""
         query = ServerRecord.select().order_by(ServerRecord.server_id)
+        if project_id is not None:
+            query = query.where(ServerRecord.project_id == project_id)
         if page_token:
             query = query.where(ServerRecord.server_id > page_token)
         rows = list(query.limit(page_size + 1))

@@ -3,6 +3,9 @@ factory that picks one."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 from vmattach.common.errors import InvalidArgument
 from vmattach.common.runner import CommandRunner
 from vmattach.node.connectors.base import ConnectionInfo, StagedVolume, VolumeConnector
@@ -30,9 +33,9 @@ class ConnectorFactory:
 
 
 def make_factory(iscsi_connector: str, hypervisor: Hypervisor, runner: CommandRunner,
-                 initiator_iqn: str) -> ConnectorFactory:
+                 initiator_iqn: str, file_dirs: Sequence[str | os.PathLike] = ()) -> ConnectorFactory:
     """The connectors of a node; iscsi_connector ("qemu" or "kernel") picks
-    the iSCSI initiator."""
+    the iSCSI initiator; file volumes only from file_dirs."""
     if iscsi_connector == "qemu":
         iscsi: VolumeConnector = QemuIscsiConnector(hypervisor, initiator_iqn)
     elif iscsi_connector == "kernel":
@@ -40,7 +43,7 @@ def make_factory(iscsi_connector: str, hypervisor: Hypervisor, runner: CommandRu
     else:
         raise InvalidArgument(f"iscsi_connector {iscsi_connector!r} is not one of "
                               f"{', '.join(ISCSI_CONNECTORS)}")
-    return ConnectorFactory([iscsi, FileConnector()])
+    return ConnectorFactory([iscsi, FileConnector(file_dirs)])
 
 
 __all__ = ["ConnectionInfo", "ConnectorFactory", "FileConnector", "KernelIscsiConnector",

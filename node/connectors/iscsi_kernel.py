@@ -165,9 +165,9 @@ class KernelIscsiConnector(VolumeConnector):
 
     def disk_source(self, volume_id: str, info: ConnectionInfo,
                     staged: StagedVolume | None) -> BlockSource:
+        # the device is always derived from the target: never a path from the request
         portal, iqn = self._target(info)
-        path = staged.device_path if staged and staged.device_path else by_path(
-            portal, iqn, require_lun(info))
+        path = by_path(portal, iqn, require_lun(info))
         if not self.exists(path):
             raise FailedPrecondition(f"Volume {volume_id} is not staged on this node "
                                      f"({path} does not exist)", reason="VOLUME_NOT_STAGED")

@@ -42,7 +42,9 @@ class QemuIscsiConnector(VolumeConnector):
     def stage(self, volume_id: str, info: ConnectionInfo) -> StagedVolume:
         self._validate(info)
         usage = secret_usage(volume_id) if info.auth_method else ""
-        if usage:
+        # never overwrite a volume's secret that exists (a volume's CHAP
+        # password never changes): a request cannot replace it with its own
+        if usage and not self.hypervisor.has_secret(usage):
             self.hypervisor.define_secret(SecretSpec(
                 usage=usage, value=info.auth_password.encode(),
                 description=f"vmattach CHAP secret of volume {volume_id}"))

@@ -27,6 +27,7 @@ class FakeDomain:
     live: list[Disk] = field(default_factory=list)
     config: list[Disk] = field(default_factory=list)
     never_releases: bool = False     # live detach never completes (no guest OS)
+    project_id: str = ""             # Nova's owner project in the domain's metadata
     removal_fails: bool = False      # DEVICE_REMOVAL_FAILED instead of DEVICE_REMOVED
 
     @property
@@ -35,7 +36,7 @@ class FakeDomain:
 
     def view(self) -> Domain:
         return Domain(self.uuid, self.name, self.state, self.active, self.persistent,
-                      tuple(self.live if self.active else self.config))
+                      tuple(self.live if self.active else self.config), self.project_id)
 
 
 class FakeHypervisor(Hypervisor):
@@ -54,12 +55,13 @@ class FakeHypervisor(Hypervisor):
 
     def add_domain(self, name: str | None = None, *, uuid: str | None = None,
                    state: str = "running", persistent: bool = True,
-                   disks: tuple[Disk, ...] = (), never_releases: bool = False) -> FakeDomain:
+                   disks: tuple[Disk, ...] = (), never_releases: bool = False,
+                   project_id: str = "") -> FakeDomain:
         uuid = uuid or str(uuidlib.uuid4())
         dom = FakeDomain(uuid, name or f"instance-{uuid[:8]}", state, persistent,
                          live=list(disks) if state not in ("shutoff", "nostate") else [],
                          config=list(disks) if persistent else [],
-                         never_releases=never_releases)
+                         never_releases=never_releases, project_id=project_id)
         with self._lock:
             self.domains[uuid] = dom
         return dom

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 
 from tests.support.fake_hypervisor import FakeHypervisor
@@ -41,5 +42,7 @@ def make_manager(hypervisor: FakeHypervisor | None = None, *, iscsi_connector: s
     values = dict(node_id="node-1", node_ip="127.0.0.1", initiator_iqn=NODE_IQN,
                   detach_timeout=0.01, detach_retries=3)
     values.update(config)
-    factory = make_factory(iscsi_connector, hypervisor, runner or FakeRunner(), NODE_IQN)
+    # file volumes from anywhere under the temporary directory of the tests
+    factory = make_factory(iscsi_connector, hypervisor, runner or FakeRunner(), NODE_IQN,
+                           [tempfile.gettempdir()])
     return NodeManager(NodeConfig(**values), hypervisor, factory)

@@ -864,3 +864,33 @@ def test_reserve_keeps_the_callers_attachment_id_and_mode(env):
     assert (info.access_mode, info.multiattach) == ("ro", True)
     with pytest.raises(InvalidArgument):
         env.m.reserve(volume.id, server(), "", "rx")
+
+
+def test_a_second_publish_of_an_attachment_with_another_initiator_is_refused(env):
+    volume_id, srv, first = attached(env, "kept")
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.publish(volume_id, srv, connector("attacker"))
+    assert err.value.reason == "CONNECTOR_MISMATCH"
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("a")]  # no second ACL entry
+    assert env.m.publish(volume_id, srv, connector("a")) == first  # the same host: idempotent
+    _, [att] = env.m.get(volume_id)
+    assert Connector.load(att.connector).initiator == initiator("a")
+
+
+def test_volumes_belong_to_the_creating_project(env):
+    from vmattach.common import auth
+    a = env.m.create("data", 1, project_id="project-a")
+    b = env.m.create("data", 1, project_id="project-b")  # names are per project
+    assert a.id != b.id
+    token = auth.acting_as(auth.Caller("user", "t", "project-b", "member"))
+    try:
+        with pytest.raises(NotFound):
+            env.m.get(a.id)
+        volumes, _, _ = env.m.list(100, "", "project-b")
+        assert [v.id for v in volumes] == [b.id]
+        env.m.delete(a.id)  # another project's volume: as if missing, left alone
+    finally:
+        auth.done_acting(token)
+    assert env.m.get(a.id)[0].status == "available"
+    assert {v.id for v in env.m.list(100, "", None)[0]} == {a.id, b.id}

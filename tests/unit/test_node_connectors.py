@@ -5,6 +5,8 @@ volumes, and the factory."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
 import pytest
 
@@ -225,7 +227,8 @@ def test_qemu_stage_defines_private_secret_and_is_idempotent():
     first = connector.stage(vid, iscsi_info(vid))
     again = connector.stage(vid, iscsi_info(vid, auth_password="NewPassw0rd"))
     assert first == again and first.secret_usage == f"volume-{vid}" and first.device_path == ""
-    assert hv.secrets[f"volume-{vid}"].value == b"NewPassw0rd"
+    # a volume's secret is never overwritten: a request cannot replace it with its own
+    assert hv.secrets[f"volume-{vid}"].value == CHAP_PASSWORD.encode()
     assert "NewPassw0rd" not in repr(hv.secrets[f"volume-{vid}"])
 
 
@@ -260,20 +263,53 @@ def test_qemu_without_chap_needs_no_secret():
 def test_file_stage_checks_the_path(tmp_path):
     vid = new_id()
     path = tmp_path / "volume.img"
+    files = FileConnector([tmp_path])
     with pytest.raises(NotFound):
-        FileConnector().stage(vid, file_info(path))
+        files.stage(vid, file_info(path))
     path.write_bytes(b"x")
-    staged = FileConnector().stage(vid, file_info(path))
+    staged = files.stage(vid, file_info(path))
     assert staged.device_path == str(path) and staged.driver_volume_type == "file"
-    assert FileConnector().disk_source(vid, file_info(path), staged) == FileSource(str(path))
-    FileConnector().unstage(vid, file_info(path))
+    assert files.disk_source(vid, file_info(path), staged) == FileSource(str(path))
+    files.unstage(vid, file_info(path))
     assert path.exists()
 
 
 @pytest.mark.parametrize("path", ["", "relative.img", "/tmp/../etc/passwd"])
 def test_file_bad_path_is_invalid_argument(path):
     with pytest.raises(InvalidArgument):
-        FileConnector().stage(new_id(), file_info(path))
+        FileConnector(["/tmp"]).stage(new_id(), file_info(path))
+
+
+def test_file_outside_the_volume_directories_is_refused(tmp_path):
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    outside = tmp_path / "host-secret.img"
+    outside.write_bytes(b"host data")
+    files = FileConnector([volumes])
+    for path in (outside, "/etc/passwd", "/etc/shadow", volumes):
+        with pytest.raises(InvalidArgument, match="volume directory"):
+            files.stage(new_id(), file_info(str(path)))
+    with pytest.raises(InvalidArgument, match="volume directory"):
+        FileConnector().stage(new_id(), file_info(str(outside)))  # no directory: nothing
+
+
+def test_file_symlinks_devices_and_fifos_are_refused(tmp_path):
+    volumes = tmp_path / "volumes"
+    (volumes / "sub").mkdir(parents=True)
+    outside = tmp_path / "host-secret.img"
+    outside.write_bytes(b"host data")
+    (volumes / "link.img").symlink_to(outside)
+    (volumes / "dev.img").symlink_to("/dev/null")
+    (volumes / "dirlink").symlink_to(tmp_path)
+    os.mkfifo(volumes / "fifo.img")
+    os.mknod(volumes / "null.img", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    files = FileConnector([volumes])
+    for name in ("link.img", "dev.img", "dirlink/host-secret.img", "fifo.img", "null.img", "sub"):
+        with pytest.raises(InvalidArgument, match="symlink|regular file") as err:
+            files.stage(new_id(), file_info(str(volumes / name)))
+        assert err.value.reason == "FILE_NOT_ALLOWED"
+    (volumes / "sub" / "ok.img").write_bytes(b"x")
+    assert files.stage(new_id(), file_info(str(volumes / "sub" / "ok.img"))).device_path
 
 
 # -- factory ---------------------------------------------------------------------------

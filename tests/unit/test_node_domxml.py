@@ -107,3 +107,34 @@ def test_shareable_disk():
     assert disk.find("shareable") is not None and disk.find("driver").get("cache") == "none"
     assert ET.fromstring(disk_xml(DiskSpec("vdb", "virtio", VID, "ua-x",
                                            FileSource("/x")))).find("shareable") is None
+
+
+NOVA_DOMAIN = """<domain type='kvm'>
+  <name>instance-00000001</name>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:package version="27.1.0"/>
+      <nova:name>web-1</nova:name>
+      <nova:owner>
+        <nova:user uuid="5e0c6d4b7f0a4d8e9d5d1f2a3b4c5d6e">alice</nova:user>
+        <nova:project uuid="8a3b0c1d2e3f40516273849506a7b8c9">demo</nova:project>
+      </nova:owner>
+    </nova:instance>
+  </metadata>
+  <devices><disk type='file' device='disk'><target dev='vda' bus='virtio'/></disk></devices>
+</domain>"""
+
+
+def test_the_owner_project_is_read_the_way_nova_writes_it():
+    import xml.etree.ElementTree as ET
+
+    from vmattach.node.domxml import parse_domain, parse_project
+    disks, project = parse_domain(NOVA_DOMAIN)
+    assert project == "8a3b0c1d2e3f40516273849506a7b8c9" and disks[0].device == "vda"
+    assert parse_project(ET.fromstring(NOVA_DOMAIN.replace("nova/1.1", "nova/1.2"))) \
+        == "8a3b0c1d2e3f40516273849506a7b8c9"
+    assert parse_project(ET.fromstring("<domain><name>x</name></domain>")) == ""
+    # another tool's metadata with the same element names is not Nova's
+    other = NOVA_DOMAIN.replace("http://openstack.org/xmlns/libvirt/nova/1.1",
+                                "http://example.org/not-nova")
+    assert parse_project(ET.fromstring(other)) == ""
