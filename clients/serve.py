@@ -46,6 +46,7 @@ class Running:
                  internal: grpc.Server | None = None, on_stop=()):
         self.server, self.port, self.services, self.internal = server, port, services, internal
         self.on_stop = list(on_stop)
+        self.authenticator: auth.Authenticator | None = None
 
     def stop(self, grace: float = 5.0) -> None:
         self.server.stop(grace).wait()
@@ -116,7 +117,9 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
         services.append(servers_app.build(settings, own_address, internal_address,
                                           authn.service_secret))
     start_server(server, services)
-    return Running(server, port, services, internal, closers)
+    running = Running(server, port, services, internal, closers)
+    running.authenticator = authn
+    return running
 
 
 def upgrade_databases(settings: Settings) -> list[tuple[str, int | None, int]]:

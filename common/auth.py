@@ -278,8 +278,10 @@ class Authenticator:
             raise Unauthenticated("this process accepts no user tokens", reason="INVALID_TOKEN")
         user = self.tokens.verify(str(header)[:512])
         if _RANK[user.role] < _RANK[rule.role]:
-            raise PermissionDenied(f"role {user.role} may not call {name}",
-                                   reason="ROLE_NOT_ALLOWED")
+            denied = PermissionDenied(f"role {user.role} may not call {name}",
+                                      reason="ROLE_NOT_ALLOWED")
+            denied.caller = user  # type: ignore[attr-defined]  # for the audit line
+            raise denied
         return user
 
     def _service(self, context, metadata: dict) -> Caller | None:

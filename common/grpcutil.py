@@ -108,6 +108,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             response = None
             try:
                 if authenticator is not None:
+                    caller = auth.ANONYMOUS
                     caller = authenticator.authenticate(method, context)
                     acting = auth.acting_as(caller)
                 if deserialize is not None:  # here, so that garbage is INVALID_ARGUMENT, not INTERNAL
@@ -121,6 +122,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except VmattachError as exc:
                 code = status_code(exc)
                 outcome = code.name
+                caller = getattr(exc, "caller", caller)
                 # a backend may have echoed a secret of the request into its message
                 hidden = secrets_of(request) if isinstance(request, Message) else []
                 context.abort_with_status(_status(

@@ -92,3 +92,35 @@ def test_health_check_is_serving(controller, service):
     data = {"service": service} if service else None
     answer = json.loads(ok(grpcurl(controller.address, "grpc.health.v1.Health/Check", data=data)))
     assert answer == {"status": "SERVING"}
+
+
+def test_create_and_get_a_volume_over_mutual_tls_with_a_token(tmp_path, tgtd, serve):
+    from vmattach.common import pki
+    certs = tmp_path / "pki"
+    pki.init(certs, ["127.0.0.1"])
+    settings = make_settings(tmp_path, services="controller", auth="token",
+                             tgt_portal=tgtd.portal, tgt_control_port=tgtd.control_port,
+                             tls_cert=str(certs / "service.crt"),
+                             tls_key=str(certs / "service.key"), tls_ca=str(certs / "ca.crt"))
+    running = serve(settings)
+    token, _ = running.authenticator.tokens.create("grpcurl-project", "member")
+    address = f"127.0.0.1:{running.port}"
+
+    def tls_grpcurl(method: str, data: dict, *extra: str) -> subprocess.CompletedProcess:
+        argv = [str(GRPCURL), "-max-time", "20", "-cacert", str(certs / "ca.crt"),
+                "-cert", str(certs / "client.crt"), "-key", str(certs / "client.key"),
+                *extra, "-d", json.dumps(data), address, method]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+
+    bearer = ("-H", f"authorization: Bearer {token}")
+    created = json.loads(ok(tls_grpcurl("vmattach.v1.Controller/CreateVolume",
+                                        {"name": "over-tls", "size_gb": 1}, *bearer)))
+    assert created["project_id"] == "grpcurl-project"
+    got = json.loads(ok(tls_grpcurl("vmattach.v1.Controller/GetVolume",
+                                    {"volume_id": created["volume_id"]}, *bearer)))
+    assert got == created
+    refused = tls_grpcurl("vmattach.v1.Controller/GetVolume", {"volume_id": created["volume_id"]})
+    assert refused.returncode != 0 and "Code: Unauthenticated" in refused.stderr
+    plain = grpcurl(address, "vmattach.v1.Controller/GetVolume",
+                    data={"volume_id": created["volume_id"]})
+    assert plain.returncode != 0  # no plain text on a TLS port
