@@ -280,7 +280,7 @@ class Authenticator:
         if _RANK[user.role] < _RANK[rule.role]:
             denied = PermissionDenied(f"role {user.role} may not call {name}",
                                       reason="ROLE_NOT_ALLOWED")
-            denied.caller = user  # type: ignore[attr-defined]  # for the audit line
+            denied.caller = user  # for the audit line
             raise denied
         return user
 
