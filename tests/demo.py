@@ -1,7 +1,9 @@
 """`make demo`: the whole attach path on this machine, checked step by step.
 
 Starts a private tgtd and `vmattach serve` (all services, one state
-directory), boots the small Linux test guest, creates a 1 GiB volume with a
+directory, the secure default: every call needs a token), creates a user
+token for its own project, boots the small Linux test guest (owned by that
+project in Nova's domain metadata), creates a 1 GiB volume with a
 known pattern, attaches it with the CLI, shows the attachment, the BDM row,
 the disk in the domain XML, the initiator logged in at the target and the
 guest's own view of the disk; detaches it and shows that everything is
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -27,22 +30,34 @@ from tests.support.tgtd import TgtDaemon
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
 PATTERN_BYTES = 4 << 20
+PROJECT = "demo-" + uuid.uuid4().hex[:8]
 
 
 class Demo:
     def __init__(self, state: Path):
         self.state = state
         self.failures: list[str] = []
+        self.token = ""
 
     def check(self, ok: bool, what: str) -> None:
         print(f"  [{'ok' if ok else 'FAILED'}] {what}", flush=True)
         if not ok:
             self.failures.append(what)
 
-    def cli(self, *args: str) -> tuple[int, str]:
-        proc = subprocess.run([VMATTACH, "--address", self.address, *args],
+    def cli(self, *args: str, token: str | None = None) -> tuple[int, str]:
+        proc = subprocess.run([VMATTACH, "--address", self.address,
+                               "--token", self.token if token is None else token, *args],
                               capture_output=True, text=True, timeout=300)
         return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+    def new_token(self, project: str, role: str) -> str:
+        """`vmattach token create` on the running server's state directory."""
+        proc = subprocess.run([VMATTACH, "token", "create", "--project", project, "--role", role,
+                               "--state-dir", str(self.state), "--log-level", "WARNING"],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode:
+            raise RuntimeError(f"vmattach token create failed: {proc.stderr.strip()}")
+        return proc.stdout.strip()
 
     def section(self, title: str) -> None:
         print(f"\n== {title}", flush=True)
@@ -59,7 +74,12 @@ class Demo:
                 first = server.stdout.readline().strip()
                 self.address = first.split()[-1] if first else ""
                 print(f"vmattach: {first} (state {self.state}, tgtd portal {tgtd.portal})")
-                with TestGuest.start(kind="linux") as guest:
+                self.section(f"vmattach token create --project {PROJECT} --role member")
+                self.token = self.new_token(PROJECT, "member")
+                self.check(self.token.startswith("vmat."), "a user token, shown once")
+                rc, out = self.cli("volume", "list", token="")
+                self.check(rc != 0 and "Unauthenticated" in out, "no token: UNAUTHENTICATED")
+                with TestGuest.start(kind="linux", project_id=PROJECT) as guest:
                     print(f"guest: {guest.name} ({guest.uuid}) booted in {guest.boot_seconds:.1f} s")
                     self.scenario(guest)
             finally:
@@ -133,6 +153,13 @@ class Demo:
         print("  " + show.strip().replace("\n", "\n  "))
         self.check(f"volume-{volume_id}" in show and "Initiator: iqn." in show,
                    "target exported, node's initiator logged in (I_T nexus)")
+
+        self.section("another project sees neither the volume nor the server")
+        other = self.new_token("other-" + PROJECT, "member")
+        rc, out = self.cli("volume", "show", volume_id, token=other)
+        self.check(rc != 0 and "NotFound" in out, "another project's volume show: NOT_FOUND")
+        rc, out = self.cli("server", "show", guest.uuid, token=other)
+        self.check(rc != 0 and "NotFound" in out, "another project's server show: NOT_FOUND")
 
         self.section("the guest's own view")
         seen = guest.wait_disk(volume_id, timeout=30)

@@ -202,13 +202,21 @@ def orchestration(cfg, work: Path, name: str, server_args: list[str],
                   domains: int, throughput_too: bool = True,
                   runs: int | None = None, cycles: int | None = None) -> dict:
     """Start a bench server, create volumes, warm up, measure c=1 latency and
-    the throughput at each concurrency; read the server's peak RSS."""
+    the throughput at each concurrency; read the server's peak RSS. With
+    --secure in server_args the clients speak mutual TLS with a token."""
     state = work / f"{name}-state"
     args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
     t0 = time.monotonic()
     with Child("tests.bench.server", args, work / f"{name}-server.log", timeout=300) as srv:
         started = time.monotonic() - t0
-        clients = [VmattachClient(srv.address, timeout=120) for _ in range(4)]
+        security: dict = {}
+        if "--secure" in server_args:
+            from vmattach.common.tls import TlsFiles
+            certs = state / "pki"
+            security = {"token": (state / "bench.token").read_text(),
+                        "tls": TlsFiles(str(certs / "client.crt"), str(certs / "client.key"),
+                                        str(certs / "ca.crt"))}
+        clients = [VmattachClient(srv.address, timeout=120, **security) for _ in range(4)]
         try:
             pairs = make_pairs(clients[0], max(cfg["conc"]) if throughput_too else 4)
             t1 = time.monotonic()
@@ -296,6 +304,9 @@ def table(res: dict) -> str:
     for c, v in res["cycles_per_s"].items():
         rows.append((f"orchestration cycles/s at concurrency {c}", f"{v:.1f}",
                      ">= 300" if c == "32" else "", "cycles_per_s_32" if c == "32" else ""))
+    rows.append(("attach p50 (c=1) TLS + tokens on / off, same run",
+                 f"{res['secure_attach_p50_ms']:.2f} / {res['insecure_attach_p50_ms']:.2f} ms"
+                 f" (x{res['secure_ratio']:.2f})", "", ""))
     rt = res.get("orchestration_real_tgtd", {})
     if rt:
         rows.append(("  same with a real tgtd: attach / detach p50 (c=1)",
@@ -349,6 +360,10 @@ def main(argv=None) -> int:
                 cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,
                                        "--tgt-control-port", str(tgtd.control_port)],
                 8, throughput_too=False, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
+        log("    security: attach with TLS + tokens on, and off (c=1, same settings)")
+        sec_args = dict(throughput_too=False, runs=cfg["lat_runs"], cycles=cfg["lat_cycles"])
+        res["security_off"] = orchestration(cfg, work, "sec-off", [], 8, **sec_args)
+        res["security_on"] = orchestration(cfg, work, "sec-on", ["--secure"], 8, **sec_args)
         log("4/5 real stack (tgtd + libvirtd + QEMU)")
         real = real_stack(cfg, work)
         res["real_stack"] = real
@@ -391,6 +406,9 @@ def main(argv=None) -> int:
         "scale_cycles_ratio": {c: s["cycles_per_s"][c] / o["cycles_per_s"][c]
                                for c in o["cycles_per_s"]},
         "peak_rss_mb": s["peak_rss_mb"],
+        "secure_attach_p50_ms": res["security_on"]["attach_p50_ms"],
+        "insecure_attach_p50_ms": res["security_off"]["attach_p50_ms"],
+        "secure_ratio": res["security_on"]["attach_p50_ms"] / res["security_off"]["attach_p50_ms"],
         "empty_peak_rss_mb": o["peak_rss_mb"],
     })
     values = {**res, "cycles_per_s_32": res["cycles_per_s"].get("32", 0.0)}

@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--farm", default="", help="addresses of the farm's fake nodes")
     p.add_argument("--prefilled", action="store_true")
     p.add_argument("--count-calls", default="")
+    p.add_argument("--secure", action="store_true",
+                   help="the secure default: mutual TLS (certificates of vmattach pki init in"
+                        " STATE/pki) and tokens (an admin token written to STATE/bench.token);"
+                        " otherwise --auth none in plain text")
     # the Controller's periodic re-export and the facade's reconciler run at the
     # default interval during the measured runs, as in production
     p.add_argument("--reconcile-interval", type=float, default=10.0)
@@ -83,16 +87,32 @@ def main(argv=None) -> int:
         if args.prefilled:
             runner.preload(f"{args.state_dir}/controller.db")
 
-    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir, auth="none",
-                             node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING")
+    security: dict = {"auth": "none"}
+    if args.secure:
+        from pathlib import Path
+
+        from vmattach.common import pki
+        certs = Path(args.state_dir) / "pki"
+        if not (certs / "ca.crt").exists():
+            pki.init(certs, ["127.0.0.1"])
+        security = {"auth": "token", "tls_cert": str(certs / "service.crt"),
+                    "tls_key": str(certs / "service.key"), "tls_ca": str(certs / "ca.crt")}
+    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir,
+                             node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING",
+                             **security)
     node = start(node_settings, runner=runner,
                  hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
     nodes = [f"127.0.0.1:{node.port}"] + [a for a in args.farm.split(",") if a]
-    settings = Settings(services="controller,servers", listen="127.0.0.1:0", auth="none",
+    settings = Settings(services="controller,servers", listen="127.0.0.1:0", **security,
                         state_dir=args.state_dir, tgt_portal=args.tgt_portal,
                         tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
                         log_level="WARNING", reconcile_interval=args.reconcile_interval)
     running = start(settings, runner=runner)
+    if args.secure and running.authenticator is not None and running.authenticator.tokens:
+        token, _ = running.authenticator.tokens.create("bench", "admin")
+        fd = os.open(f"{args.state_dir}/bench.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
     print(f"listening on 127.0.0.1:{running.port}", flush=True)
 
     stopped = threading.Event()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.realstack
 
 KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "orchestration_ratio", "real_attach_p50_ms", "real_detach_p50_ms", "scale_ratio",
-        "peak_rss_mb"]
+        "peak_rss_mb", "secure_attach_p50_ms", "insecure_attach_p50_ms", "secure_ratio"]
 
 
 @pytest.mark.timeout(120)
@@ -32,3 +32,4 @@ def test_bench_smoke_writes_every_figure(tmp_path):
     assert all(v > 0 for v in res["cycles_per_s"].values())
     assert res["calls_per_attach"] >= 7  # counted, not a constant
     assert "orchestration ratio" in proc.stdout
+    assert "TLS + tokens on / off" in proc.stdout

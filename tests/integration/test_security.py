@@ -298,3 +298,27 @@ def test_publish_for_another_host_is_refused(secure):
     finally:
         ch.close()
     c.detach_volume(server_a, vol)
+
+
+def test_the_facade_reaches_a_remote_node_over_mutual_tls(tmp_path, tgtd, serve, certs):
+    """A Node in its own process space (its own state directory, so its own
+    service token): the facade gets in with the service certificate only."""
+    tls = dict(auth="token", tls_cert=str(certs / "service.crt"),
+               tls_key=str(certs / "service.key"), tls_ca=str(certs / "ca.crt"))
+    hv = FakeHypervisor()
+    node = serve(make_settings(tmp_path / "node", services="node", node_id="remote-node",
+                               initiator_iqn="iqn.2004-10.org.vmattach:remote-node",
+                               detach_timeout=0.5, **tls), hypervisor=hv)
+    running = serve(make_settings(tmp_path / "ctl", services="controller,servers",
+                                  tgt_portal=tgtd.portal, tgt_control_port=tgtd.control_port,
+                                  nodes=f"127.0.0.1:{node.port}", reconcile_interval=3600,
+                                  **tls))
+    token, _ = running.authenticator.tokens.create(PROJECT_A, "member")
+    user = TlsFiles(str(certs / "client.crt"), str(certs / "client.key"), str(certs / "ca.crt"))
+    server = hv.add_domain(project_id=PROJECT_A).uuid
+    with VmattachClient(f"127.0.0.1:{running.port}", timeout=30, token=token, tls=user) as c:
+        vol = c.create_volume("remote", 1).volume_id
+        assert c.attach_volume(server, vol).state == "attached"
+        assert c.get_server(server).node_id == "remote-node"
+        c.detach_volume(server, vol)
+        assert c.get_volume(vol).status == "available"

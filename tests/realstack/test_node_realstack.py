@@ -262,7 +262,7 @@ def test_file_volume_attach_read_detach(stack, guest):
 
 
 def test_unpublish_from_diskless_guest_fails_and_disk_stays(stack, guest_dir, tmp_path):
-    path = tmp_path / "stuck.img"
+    path = stack.settings.volume_path() / "stuck.img"  # the file connector: volume dirs only
     path.write_bytes(b"\0" * 1024 * 1024)
     info = types_pb2.ConnectionInfo(driver_volume_type="file",
                                     data=types_pb2.ConnectionData(device_path=str(path)))

@@ -116,8 +116,11 @@ def ensure_guest_image(guest_dir: str | os.PathLike | None = None, timeout: floa
     return d
 
 
+NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
+
+
 def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | None = None,
-               scsi_root: str | os.PathLike | None = None) -> str:
+               scsi_root: str | os.PathLike | None = None, project_id: str = "") -> str:
     """The domain XML for a test guest of the given kind.
 
     kind 'linux': the tiny Linux guest, 96 MiB, serial console on a pty.
@@ -131,6 +134,10 @@ def domain_xml(name: str, kind: str = "linux", guest_dir: str | os.PathLike | No
         raise ValueError(f"unknown guest kind {kind!r} (expected 'linux' or 'diskless')")
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
+    if project_id:  # the owner project, where Nova writes it
+        instance = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{NOVA_NS}}}instance")
+        owner = ET.SubElement(instance, f"{{{NOVA_NS}}}owner")
+        ET.SubElement(owner, f"{{{NOVA_NS}}}project", uuid=project_id).text = project_id
     ET.SubElement(dom, "memory", unit="MiB").text = "96" if kind == "linux" else "64"
     ET.SubElement(dom, "vcpu").text = "1"
     os_el = ET.SubElement(dom, "os")
@@ -279,7 +286,8 @@ class TestGuest:
     @_HybridMethod
     def start(self, uri: str = DEFAULT_URI, name: str | None = None, kind: str = "linux",
               guest_dir: str | os.PathLike | None = None, ready_timeout: float = 60.0,
-              persistent: bool = False, scsi_root: bool = False) -> TestGuest:
+              persistent: bool = False, scsi_root: bool = False,
+              project_id: str = "") -> TestGuest:
         """Create the domain; for kind 'linux' wait for the ready marker.
 
         A transient domain by default; persistent=True defines it first (its
@@ -299,7 +307,8 @@ class TestGuest:
             fd, self._root_file = tempfile.mkstemp(prefix=f"{self._name}-sda-", suffix=".img")
             os.ftruncate(fd, 1 << 20)
             os.close(fd)
-        xml = domain_xml(self._name, kind, guest_dir, scsi_root=self._root_file)
+        xml = domain_xml(self._name, kind, guest_dir, scsi_root=self._root_file,
+                         project_id=project_id)
         t0 = time.monotonic()
         try:
             with tempfile.NamedTemporaryFile("w", prefix="vmattach-dom-", suffix=".xml") as f:
