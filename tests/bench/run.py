@@ -39,13 +39,13 @@ FULL = dict(floor_runs=5, floor_calls=2000, count_attaches=10,
             lat_runs=5, lat_cycles=100, tput_runs=3, tput_seconds=3.0, conc=[1, 8, 32],
             warmup=30, domains=64,
             real_runs=5, real_cycles=10,
-            realtgt_runs=3, realtgt_cycles=30,
+            realtgt_runs=3, realtgt_cycles=30, sec_runs=5, sec_cycles=100,
             scale_volumes=100_000, scale_nodes=100, scale_per_node=100)
 SMOKE = dict(floor_runs=2, floor_calls=100, count_attaches=2,
              lat_runs=2, lat_cycles=5, tput_runs=2, tput_seconds=0.3, conc=[1, 8, 32],
              warmup=3, domains=32,
              real_runs=2, real_cycles=2,
-             realtgt_runs=2, realtgt_cycles=3,
+             realtgt_runs=2, realtgt_cycles=3, sec_runs=1, sec_cycles=3,
              scale_volumes=1000, scale_nodes=4, scale_per_node=32)
 
 TARGETS = {
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                                        "--tgt-control-port", str(tgtd.control_port)],
                 8, throughput_too=False, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
         log("    security: attach with TLS + tokens on, and off (c=1, same settings)")
-        sec_args = dict(throughput_too=False, runs=cfg["lat_runs"], cycles=cfg["lat_cycles"])
+        sec_args = dict(throughput_too=False, runs=cfg["sec_runs"], cycles=cfg["sec_cycles"])
         res["security_off"] = orchestration(cfg, work, "sec-off", [], 8, **sec_args)
         res["security_on"] = orchestration(cfg, work, "sec-on", ["--secure"], 8, **sec_args)
         log("4/5 real stack (tgtd + libvirtd + QEMU)")
