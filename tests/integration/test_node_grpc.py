@@ -36,7 +36,8 @@ def iscsi_pb(volume_id: str) -> types_pb2.ConnectionInfo:
 @pytest.fixture
 def node(tmp_path):
     hv = FakeHypervisor()
-    service = build_with(make_settings(tmp_path, node_id="node-a", initiator_iqn="iqn.2000-01.x:n"),
+    service = build_with(make_settings(tmp_path, node_id="node-a", initiator_iqn="iqn.2000-01.x:n",
+                                       node_volume_dirs=str(tmp_path)),
                          FakeRunner(), hv)
     server, port = create_server([service])
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
