@@ -96,7 +96,12 @@ def _v2_target_tid(db: peewee.Database) -> None:
 
 def _v3_volume_project(db: peewee.Database) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
-    add_column(db, "controller_volume", "project_id", peewee.CharField(max_length=64, default=""))
+
+    from vmattach.common.migrations import columns
+    if "project_id" not in columns(db, "controller_volume"):
+        # one ALTER TABLE (no table rebuild on SQLite: that would cascade to the exports)
+        db.execute_sql("ALTER TABLE controller_volume ADD COLUMN project_id VARCHAR(64)"
+                       " NOT NULL DEFAULT ''")
     db.execute_sql("DROP INDEX IF EXISTS controller_volume_name")
     migrate(SchemaMigrator.from_database(db).add_index("controller_volume", ("project_id", "name"),
                                                        True))

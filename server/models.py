@@ -6,7 +6,7 @@ from __future__ import annotations
 import peewee
 
 from vmattach.common.db import utcnow
-from vmattach.common.migrations import Migration, Schema, add_column
+from vmattach.common.migrations import Migration, Schema
 
 
 class BaseModel(peewee.Model):
@@ -109,7 +109,11 @@ def _v2_pending_extend(db: peewee.Database) -> None:
 
 def _v3_server_project(db: peewee.Database) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
-    if add_column(db, "servers_server", "project_id", peewee.CharField(max_length=64, default="")):
+
+    from vmattach.common.migrations import columns
+    if "project_id" not in columns(db, "servers_server"):
+        db.execute_sql("ALTER TABLE servers_server ADD COLUMN project_id VARCHAR(64)"
+                       " NOT NULL DEFAULT ''")
         migrate(SchemaMigrator.from_database(db).add_index("servers_server", ("project_id",), False))
 
 
