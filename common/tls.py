@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from vmattach.common.errors import InvalidArgument
 
@@ -102,6 +100,8 @@ def check_listen(settings) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _parse(pem: bytes) -> tuple[str, str]:
+    from cryptography import x509  # here: the CLI need not load it
+    from cryptography.x509.oid import NameOID
     cert = x509.load_pem_x509_certificate(pem)
     units = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
     kind = "service" if SERVICE_OU in units else "client" if CLIENT_OU in units else "other"
