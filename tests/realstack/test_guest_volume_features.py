@@ -55,7 +55,8 @@ def real(tmp_path_factory):
     r.tgtadm = TgtAdm(CommandRunner(), tgtd.control_port)
 
     def guest():
-        g = TestGuest.start(kind="linux", name=f"vmattach-h13-{uuid.uuid4().hex[:8]}")
+        g = TestGuest.start(kind="linux", name=f"vmattach-h13-{uuid.uuid4().hex[:8]}",
+                            ready_timeout=180)  # a loaded machine boots slowly
         guests.append(g)
         return g
     r.new_guest = guest
