@@ -6,7 +6,7 @@ PROTOS := $(wildcard protos/vmattach/v1/*.proto)
 GEN_STAMP := gen/.stamp
 PYTEST_ARGS ?=
 
-.PHONY: all host venv proto test unit lint demo bench clean
+.PHONY: all host venv proto buf test unit lint demo bench clean
 
 all: proto
 
@@ -34,8 +34,21 @@ $(GEN_STAMP): $(PROTOS) setup.py $(VENV)/.stamp
 
 proto: $(GEN_STAMP)
 
-# Static checks: ruff on everything, mypy on the typed core.
-lint: proto
+# The contract: buf lint (STANDARD, exceptions in protos/buf.yaml), buf
+# format, and once a version of it is tagged (git tag contract-vN), buf
+# breaking against the last such tag reachable from HEAD.
+CONTRACT_TAG = $(shell git describe --tags --abbrev=0 --match 'contract-v*' 2>/dev/null)
+buf: $(VENV)/.stamp
+	cd protos && ../$(VENV)/bin/buf lint && ../$(VENV)/bin/buf format --diff --exit-code
+	@if [ -n "$(CONTRACT_TAG)" ]; then \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  git archive "$(CONTRACT_TAG)" protos | tar -x -C "$$tmp" && \
+	  echo "buf breaking against $(CONTRACT_TAG)" && \
+	  (cd protos && ../$(VENV)/bin/buf breaking --against "$$tmp/protos"); \
+	else echo "buf breaking: no contract-v* tag yet, nothing to compare with"; fi
+
+# Static checks: the contract (buf), ruff on everything, mypy on the typed core.
+lint: proto buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 

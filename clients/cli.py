@@ -11,6 +11,7 @@ import sys
 from google.protobuf.json_format import MessageToDict
 
 from vmattach.common import config
+from vmattach.common.enums import dict_to_words
 from vmattach.common.errors import VmattachError
 from vmattach.common.version import version
 
@@ -18,8 +19,8 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    return dict_to_words(MessageToDict(msg, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), msg.DESCRIPTOR)
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from vmattach.common.enums import ACCESS_MODE
 from vmattach.common.grpcutil import call, channel
 from vmattach.common.tls import TlsFiles
+from vmattach.common.validate import require_mode
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, servers_pb2_grpc, types_pb2
 from vmattach.v1 import servers_pb2 as spb
@@ -70,9 +72,11 @@ class VmattachClient:
     def attach_volume(self, server_id: str, volume_id: str, device: str = "", tag: str = "",
                       delete_on_termination: bool = False,
                       request_id: str = "", mode: str = "") -> spb.VolumeAttachment:
+        """mode: "rw" or "ro" (empty: the server's default, rw)."""
         return self._call(self.servers.AttachVolume, spb.AttachVolumeRequest(
             server_id=server_id, volume_id=volume_id, device=device, tag=tag,
-            delete_on_termination=delete_on_termination, request_id=request_id, mode=mode))
+            delete_on_termination=delete_on_termination, request_id=request_id,
+            mode=ACCESS_MODE.to_pb(require_mode(mode))))
 
     def extend_volume(self, volume_id: str, new_size_gb: int) -> spb.ServersExtendVolumeResponse:
         """Grow a volume, attached or not (the Servers facade: every server's

@@ -5,7 +5,8 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from vmattach.common import auth
-from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
+from vmattach.common.enums import ACCESS_MODE, ATTACH_STATUS, AUTH_METHOD, DRIVER_VOLUME_TYPE, VOLUME_STATUS
+from vmattach.common.validate import page_size, require_size_gb, require_uuid
 from vmattach.controller.models import Volume, VolumeAttachment
 from vmattach.controller.volumes import ConnectionInfo, Connector, VolumeManager
 from vmattach.v1 import controller_pb2 as pb
@@ -32,12 +33,12 @@ def connector_to_pb(c: Connector) -> types_pb2.Connector:
 
 def connection_info_to_pb(info: ConnectionInfo) -> types_pb2.ConnectionInfo:
     return types_pb2.ConnectionInfo(
-        driver_volume_type=info.driver_volume_type, serial=info.volume_id,
+        driver_volume_type=DRIVER_VOLUME_TYPE.to_pb(info.driver_volume_type), serial=info.volume_id,
         data=types_pb2.ConnectionData(
             target_portal=info.target_portal, target_iqn=info.target_iqn,
             target_lun=info.target_lun, target_discovered=info.target_discovered,
-            auth_method=info.auth_method, auth_username=info.auth_username,
-            auth_password=info.auth_password, access_mode=info.access_mode,
+            auth_method=AUTH_METHOD.to_pb(info.auth_method), auth_username=info.auth_username,
+            auth_password=info.auth_password, access_mode=ACCESS_MODE.to_pb(info.access_mode),
             encrypted=info.encrypted, volume_id=info.volume_id),
         multiattach=info.multiattach)
 
@@ -45,13 +46,14 @@ def connection_info_to_pb(info: ConnectionInfo) -> types_pb2.ConnectionInfo:
 def volume_to_pb(volume: Volume, attachments: list[VolumeAttachment]) -> pb.Volume:
     """The public view of a volume: never its CHAP credentials."""
     msg = pb.Volume(volume_id=volume.id, name=volume.name, size_gb=volume.size_gb,
-                    status=volume.status, attach_status=volume.attach_status,
+                    status=VOLUME_STATUS.to_pb(volume.status),
+                    attach_status=ATTACH_STATUS.to_pb(volume.attach_status),
                     multiattach=volume.multiattach, created_at=_ts(volume.created_at),
                     updated_at=_ts(volume.updated_at), project_id=volume.project_id)
     for att in attachments:
         record = msg.attachments.add(attachment_id=att.id, server_id=att.instance_uuid,
-                                     mountpoint=att.mountpoint, attach_status=att.attach_status,
-                                     attach_mode=att.attach_mode)
+                                     mountpoint=att.mountpoint, attach_status=ATTACH_STATUS.to_pb(att.attach_status),
+                                     attach_mode=ACCESS_MODE.to_pb(att.attach_mode))
         connector = Connector.from_json(att.connector)
         if connector:
             record.connector.CopyFrom(connector_to_pb(connector))
@@ -87,7 +89,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         attachment_id = request.attachment_id and require_uuid(request.attachment_id,
                                                                "attachment_id")
         return volume_to_pb(*self.m.reserve(*self._ids(request), attachment_id,
-                                            require_mode(request.mode)))
+                                            ACCESS_MODE.to_word(request.mode, default="rw")))
 
     def UnreserveVolume(self, request, context):
         return volume_to_pb(*self.m.unreserve(*self._ids(request)))
@@ -103,7 +105,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def MarkAttached(self, request, context):
         volume_id, server_id = self._ids(request)
         return volume_to_pb(*self.m.mark_attached(volume_id, server_id, request.mountpoint,
-                                                 require_mode(request.mode)))
+                                                 ACCESS_MODE.to_word(request.mode, default="rw")))
 
     def BeginDetaching(self, request, context):
         return volume_to_pb(*self.m.begin_detaching(*self._ids(request)))

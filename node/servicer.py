@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from vmattach.common.enums import ACCESS_MODE, AUTH_METHOD, BUS, DRIVER_VOLUME_TYPE, SERVER_STATE
 from vmattach.common.errors import InvalidArgument
 from vmattach.common.validate import require_uuid
 from vmattach.common.version import version
@@ -21,30 +22,35 @@ def connection_info_from_pb(msg: types_pb2.ConnectionInfo) -> ConnectionInfo:
         raise InvalidArgument("connection_info.driver_volume_type is required")
     d = msg.data
     return ConnectionInfo(
-        driver_volume_type=msg.driver_volume_type, target_portal=d.target_portal,
-        target_iqn=d.target_iqn, target_lun=d.target_lun, auth_method=d.auth_method,
+        driver_volume_type=DRIVER_VOLUME_TYPE.to_word(msg.driver_volume_type),
+        target_portal=d.target_portal, target_iqn=d.target_iqn, target_lun=d.target_lun,
+        auth_method=AUTH_METHOD.to_word(d.auth_method, default=""),
         auth_username=d.auth_username, auth_password=d.auth_password,
-        access_mode=d.access_mode or "rw", device_path=d.device_path, serial=msg.serial,
+        access_mode=ACCESS_MODE.to_word(d.access_mode, default="rw"), device_path=d.device_path,
+        serial=msg.serial,
         multiattach=msg.multiattach)
 
 
 def staged_from_pb(msg: pb.StagedVolume) -> StagedVolume:
-    return StagedVolume(msg.volume_id, msg.driver_volume_type, msg.device_path, msg.secret_usage)
+    return StagedVolume(msg.volume_id, DRIVER_VOLUME_TYPE.to_word(msg.driver_volume_type),
+                        msg.device_path, msg.secret_usage)
 
 
 def staged_to_pb(staged: StagedVolume) -> pb.StagedVolume:
-    return pb.StagedVolume(volume_id=staged.volume_id, driver_volume_type=staged.driver_volume_type,
+    return pb.StagedVolume(volume_id=staged.volume_id,
+                           driver_volume_type=DRIVER_VOLUME_TYPE.to_pb(staged.driver_volume_type),
                            device_path=staged.device_path, secret_usage=staged.secret_usage)
 
 
 def disk_to_pb(disk: Disk) -> types_pb2.ServerDisk:
-    return types_pb2.ServerDisk(device=disk.device, serial=disk.serial, bus=disk.bus,
+    return types_pb2.ServerDisk(device=disk.device, serial=disk.serial, bus=BUS.to_pb(disk.bus),
                                 alias=disk.alias)
 
 
 def server_to_pb(domain: Domain) -> types_pb2.Server:
     root = domain.root_disk
-    return types_pb2.Server(server_id=domain.uuid, name=domain.name, state=domain.state,
+    return types_pb2.Server(server_id=domain.uuid, name=domain.name,
+                            state=SERVER_STATE.to_pb(domain.state),
                             device_prefix=domain.device_prefix,
                             root_device=root.device if root else "",
                             disks=[disk_to_pb(d) for d in domain.disks],

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database
+from vmattach.common.enums import ATTACH_STATUS, DRIVER_VOLUME_TYPE, VOLUME_STATUS
 from vmattach.common.errors import VmattachError
 from vmattach.common.grpcutil import call
 from vmattach.v1 import controller_pb2 as cpb
@@ -162,26 +163,29 @@ def divergences(snap: Snapshot) -> list[Divergence]:
                                     f"BDM {bdm.id} is {bdm.state} (last step {bdm.progress})"))
             continue
         att = attached.get((volume_id, server_id))
-        if att is None or att.attach_status != "attached":
+        att_status = ATTACH_STATUS.name(att.attach_status) if att else "nothing"
+        if att_status != "attached":
             found.append(Divergence(CONTROLLER, "bdm-without-controller-attachment", volume_id,
                                     server_id, f"BDM {bdm.id} is attached; the Controller says "
-                                    f"{att.attach_status if att else 'nothing'}"))
+                                    f"{att_status}"))
     for (volume_id, server_id), att in attached.items():
         if (volume_id, server_id) not in live:
             found.append(Divergence(CONTROLLER, "controller-attachment-without-bdm", volume_id,
                                     server_id,
-                                    f"the Controller has an attachment in {att.attach_status}"))
+                                    f"the Controller has an attachment in "
+                                    f"{ATTACH_STATUS.name(att.attach_status)}"))
     for volume in snap.volumes.values():
-        states = {a.attach_status for a in volume.attachments}
+        states = {ATTACH_STATUS.name(a.attach_status) for a in volume.attachments}
         expected = ("in-use" if "attached" in states or "detaching" in states
                     else "attaching" if states else "available")
-        if volume.status in ("attaching", "detaching") and not states:
+        status = VOLUME_STATUS.name(volume.status)
+        if status in ("attaching", "detaching") and not states:
             found.append(Divergence(CONTROLLER, "volume-status", volume.volume_id, "",
-                                    f"status {volume.status} with no attachment"))
-        elif volume.status == "in-use" and expected != "in-use":
+                                    f"status {status} with no attachment"))
+        elif status == "in-use" and expected != "in-use":
             found.append(Divergence(CONTROLLER, "volume-status", volume.volume_id, "",
                                     f"status in-use but attachments are {sorted(states)}"))
-        elif volume.status == "available" and states:
+        elif status == "available" and states:
             found.append(Divergence(CONTROLLER, "volume-status", volume.volume_id, "",
                                     f"status available but attachments are {sorted(states)}"))
 
@@ -308,7 +312,7 @@ def _repair_on_node(settings: Settings, node: NodeView, d: Divergence) -> None:
                 server_id=d.server_id, volume_id=d.volume_id), timeout=120)
         call(stub.NodeUnstageVolume, npb.NodeUnstageVolumeRequest(
             volume_id=d.volume_id, connection_info=types_pb2.ConnectionInfo(
-                driver_volume_type="iscsi", serial=d.volume_id,
+                driver_volume_type=DRIVER_VOLUME_TYPE.to_pb("iscsi"), serial=d.volume_id,
                 data=types_pb2.ConnectionData(volume_id=d.volume_id))), timeout=CALL_TIMEOUT)
     finally:
         ch.close()

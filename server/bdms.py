@@ -17,6 +17,7 @@ import peewee
 from google.protobuf import json_format
 
 from vmattach.common.db import Prepared, utcnow, write_transaction
+from vmattach.common.enums import dict_from_words, dict_to_words
 from vmattach.common.errors import Aborted, AlreadyExists, InvalidArgument, ResourceExhausted
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
@@ -261,7 +262,8 @@ class BdmStore:
 
     def seal(self, info: types_pb2.ConnectionInfo) -> str:
         """connection_info as stored on the BDM: the CHAP secret encrypted."""
-        data = json_format.MessageToDict(info, preserving_proto_field_name=True)
+        data = dict_to_words(json_format.MessageToDict(info, preserving_proto_field_name=True),
+                             info.DESCRIPTOR)
         password = data.get("data", {}).pop("auth_password", "")
         if password:
             data["data"]["auth_password_encrypted"] = self.secretbox.encrypt(password)
@@ -273,7 +275,7 @@ class BdmStore:
             return info
         data = json.loads(text)
         sealed = data.get("data", {}).pop("auth_password_encrypted", "")
-        json_format.ParseDict(data, info)
+        json_format.ParseDict(dict_from_words(data, info.DESCRIPTOR), info)
         if sealed:
             info.data.auth_password = self.secretbox.decrypt(sealed)
         return info

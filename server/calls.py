@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from vmattach.common.enums import ACCESS_MODE
 from vmattach.common.errors import DeadlineExceeded, NotFound, VmattachError
 from vmattach.common.grpcutil import call
 from vmattach.v1 import controller_pb2 as cpb
@@ -68,7 +69,8 @@ class ControllerCalls:
         and attach_mode mode."""
         call(self.stub.ReserveVolume,
              cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id,
-                                      attachment_id=attachment_id, mode=mode),
+                                      attachment_id=attachment_id,
+                                      mode=ACCESS_MODE.to_pb(mode)),
              timeout=_seconds(timeout))
 
     def unreserve(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
@@ -94,7 +96,8 @@ class ControllerCalls:
                       timeout: Time, mode: str = "rw") -> None:
         """os-attach."""
         call(self.stub.MarkAttached, cpb.MarkAttachedRequest(
-            volume_id=volume_id, server_id=server_id, mountpoint=device, mode=mode),
+            volume_id=volume_id, server_id=server_id, mountpoint=device,
+            mode=ACCESS_MODE.to_pb(mode)),
             timeout=_seconds(timeout))
 
     def extend(self, volume_id: str, new_size_gb: int, timeout: Time) -> cpb.Volume:

@@ -7,7 +7,8 @@ import json
 from google.protobuf import timestamp_pb2
 
 from vmattach.common import auth
-from vmattach.common.validate import page_size, require_mode, require_size_gb, require_uuid
+from vmattach.common.enums import ACCESS_MODE, ATTACHMENT_STATE, BUS, SERVER_STATE
+from vmattach.common.validate import page_size, require_size_gb, require_uuid
 from vmattach.server.bdms import BdmStore
 from vmattach.server.calls import Deadline
 from vmattach.server.devices import guest_path_hint
@@ -32,15 +33,17 @@ def attachment_to_pb(bdm: BlockDeviceMapping) -> pb.VolumeAttachment:
         attachment_id=bdm.attachment_id, server_id=bdm.instance_uuid, volume_id=bdm.volume_id,
         device=bdm.device_name, tag=bdm.tag or "",
         delete_on_termination=bdm.delete_on_termination,
-        guest_path_hint=guest_path_hint(prefix, bdm.volume_id), state=bdm.state,
-        created_at=_ts(bdm.created_at), mode=BdmStore.mode_of(bdm))
+        guest_path_hint=guest_path_hint(prefix, bdm.volume_id), state=ATTACHMENT_STATE.to_pb(bdm.state),
+        created_at=_ts(bdm.created_at), mode=ACCESS_MODE.to_pb(BdmStore.mode_of(bdm)),
+        progress=bdm.progress or "")
 
 
 def server_to_pb(record: ServerRecord) -> types_pb2.Server:
     return types_pb2.Server(
-        server_id=record.server_id, name=record.name, state=record.state,
+        server_id=record.server_id, name=record.name, state=SERVER_STATE.to_pb(record.state),
         device_prefix=record.device_prefix, root_device=record.root_device,
-        disks=[types_pb2.ServerDisk(**d) for d in json.loads(record.disks)],
+        disks=[types_pb2.ServerDisk(device=d["device"], serial=d["serial"], bus=BUS.to_pb(d.get("bus")),
+                                    alias=d.get("alias", "")) for d in json.loads(record.disks)],
         node_id=record.node_id, updated_at=_ts(record.updated_at), project_id=record.project_id)
 
 
@@ -55,7 +58,7 @@ class ServersServicer(servers_pb2_grpc.ServersServicer):
             device=request.device, tag=request.tag,
             delete_on_termination=request.delete_on_termination,
             request_id=request.request_id and require_uuid(request.request_id, "request_id"),
-            mode=require_mode(request.mode))
+            mode=ACCESS_MODE.to_word(request.mode, default="rw"))
         return attachment_to_pb(self.f.attach(req, Deadline.of(context, self.f.call_cap)))
 
     def DetachVolume(self, request, context):

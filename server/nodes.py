@@ -30,6 +30,7 @@ import peewee
 
 from vmattach.common import auth
 from vmattach.common.db import Prepared, utcnow, with_connection
+from vmattach.common.enums import BUS, SERVER_STATE
 from vmattach.common.errors import (
     DeadlineExceeded,
     NotFound,
@@ -263,9 +264,10 @@ class NodeDirectory:
             state.max_volumes_per_server)
         fields = ("name", "state", "device_prefix", "root_device", "disks", "node_id",
                   "project_id")
-        reported = {s.server_id: (s.name, s.state, s.device_prefix or "vd", s.root_device,
+        reported = {s.server_id: (s.name, SERVER_STATE.name(s.state), s.device_prefix or "vd",
+                                  s.root_device,
                                   json.dumps([{"device": d.device, "serial": d.serial,
-                                               "bus": d.bus} for d in s.disks]), info.node_id,
+                                               "bus": BUS.name(d.bus)} for d in s.disks]), info.node_id,
                                   s.project_id)
                     for s in servers}
         # write only what changed: a refresh of thousands of unchanged servers is one read

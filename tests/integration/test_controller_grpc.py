@@ -99,32 +99,36 @@ def fails(call, request) -> grpc.RpcError:
 def test_attach_and_detach_bookkeeping_through_grpc(ctl):
     api = ctl.api
     vol = api.CreateVolume(pb.CreateVolumeRequest(name="data", size_gb=1))
-    assert (vol.status, vol.attach_status, vol.size_gb) == ("available", "detached", 1)
+    assert (vol.status, vol.attach_status, vol.size_gb) == \
+        (types_pb2.VOLUME_STATUS_AVAILABLE, types_pb2.ATTACH_STATUS_DETACHED, 1)
     assert api.CreateVolume(pb.CreateVolumeRequest(name="data", size_gb=1)).volume_id == vol.volume_id
     srv = sid()
     ids = dict(volume_id=vol.volume_id, server_id=srv)
     got = api.ReserveVolume(pb.ReserveVolumeRequest(**ids))
-    assert (got.status, [a.attach_status for a in got.attachments]) == ("attaching", ["reserved"])
+    assert (got.status, [a.attach_status for a in got.attachments]) == (types_pb2.VOLUME_STATUS_ATTACHING,
+                                                                    [types_pb2.ATTACH_STATUS_RESERVED])
     resp = api.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(**ids, connector=conn()))
     info = resp.connection_info
-    assert info.driver_volume_type == "iscsi" and info.serial == vol.volume_id
+    assert info.driver_volume_type == types_pb2.DRIVER_VOLUME_TYPE_ISCSI and info.serial == vol.volume_id
     assert info.data.target_iqn == f"iqn.2010-10.org.openstack:volume-{vol.volume_id}"
-    assert (info.data.target_portal, info.data.target_lun, info.data.auth_method) == (PORTAL, 1, "CHAP")
+    assert (info.data.target_portal, info.data.target_lun, info.data.auth_method) == \
+        (PORTAL, 1, types_pb2.AUTH_METHOD_CHAP)
     again = api.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(**ids, connector=conn()))
     assert again == resp
     got = api.MarkAttached(pb.MarkAttachedRequest(**ids, mountpoint="/dev/vdb"))
-    assert (got.status, got.attach_status) == ("in-use", "attached")
+    assert (got.status, got.attach_status) == (types_pb2.VOLUME_STATUS_IN_USE, types_pb2.ATTACH_STATUS_ATTACHED)
     [att] = got.attachments
     assert (att.server_id, att.mountpoint, att.attach_mode, att.attach_status) == \
-        (srv, "/dev/vdb", "rw", "attached")
+        (srv, "/dev/vdb", types_pb2.ACCESS_MODE_READ_WRITE, types_pb2.ATTACH_STATUS_ATTACHED)
     assert att.connector.initiator == conn().initiator
-    assert api.BeginDetaching(pb.BeginDetachingRequest(**ids)).status == "detaching"
-    assert api.RollDetaching(pb.RollDetachingRequest(**ids)).status == "in-use"
-    assert api.BeginDetaching(pb.BeginDetachingRequest(**ids)).status == "detaching"
+    assert api.BeginDetaching(pb.BeginDetachingRequest(**ids)).status == types_pb2.VOLUME_STATUS_DETACHING
+    assert api.RollDetaching(pb.RollDetachingRequest(**ids)).status == types_pb2.VOLUME_STATUS_IN_USE
+    assert api.BeginDetaching(pb.BeginDetachingRequest(**ids)).status == types_pb2.VOLUME_STATUS_DETACHING
     api.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(**ids, connector=conn()))
     api.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(**ids, connector=conn()))
     got = api.MarkDetached(pb.MarkDetachedRequest(**ids))
-    assert (got.status, got.attach_status, len(got.attachments)) == ("available", "detached", 0)
+    assert (got.status, got.attach_status, len(got.attachments)) == \
+        (types_pb2.VOLUME_STATUS_AVAILABLE, types_pb2.ATTACH_STATUS_DETACHED, 0)
     assert ctl.tgt.fake.targets == {}
     api.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
     api.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
@@ -245,7 +249,7 @@ GARBAGE = [
     ("GetVolume", pb.GetVolumeRequest(volume_id="'; DROP TABLE controller_volume; --")),
     ("ReserveVolume", pb.ReserveVolumeRequest()),
     ("MarkAttached", pb.MarkAttachedRequest(volume_id=str(uuid.uuid4()), server_id=str(uuid.uuid4()),
-                                            mode="xx")),
+                                            mode=99)),
     ("ControllerPublishVolume", pb.ControllerPublishVolumeRequest(
         volume_id=str(uuid.uuid4()), server_id=str(uuid.uuid4()),
         connector=types_pb2.Connector(initiator="iqn\n" + "x" * 5000))),
@@ -333,7 +337,7 @@ def test_fifty_concurrent_reserves_have_exactly_one_winner(ctl):
     assert len(winners) == 1 and len(losers) == n - 1
     assert {e.code() for e in losers} == {grpc.StatusCode.FAILED_PRECONDITION}
     got = ctl.api.GetVolume(pb.GetVolumeRequest(volume_id=vol.volume_id))
-    assert got.status == "attaching"
+    assert got.status == types_pb2.VOLUME_STATUS_ATTACHING
     assert [a.server_id for a in got.attachments] == [winners[0].attachments[0].server_id]
 
 
@@ -354,7 +358,7 @@ def test_servicer_with_grpc_testing_creates_and_reads_a_volume(tmp_path):
 
     created = invoke("CreateVolume", pb.CreateVolumeRequest(name="t", size_gb=3, multiattach=True))
     assert (created.name, created.size_gb, created.multiattach, created.status) == \
-        ("t", 3, True, "available")
+        ("t", 3, True, types_pb2.VOLUME_STATUS_AVAILABLE)
     assert created.created_at.seconds > 0
     got = invoke("GetVolume", pb.GetVolumeRequest(volume_id=created.volume_id.upper()))
     assert got.volume_id == created.volume_id and got.name == "t"

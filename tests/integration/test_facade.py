@@ -29,7 +29,7 @@ from vmattach.common.errors import (
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.v1 import controller_pb2
+from vmattach.v1 import controller_pb2, types_pb2
 
 
 class Stack:
@@ -70,7 +70,7 @@ class Stack:
         """Nothing of an attachment left anywhere."""
         volume = self.client.get_volume(volume_id)
         assert (volume.status, volume.attach_status, len(volume.attachments)) == \
-            ("available", "detached", 0)
+            (types_pb2.VOLUME_STATUS_AVAILABLE, types_pb2.ATTACH_STATUS_DETACHED, 0)
         assert self.live_bdms(volume_id) == []
         assert self.targets_of(volume_id) == []
         assert not self.hv.has_secret(f"volume-{volume_id}")
@@ -78,7 +78,8 @@ class Stack:
 
     def assert_attached(self, server_id, volume_id, device):
         volume = self.client.get_volume(volume_id)
-        assert (volume.status, volume.attach_status) == ("in-use", "attached")
+        assert (volume.status, volume.attach_status) == \
+            (types_pb2.VOLUME_STATUS_IN_USE, types_pb2.ATTACH_STATUS_ATTACHED)
         assert [a.server_id for a in volume.attachments] == [server_id]
         assert volume.attachments[0].mountpoint == device
         [bdm] = self.live_bdms(volume_id)
@@ -104,7 +105,7 @@ def test_attach_then_detach_leaves_nothing_behind(stack):
     server_id, volume_id = stack.server(), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id, tag="data")
     assert (att.server_id, att.volume_id, att.device, att.tag, att.state) == \
-        (server_id, volume_id, "/dev/vdb", "data", "attached")
+        (server_id, volume_id, "/dev/vdb", "data", types_pb2.ATTACHMENT_STATE_ATTACHED)
     assert att.guest_path_hint == f"/dev/disk/by-id/virtio-{volume_id[:20]}"
     uuid.UUID(att.attachment_id)
     stack.assert_attached(server_id, volume_id, "/dev/vdb")
@@ -303,7 +304,7 @@ def test_node_unreachable_mid_attach_is_unavailable_and_nothing_is_left(tmp_path
     with pytest.raises(Unavailable):
         stack.client.attach_volume(server_id, volume_id)
     volume = stack.client.get_volume(volume_id)
-    assert (volume.status, len(volume.attachments)) == ("available", 0)
+    assert (volume.status, len(volume.attachments)) == (types_pb2.VOLUME_STATUS_AVAILABLE, 0)
     assert stack.live_bdms(volume_id) == []
     assert stack.targets_of(volume_id) == []
 
@@ -365,7 +366,7 @@ def test_servers_are_listed_from_the_nodes(stack):
     stack.facade.nodes.refresh()
     servers = {s.server_id: s for s in stack.client.list_servers(page_size=1)}
     assert {servers[a].name, servers[b].name} == {"alpha", "beta"}
-    assert servers[b].state == "paused" and servers[a].node_id == "node-1"
+    assert servers[b].state == types_pb2.SERVER_STATE_PAUSED and servers[a].node_id == "node-1"
     with pytest.raises(NotFound):
         stack.client.get_server(str(uuid.uuid4()))
     with pytest.raises(InvalidArgument, match="server_id"):
@@ -383,7 +384,7 @@ def test_two_reconcilers_at_once_recover_an_orphan_exactly_once(stack):
         BDM.create(device_name="/dev/vdb", volume_id=volume_id, instance_uuid=server_id,
                    attachment_id=str(uuid.uuid4()), state="attaching", progress="reserve",
                    owner=str(uuid.uuid4()), node_id="node-1")  # an owner with no heartbeat
-    assert stack.client.get_volume(volume_id).status == "attaching"
+    assert stack.client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_ATTACHING
     replicas = [Reconciler(stack.facade, lease=1.0, instance_id=str(uuid.uuid4()))
                 for _ in range(2)]
     barrier = threading.Barrier(2)

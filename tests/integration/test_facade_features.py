@@ -24,6 +24,7 @@ from vmattach.common.errors import (
 )
 from vmattach.server.models import PendingExtend
 from vmattach.server.reconciler import Reconciler
+from vmattach.v1 import types_pb2
 
 GIB = 1 << 30
 
@@ -153,13 +154,14 @@ def test_a_second_extend_while_one_runs_is_aborted(stack):
 def test_read_only_attach_is_stored_and_reaches_the_disk(stack):
     server_id, volume_id = stack.server(), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id, mode="ro")
-    assert att.mode == "ro" and stack.client.get_attachment(server_id, volume_id).mode == "ro"
+    assert att.mode == types_pb2.ACCESS_MODE_READ_ONLY
+    assert stack.client.get_attachment(server_id, volume_id).mode == types_pb2.ACCESS_MODE_READ_ONLY
     [record] = stack.client.get_volume(volume_id).attachments
-    assert record.attach_mode == "ro"
+    assert record.attach_mode == types_pb2.ACCESS_MODE_READ_ONLY
     spec = stack.hv.attached[(server_id, "vdb")]
     assert spec.readonly and not spec.shareable
     rw = stack.client.attach_volume(stack.server(), stack.volume())
-    assert rw.mode == "rw"
+    assert rw.mode == types_pb2.ACCESS_MODE_READ_WRITE
     with pytest.raises(InvalidArgument, match="mode 'rx' must be 'rw' or 'ro'"):
         stack.client.attach_volume(stack.server(), stack.volume(), mode="rx")
 
@@ -175,7 +177,7 @@ def test_multiattach_two_servers_shareable_and_one_detach_keeps_the_other(stack)
     assert records == {a: att_a.attachment_id, b: att_b.attachment_id}
     stack.client.detach_volume(a, volume_id)
     volume = stack.client.get_volume(volume_id)
-    assert volume.status == "in-use" and [r.server_id for r in volume.attachments] == [b]
+    assert volume.status == types_pb2.VOLUME_STATUS_IN_USE and [r.server_id for r in volume.attachments] == [b]
     [target] = stack.targets_of(volume_id)
     assert target.acls == ["iqn.2004-10.org.vmattach:test-node"]
     assert stack.hv.has_secret(f"volume-{volume_id}")
@@ -226,7 +228,7 @@ def test_a_vanished_server_is_detached_everywhere_and_its_temporary_volume_delet
             stack.client.get_volume(temporary)
             return False
         except NotFound:
-            return (stack.client.get_volume(keep).status == "available"
+            return (stack.client.get_volume(keep).status == types_pb2.VOLUME_STATUS_AVAILABLE
                     and [r.instance_uuid for r in stack.live_bdms()] == [other])
     deadline = time.monotonic() + 30  # the node's event wakes the facade: no reconciler run
     while not cleaned() and time.monotonic() < deadline:
@@ -235,7 +237,8 @@ def test_a_vanished_server_is_detached_everywhere_and_its_temporary_volume_delet
     assert stack.targets_of(keep) == [] and not stack.hv.has_secret(f"volume-{keep}")
     assert [r.instance_uuid for r in stack.live_bdms()] == [other]
     volume = stack.client.get_volume(shared)
-    assert volume.status == "in-use" and [r.server_id for r in volume.attachments] == [other]
+    assert volume.status == types_pb2.VOLUME_STATUS_IN_USE
+    assert [r.server_id for r in volume.attachments] == [other]
     [target] = stack.targets_of(shared)
     assert target.acls == ["iqn.2004-10.org.vmattach:test-node"]
     assert stack.hv.has_secret(f"volume-{shared}")
@@ -248,7 +251,7 @@ def test_the_periodic_run_finds_a_server_whose_event_was_missed(stack):
     with stack.hv._lock:
         stack.hv.domains.pop(server_id)  # gone without an event
     assert reconcile(stack) == 1
-    assert stack.client.get_volume(volume_id).status == "available"
+    assert stack.client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert stack.live_bdms(volume_id) == [] and stack.targets_of(volume_id) == []
 
 

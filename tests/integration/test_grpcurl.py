@@ -67,7 +67,7 @@ def test_create_and_get_a_volume_with_json(controller):
                                     data={"name": "from-grpcurl", "size_gb": 2})))
     assert created["name"] == "from-grpcurl"
     assert created["size_gb"] == "2"  # int64 is a string in proto3 JSON
-    assert created["status"] == "available"
+    assert created["status"] == "VOLUME_STATUS_AVAILABLE"  # enums by name in JSON
     volume_id = created["volume_id"]
     uuid.UUID(volume_id)
     got = json.loads(ok(grpcurl(controller.address, "vmattach.v1.Controller/GetVolume",

@@ -39,7 +39,7 @@ from vmattach.common.grpcutil import call, channel
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import IQN_PREFIX, TgtAdm
 from vmattach.v1 import node_pb2 as npb
-from vmattach.v1 import node_pb2_grpc
+from vmattach.v1 import node_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.postgres
 
@@ -189,7 +189,7 @@ class Workload:
             else:
                 att = client.attach_volume(server_id, volume_id, **request)
                 assert (att.server_id, att.volume_id, att.state) == \
-                    (server_id, volume_id, "attached")
+                    (server_id, volume_id, types_pb2.ATTACHMENT_STATE_ATTACHED)
                 with self.lock:
                     self.attached[(server_id, volume_id)] = request.get("request_id")
             outcome = "OK"
@@ -266,11 +266,12 @@ def test_two_facades_on_one_postgresql_keep_every_invariant_under_1000_mixed_ope
         volume = client.get_volume(volume_id)
         attachments = {a.server_id: a for a in volume.attachments}
         assert set(attachments) == servers_of.get(volume_id, set()), volume
-        assert all(a.attach_status == "attached" for a in attachments.values()), volume
+        assert all(a.attach_status == types_pb2.ATTACH_STATUS_ATTACHED for a in attachments.values()), volume
         by_server = {r["instance_uuid"]: r for r in rows if r["volume_id"] == volume_id}
         assert {s: a.mountpoint for s, a in attachments.items()} == \
             {s: r["device_name"] for s, r in by_server.items()}
-        expected = ("in-use", "attached") if attachments else ("available", "detached")
+        expected = ((types_pb2.VOLUME_STATUS_IN_USE, types_pb2.ATTACH_STATUS_ATTACHED) if attachments
+                    else (types_pb2.VOLUME_STATUS_AVAILABLE, types_pb2.ATTACH_STATUS_DETACHED))
         assert (volume.status, volume.attach_status) == expected, volume
 
     # 3. the hypervisor (through the Node): each server's disks are its live rows

@@ -26,9 +26,9 @@ from vmattach.v1 import node_pb2_grpc, types_pb2
 def iscsi_pb(volume_id: str) -> types_pb2.ConnectionInfo:
     i = iscsi_info(volume_id)
     return types_pb2.ConnectionInfo(
-        driver_volume_type="iscsi", serial=volume_id,
+        driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_ISCSI, serial=volume_id,
         data=types_pb2.ConnectionData(target_portal=i.target_portal, target_iqn=i.target_iqn,
-                                      target_lun=1, auth_method="CHAP",
+                                      target_lun=1, auth_method=types_pb2.AUTH_METHOD_CHAP,
                                       auth_username=i.auth_username,
                                       auth_password=i.auth_password))
 
@@ -64,9 +64,9 @@ def test_info_and_list_servers(node):
     assert info.max_volumes_per_server == 26 and info.connector.os_type == "linux"
     dom = node.hv.add_domain("vm", disks=(Disk("sda", "scsi", "s1", "scsi0-0-0-0"),))
     (server,) = node.ListServers(pb.NodeListServersRequest(), timeout=10).servers
-    assert (server.server_id, server.name, server.state) == (dom.uuid, "vm", "running")
+    assert (server.server_id, server.name, server.state) == (dom.uuid, "vm", types_pb2.SERVER_STATE_RUNNING)
     assert (server.device_prefix, server.root_device) == ("sd", "sda")
-    assert [(d.device, d.serial, d.bus) for d in server.disks] == [("sda", "s1", "scsi")]
+    assert [(d.device, d.serial, d.bus) for d in server.disks] == [("sda", "s1", types_pb2.BUS_SCSI)]
 
 
 def test_full_cycle_and_idempotency(node):
@@ -78,7 +78,7 @@ def test_full_cycle_and_idempotency(node):
     publish = pb.NodePublishVolumeRequest(server_id=dom.uuid, volume_id=vid, device="/dev/vdb",
                                           connection_info=iscsi_pb(vid), staged=staged)
     disk = node.NodePublishVolume(publish, timeout=10).disk
-    assert (disk.device, disk.serial, disk.bus) == ("vdb", vid, "virtio")
+    assert (disk.device, disk.serial, disk.bus) == ("vdb", vid, types_pb2.BUS_VIRTIO)
     assert node.NodePublishVolume(publish, timeout=10).disk == disk
     unpublish = pb.NodeUnpublishVolumeRequest(server_id=dom.uuid, volume_id=vid)
     node.NodeUnpublishVolume(unpublish, timeout=10)
@@ -184,7 +184,7 @@ def test_servicer_with_grpc_testing(tmp_path):
     response, _, code, _ = rpc.termination()
     assert code == grpc.StatusCode.OK
     assert [(s.server_id, s.state, s.device_prefix, s.root_device) for s in response.servers] == [
-        (dom.uuid, "shutoff", "vd", "")]
+        (dom.uuid, types_pb2.SERVER_STATE_SHUTOFF, "vd", "")]
 
 
 def test_connection_info_from_pb_keeps_every_field():

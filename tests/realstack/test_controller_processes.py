@@ -72,7 +72,7 @@ def test_serve_prints_its_address_serves_and_exits_0_on_sigterm(tmp_path, tgtd, 
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         vol = controller_pb2_grpc.ControllerStub(ch).CreateVolume(
             pb.CreateVolumeRequest(name="proc", size_gb=1), timeout=TIMEOUT)
-        assert vol.status == "available"
+        assert vol.status == types_pb2.VOLUME_STATUS_AVAILABLE
     finally:
         ch.close()
     assert (tmp_path / "state" / "volumes" / f"volume-{vol.volume_id}.img").exists()
@@ -166,7 +166,7 @@ def test_two_controller_processes_on_one_database_let_exactly_one_reserve_win(tm
         [winner] = winners[0].attachments
         for s in stubs:
             got = s.GetVolume(pb.GetVolumeRequest(volume_id=vol.volume_id), timeout=TIMEOUT)
-            assert got.status == "attaching"
+            assert got.status == types_pb2.VOLUME_STATUS_ATTACHING
             assert [x.server_id for x in got.attachments] == [winner.server_id]
     finally:
         for ch in channels:

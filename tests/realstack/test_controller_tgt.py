@@ -159,7 +159,7 @@ def test_unreserve_of_a_published_reservation_removes_the_target(controller, api
     assert can_log_in(initiator, data)
     got = api.UnreserveVolume(pb.UnreserveVolumeRequest(volume_id=vol.volume_id,
                                                         server_id=api.last_server_id))
-    assert got.status == "available"
+    assert got.status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert data.target_iqn not in targets(controller.tgtd)
 
 
@@ -196,7 +196,8 @@ def test_exports_come_back_after_a_tgtd_crash_and_a_controller_restart(controlle
             assert can_log_in(initiator, data)  # the same credentials still work
             assert not can_log_in(new_initiator(), data)  # and the ACL came back too
             got = again.GetVolume(pb.GetVolumeRequest(volume_id=vol.volume_id))
-            assert (got.status, got.attach_status) == ("in-use", "attached")
+            assert (got.status, got.attach_status) == \
+                (types_pb2.VOLUME_STATUS_IN_USE, types_pb2.ATTACH_STATUS_ATTACHED)
         finally:
             again.channel.close()
             running.stop(grace=1)
@@ -221,7 +222,7 @@ def test_extend_of_an_exported_volume_makes_tgtd_report_the_new_size(controller,
     initiator = new_initiator()
     data = api.attach(volume.volume_id, initiator)
     grown = api.ExtendVolume(pb.ExtendVolumeRequest(volume_id=volume.volume_id, new_size_gb=3))
-    assert (grown.size_gb, grown.status) == (3, "in-use")
+    assert (grown.size_gb, grown.status) == (3, types_pb2.VOLUME_STATUS_IN_USE)
     cap = iscsi("iscsi-readcapacity16", initiator, data)
     assert cap.returncode == 0 and str(3 * GIB) in cap.stdout, cap.stdout + cap.stderr
     assert can_log_in(initiator, data)  # same target, account and ACL

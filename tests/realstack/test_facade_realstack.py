@@ -23,6 +23,7 @@ from vmattach.common.errors import VmattachError
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
 from vmattach.server.models import BlockDeviceMapping as BDM
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -80,7 +81,7 @@ def domain_serials(real) -> list[str]:
 
 def assert_clean(real, volume_id):
     volume = real.client.get_volume(volume_id)
-    assert (volume.status, len(volume.attachments)) == ("available", 0)
+    assert (volume.status, len(volume.attachments)) == (types_pb2.VOLUME_STATUS_AVAILABLE, 0)
     with real.facade.db.connection_context():
         assert BDM.select().where((BDM.volume_id == volume_id) & (BDM.deleted == 0)).count() == 0
     assert not [t for t in real.tgtadm.show().values() if t.iqn.endswith(volume_id)]
@@ -145,6 +146,6 @@ def test_each_attach_step_failing_leaves_nothing_on_the_real_stack(real, step):
 
 def test_server_listing_comes_from_the_node(real):
     server = real.client.get_server(real.guest.uuid)
-    assert server.name == real.guest.name and server.state == "running"
+    assert server.name == real.guest.name and server.state == types_pb2.SERVER_STATE_RUNNING
     assert server.device_prefix == "vd"
     assert real.guest.uuid in {s.server_id for s in real.client.list_servers()}

@@ -29,6 +29,7 @@ from vmattach.common.errors import (
 )
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -167,7 +168,7 @@ def test_read_only_attach_reads_work_writes_fail(real):
     pattern = os.urandom(1 << 20)
     volume_id = new_volume(real, 1, pattern=pattern)
     att = real.client.attach_volume(real.a.uuid, volume_id, mode="ro")
-    assert att.mode == "ro"
+    assert att.mode == types_pb2.ACCESS_MODE_READ_ONLY
     real.a.wait_disk(volume_id, timeout=30)
     assert disk_xml(real.a, volume_id).find("readonly") is not None
     rc, out = real.a.run(f"head -c {len(pattern)} {att.guest_path_hint} | sha256sum")
@@ -177,8 +178,9 @@ def test_read_only_attach_reads_work_writes_fail(real):
     assert rc != 0, out
     with open(volume_file(real, volume_id), "rb") as f:
         assert f.read(len(pattern)) == pattern
-    assert [a.attach_mode for a in real.client.get_volume(volume_id).attachments] == ["ro"]
-    assert real.client.get_attachment(real.a.uuid, volume_id).mode == "ro"
+    assert [a.attach_mode for a in real.client.get_volume(volume_id).attachments] == \
+        [types_pb2.ACCESS_MODE_READ_ONLY]
+    assert real.client.get_attachment(real.a.uuid, volume_id).mode == types_pb2.ACCESS_MODE_READ_ONLY
     detach_and_delete(real, real.a, volume_id)
 
 
@@ -221,7 +223,8 @@ def test_multiattach_volume_in_two_guests_and_detaching_one_keeps_the_other(real
                          f" conv=fsync 2>&1 && {read_in_b}")
     assert rc == 0 and out.split()[-2] == hashlib.sha256(b"\0" * 4096).hexdigest(), out
     volume = real.client.get_volume(volume_id)
-    assert volume.status == "in-use" and [a.server_id for a in volume.attachments] == [real.b.uuid]
+    assert volume.status == types_pb2.VOLUME_STATUS_IN_USE
+    assert [a.server_id for a in volume.attachments] == [real.b.uuid]
     detach_and_delete(real, real.b, volume_id)
     assert target_of(real, volume_id) is None
 
@@ -255,7 +258,7 @@ def test_a_server_that_vanishes_leaves_no_acl_session_or_volume_behind(real):
             return False
         except NotFound:
             pass
-        return real.client.get_volume(keep).status == "available"
+        return real.client.get_volume(keep).status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert wait_for(cleaned, timeout=60), real.client.get_volume(keep)
     assert target_of(real, keep) is None and target_of(real, temporary) is None
     secrets = virsh(real.a.uri, "secret-list").stdout

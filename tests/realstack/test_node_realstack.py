@@ -23,6 +23,7 @@ from tests.support.guest import GuestError, TestGuest, ensure_guest_image, virsh
 from tests.support.tgtd import TgtDaemon
 from vmattach.clients.serve import Running, start
 from vmattach.common.config import Settings
+from vmattach.common.enums import BUS
 from vmattach.common.grpcutil import call, channel
 from vmattach.controller.tgt import parse_show
 from vmattach.v1 import controller_pb2 as cpb
@@ -186,7 +187,7 @@ def test_info_and_list_servers(stack, guest):
     assert connector.initiator.startswith("iqn.") and connector.ip == "127.0.0.1"
     assert connector.os_type == "linux" and connector.platform and not connector.multipath
     server = listed_server(stack, guest.uuid)
-    assert (server.name, server.state) == (guest.name, "running")
+    assert (server.name, server.state) == (guest.name, types_pb2.SERVER_STATE_RUNNING)
     assert (server.device_prefix, server.root_device) == ("vd", "")
 
 
@@ -199,7 +200,7 @@ def test_iscsi_attach_read_detach(stack, guest, device, bus):
             staged, disk = stage_and_publish(stack, guest.uuid, vid, device, info)
             attach = time.monotonic() - t0
             assert staged.secret_usage == f"volume-{vid}" and f"volume-{vid}" in secret_usages()
-            assert (disk.device, disk.serial, disk.bus) == (device[5:], vid, bus)
+            assert (disk.device, disk.serial, disk.bus) == (device[5:], vid, BUS.to_pb(bus))
 
             xml = domain_disks(guest.uuid)[vid]
             assert xml.find("target").attrib == {"dev": device[5:], "bus": bus}
@@ -245,7 +246,7 @@ def cleanup(stack: Stack, server_id: str, volume_id: str, info) -> None:
 
 def test_file_volume_attach_read_detach(stack, guest):
     with volume(stack, "node-file") as vol:
-        info = types_pb2.ConnectionInfo(driver_volume_type="file", serial=vol.volume_id,
+        info = types_pb2.ConnectionInfo(driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_FILE, serial=vol.volume_id,
                                         data=types_pb2.ConnectionData(device_path=str(vol.path)))
         t0 = time.monotonic()
         staged, disk = stage_and_publish(stack, guest.uuid, vol.volume_id, "/dev/vdc", info)
@@ -264,7 +265,7 @@ def test_file_volume_attach_read_detach(stack, guest):
 def test_unpublish_from_diskless_guest_fails_and_disk_stays(stack, guest_dir, tmp_path):
     path = stack.settings.volume_path() / "stuck.img"  # the file connector: volume dirs only
     path.write_bytes(b"\0" * 1024 * 1024)
-    info = types_pb2.ConnectionInfo(driver_volume_type="file",
+    info = types_pb2.ConnectionInfo(driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_FILE,
                                     data=types_pb2.ConnectionData(device_path=str(path)))
     vid = "6f1c2a7e-0000-4000-8000-" + os.urandom(6).hex()
     with TestGuest.start(kind="diskless", guest_dir=guest_dir) as diskless:

@@ -21,7 +21,9 @@ from tests.support.guest import TestGuest, ensure_guest_image
 from tests.support.tgtd import TgtDaemon
 from tests.support.vmattach_process import ServeProcess
 from vmattach.clients.client import VmattachClient
+from vmattach.common.enums import VOLUME_STATUS
 from vmattach.common.errors import VmattachError
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -80,7 +82,7 @@ class Deployment:
     def wait_recovered(self, client: VmattachClient, volume_id: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            status = client.get_volume(volume_id).status
+            status = VOLUME_STATUS.name(client.get_volume(volume_id).status)
             if not self.unfinished() and status in ("available", "in-use"):
                 return
             if time.monotonic() > deadline:
@@ -139,10 +141,10 @@ def test_facade_killed_after_attach_step_is_recovered(deployment, step):
     client, audit = _killed_then_recovered(deployment, client, volume_id,
                                            lambda c: c.attach_volume(deployment.guest.uuid,
                                                                      volume_id))
-    print(f"attach killed after {step}: volume {client.get_volume(volume_id).status}; "
+    print(f"attach killed after {step}: volume {VOLUME_STATUS.name(client.get_volume(volume_id).status)}; "
           f"audit: {audit.stdout.strip()}")
     # attached (rolled forward) or not: either way the volume is usable again
-    if client.get_volume(volume_id).status == "in-use":
+    if client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_IN_USE:
         client.detach_volume(deployment.guest.uuid, volume_id)
     _attach_cycle_works(client, deployment, volume_id)
     client.delete_volume(volume_id)
@@ -162,7 +164,7 @@ def test_facade_killed_after_detach_step_is_recovered(deployment, step):
                                            lambda c: c.detach_volume(deployment.guest.uuid,
                                                                      volume_id))
     # the detach the user asked for was finished
-    assert client.get_volume(volume_id).status == "available"
+    assert client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     deployment.guest.wait_disk_gone(volume_id, timeout=30)
     print(f"detach killed after {step}: finished; audit: {audit.stdout.strip()}")
     _attach_cycle_works(client, deployment, volume_id)

@@ -24,16 +24,17 @@ def bdm(volume_id: str, server_id: str, state: str = "attached", device: str = "
 
 
 def volume(volume_id: str, server_id: str | None) -> cpb.Volume:
-    v = cpb.Volume(volume_id=volume_id, status="in-use" if server_id else "available")
+    v = cpb.Volume(volume_id=volume_id, status=types_pb2.VOLUME_STATUS_IN_USE if server_id
+                   else types_pb2.VOLUME_STATUS_AVAILABLE)
     if server_id:
-        v.attachments.add(server_id=server_id, attach_status="attached",
+        v.attachments.add(server_id=server_id, attach_status=types_pb2.ATTACH_STATUS_ATTACHED,
                           connector=types_pb2.Connector(initiator=INITIATOR_A))
     return v
 
 
 def server(server_id: str, *volume_ids: str) -> types_pb2.Server:
     return types_pb2.Server(server_id=server_id, disks=[
-        types_pb2.ServerDisk(device="vda", bus="virtio"),
+        types_pb2.ServerDisk(device="vda", bus=types_pb2.BUS_VIRTIO),
         *(types_pb2.ServerDisk(device=f"vd{chr(ord('b') + i)}", serial=v, alias=f"ua-{v}")
           for i, v in enumerate(volume_ids))])
 
