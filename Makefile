@@ -37,14 +37,15 @@ proto: $(GEN_STAMP)
 # The contract: buf lint (STANDARD, exceptions in protos/buf.yaml), buf
 # format, and once a version of it is tagged (git tag contract-vN), buf
 # breaking against the last such tag reachable from HEAD.
+BUF = $(abspath $(VENV))/bin/buf
 CONTRACT_TAG = $(shell git describe --tags --abbrev=0 --match 'contract-v*' 2>/dev/null)
 buf: $(VENV)/.stamp
-	cd protos && ../$(VENV)/bin/buf lint && ../$(VENV)/bin/buf format --diff --exit-code
+	cd protos && $(BUF) lint && $(BUF) format --diff --exit-code
 	@if [ -n "$(CONTRACT_TAG)" ]; then \
 	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  git archive "$(CONTRACT_TAG)" protos | tar -x -C "$$tmp" && \
 	  echo "buf breaking against $(CONTRACT_TAG)" && \
-	  (cd protos && ../$(VENV)/bin/buf breaking --against "$$tmp/protos"); \
+	  (cd protos && $(BUF) breaking --against "$$tmp/protos"); \
 	else echo "buf breaking: no contract-v* tag yet, nothing to compare with"; fi
 
 # Static checks: the contract (buf), ruff on everything, mypy on the typed core.
