@@ -26,7 +26,7 @@ from vmattach.clients.client import VmattachClient
 from vmattach.common.errors import VmattachError
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
-from vmattach.v1 import servers_pb2
+from vmattach.v1 import servers_pb2, types_pb2
 
 FLOW_DOC = Path(__file__).resolve().parents[2] / "docs" / "attach-flow.md"
 INITIATOR = "iqn.2004-10.org.vmattach:h16-sequence-node"
@@ -145,7 +145,7 @@ class Split:
     def assert_clean(self, server_id, volume_id):
         volume = self.client.get_volume(volume_id)
         assert (volume.status, volume.attach_status, len(volume.attachments)) == \
-            ("available", "detached", 0)
+            (types_pb2.VOLUME_STATUS_AVAILABLE, types_pb2.ATTACH_STATUS_DETACHED, 0)
         assert list(self.client.list_attachments(server_id)) == []
         assert self.targets_of(volume_id) == []
         assert not self.hv.has_secret(f"volume-{volume_id}")
@@ -153,10 +153,11 @@ class Split:
 
     def assert_attached(self, server_id, volume_id):
         volume = self.client.get_volume(volume_id)
-        assert (volume.status, volume.attach_status) == ("in-use", "attached")
+        assert (volume.status, volume.attach_status) == \
+            (types_pb2.VOLUME_STATUS_IN_USE, types_pb2.ATTACH_STATUS_ATTACHED)
         assert [a.server_id for a in volume.attachments] == [server_id]
         [att] = self.client.list_attachments(server_id)
-        assert (att.volume_id, att.state) == (volume_id, "attached")
+        assert (att.volume_id, att.state) == (volume_id, types_pb2.ATTACHMENT_STATE_ATTACHED)
         [target] = self.targets_of(volume_id)
         assert target.acls == [INITIATOR]
         assert self.hv.has_secret(f"volume-{volume_id}")
@@ -234,7 +235,7 @@ def test_detach_failing_after_the_guest_let_go_is_finished_by_the_reconciler(spl
         split.client.detach_volume(server_id, volume_id)
     assert split.recorded() == calls_through(DETACH, failing)
     [att] = split.client.list_attachments(server_id)
-    assert att.state == "detaching"
+    assert att.state == types_pb2.ATTACHMENT_STATE_DETACHING
     split.start_recording()
     assert split.reconcile() == 1
     assert split.recorded() == step_calls(DETACH, "roll forward")
@@ -258,9 +259,9 @@ def test_failed_undo_leaves_the_row_to_the_reconciler_which_finishes_it(split):
     # what the failed undo left: the export on tgtd, the reservation, the row
     [target] = split.targets_of(volume_id)
     assert target.acls == [INITIATOR]
-    assert split.client.get_volume(volume_id).status == "attaching"
+    assert split.client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_ATTACHING
     [att] = split.client.list_attachments(server_id)
-    assert (att.volume_id, att.state) == (volume_id, "attaching")
+    assert (att.volume_id, att.state) == (volume_id, types_pb2.ATTACHMENT_STATE_ATTACHING)
 
     split.start_recording()
     assert split.reconcile() == 1
