@@ -29,6 +29,7 @@ from vmattach.clients.client import VmattachClient
 from vmattach.clients.serve import start
 from vmattach.common.runner import CommandRunner
 from vmattach.controller.tgt import TgtAdm
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -94,7 +95,7 @@ def guest_serials(guest) -> list[str]:
 
 def assert_clean(real, guest, volume_id):
     volume = real.client.get_volume(volume_id)
-    assert (volume.status, len(volume.attachments)) == ("available", 0)
+    assert (volume.status, len(volume.attachments)) == (types_pb2.VOLUME_STATUS_AVAILABLE, 0)
     assert not [t for t in real.tgtadm.show().values() if t.iqn.endswith(volume_id)]
     assert f"volume-{volume_id}" not in virsh(guest.uri, "secret-list").stdout
     assert list(real.client.list_attachments(guest.uuid)) == []
