@@ -6,7 +6,7 @@ PROTOS := $(wildcard protos/vmattach/v1/*.proto)
 GEN_STAMP := gen/.stamp
 PYTEST_ARGS ?=
 
-.PHONY: all host venv proto buf test unit lint demo bench clean
+.PHONY: all host venv proto buf node-client test unit lint demo bench clean
 
 all: proto
 
@@ -53,8 +53,16 @@ lint: proto buf
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# The Node.js client's packages (clients/node), from its lock file.
+NODE_MODULES := clients/node/node_modules/.package-lock.json
+$(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-client: $(NODE_MODULES)
+
 # Everything: the host set-up, the venv, the generated code, all tests.
-test: host proto lint
+test: host proto lint node-client
 	bash scripts/build-test-guest.sh
 	VMATTACH_REQUIRE_REALSTACK=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -70,4 +78,4 @@ bench: host proto
 	$(PY) -m tests.bench.run
 
 clean:
-	rm -rf gen $(VENV) .state
+	rm -rf gen $(VENV) .state clients/node/node_modules

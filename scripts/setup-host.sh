@@ -28,6 +28,8 @@ PACKAGES=(
     tgt libiscsi-bin
     # used by scripts/build-test-guest.sh (module decompression, packing)
     xz-utils zstd gzip
+    # the Node.js client's test (clients/node) and the zsh completion's test
+    nodejs zsh
 )
 
 say() { printf 'setup-host: %s\n' "$*"; }
