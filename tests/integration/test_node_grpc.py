@@ -232,7 +232,7 @@ def test_extend_through_grpc(node, tmp_path):
     path.write_bytes(b"\0" * 512)
     dom = node.hv.add_domain()
     vid = new_id()
-    info = types_pb2.ConnectionInfo(driver_volume_type="file",
+    info = types_pb2.ConnectionInfo(driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_FILE,
                                     data=types_pb2.ConnectionData(device_path=str(path)))
     staged = node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, connection_info=info),
                                   timeout=10).staged
