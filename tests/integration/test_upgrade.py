@@ -19,6 +19,7 @@ from vmattach.common.errors import FailedPrecondition
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller import models as controller_models
 from vmattach.server import models as server_models
+from vmattach.v1 import types_pb2
 
 SCHEMAS = (controller_models.SCHEMA, server_models.SCHEMA)
 
@@ -75,10 +76,10 @@ def test_a_version_1_database_is_upgraded_at_start_then_attaches_and_detaches(
 
     server = stack.server()
     attachment = stack.client.attach_volume(server, rows["kept"])
-    assert attachment.state == "attached"
+    assert attachment.state == types_pb2.ATTACHMENT_STATE_ATTACHED
     assert [d.serial for d in stack.hv.get_domain(server).disks] == [rows["kept"]]
     stack.client.detach_volume(server, rows["kept"])
-    assert stack.client.get_volume(rows["kept"]).status == "available"
+    assert stack.client.get_volume(rows["kept"]).status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert list(stack.client.list_attachments(server)) == []
     assert stack.hv.get_domain(server).disks == ()
 
