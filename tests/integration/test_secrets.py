@@ -16,6 +16,7 @@ from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.clients.client import VmattachClient
 from vmattach.common.secretbox import read_keys
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack  # the Controller runs on a real (private) tgtd
 
@@ -66,7 +67,7 @@ def test_a_replica_on_another_state_directory_decrypts_with_the_shared_key(share
     try:
         with VmattachClient(replica.address, controller_address=address, timeout=60) as other:
             other.detach_volume(server, volume)  # unseals the row replica A wrote
-        assert client.get_volume(volume).status == "available"
+        assert client.get_volume(volume).status == types_pb2.VOLUME_STATUS_AVAILABLE
         assert not (tmp_path / "b" / "servers-secret.key").exists()  # only the shared key
     finally:
         replica.stop()
@@ -99,6 +100,6 @@ def test_rotate_key_re_encrypts_everything_and_attached_volumes_still_detach(sha
     # the running process re-reads the key file: detach and attach again work
     for s, v in zip(servers, volumes, strict=True):
         client.detach_volume(s, v)
-        assert client.get_volume(v).status == "available"
+        assert client.get_volume(v).status == types_pb2.VOLUME_STATUS_AVAILABLE
     client.attach_volume(servers[0], volumes[0])
     client.detach_volume(servers[0], volumes[0])

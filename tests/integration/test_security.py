@@ -163,7 +163,7 @@ def test_project_b_sees_nothing_of_project_a(secure):
     assert [v.volume_id for v in b.list_volumes()] == [vol_b]
     assert {v.volume_id for v in a.list_volumes()} == {vol_a, vol_a2}
     b.delete_volume(vol_a2)  # as for a missing volume: OK, nothing happens
-    assert a.get_volume(vol_a2).status == "available"
+    assert a.get_volume(vol_a2).status == types_pb2.VOLUME_STATUS_AVAILABLE
     # servers
     with pytest.raises(NotFound):
         b.get_server(server_a)
@@ -184,9 +184,10 @@ def test_project_b_sees_nothing_of_project_a(secure):
     assert err.value.reason == "SERVER_NOT_FOUND"
     # nothing changed for A, and B's attempts left no reservation behind
     assert a.get_attachment(server_a, vol_a).attachment_id == att.attachment_id
-    assert a.get_volume(vol_a2).status == "available" and b.get_volume(vol_b).status == "available"
+    assert a.get_volume(vol_a2).status == types_pb2.VOLUME_STATUS_AVAILABLE
+    assert b.get_volume(vol_b).status == types_pb2.VOLUME_STATUS_AVAILABLE
     a.detach_volume(server_a, vol_a)
-    assert a.get_volume(vol_a).status == "available"
+    assert a.get_volume(vol_a).status == types_pb2.VOLUME_STATUS_AVAILABLE
 
 
 def test_reader_member_and_admin(secure):
@@ -262,7 +263,7 @@ def test_a_host_file_or_device_is_never_attached_even_for_the_service(secure, tm
     link.symlink_to("/etc/passwd")
     try:
         for path in ("/etc/passwd", "/dev/sda", str(tmp_path), str(link)):
-            info = types_pb2.ConnectionInfo(driver_volume_type="file",
+            info = types_pb2.ConnectionInfo(driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_FILE,
                                             data=types_pb2.ConnectionData(device_path=path))
             vid = str(uuid.uuid4())
             with pytest.raises(InvalidArgument):
@@ -271,7 +272,7 @@ def test_a_host_file_or_device_is_never_attached_even_for_the_service(secure, tm
             with pytest.raises(InvalidArgument):
                 call(node.NodePublishVolume, node_pb2.NodePublishVolumeRequest(
                     server_id=server_a, volume_id=vid, device="/dev/vdb", connection_info=info,
-                    staged=node_pb2.StagedVolume(volume_id=vid, driver_volume_type="file",
+                    staged=node_pb2.StagedVolume(volume_id=vid, driver_volume_type=types_pb2.DRIVER_VOLUME_TYPE_FILE,
                                                  device_path=path)), timeout=15)
         assert secure.hv.attached == {}
     finally:
@@ -318,7 +319,7 @@ def test_the_facade_reaches_a_remote_node_over_mutual_tls(tmp_path, tgtd, serve,
     server = hv.add_domain(project_id=PROJECT_A).uuid
     with VmattachClient(f"127.0.0.1:{running.port}", timeout=30, token=token, tls=user) as c:
         vol = c.create_volume("remote", 1).volume_id
-        assert c.attach_volume(server, vol).state == "attached"
+        assert c.attach_volume(server, vol).state == types_pb2.ATTACHMENT_STATE_ATTACHED
         assert c.get_server(server).node_id == "remote-node"
         c.detach_volume(server, vol)
-        assert c.get_volume(vol).status == "available"
+        assert c.get_volume(vol).status == types_pb2.VOLUME_STATUS_AVAILABLE

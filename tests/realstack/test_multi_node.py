@@ -32,6 +32,7 @@ from vmattach.clients.client import VmattachClient
 from vmattach.common import pki
 from vmattach.common.errors import Unavailable, VmattachError
 from vmattach.common.tls import TlsFiles
+from vmattach.v1 import types_pb2
 
 pytestmark = pytest.mark.realstack
 
@@ -284,7 +285,7 @@ def test_concurrent_attaches_and_detaches_on_both_nodes(dc):
     with ThreadPoolExecutor(4) as pool:
         atts = list(pool.map(lambda p: p[0].attach_volume(p[1].uuid, p[2], device=p[3]), plan))
     for (_, guest, volume_id, device), att in zip(plan, atts, strict=True):
-        assert att.state == "attached" and att.device == (device or "/dev/vdb")
+        assert att.state == types_pb2.ATTACHMENT_STATE_ATTACHED and att.device == (device or "/dev/vdb")
         guest.wait_disk(volume_id, timeout=60)
         # routed to the node that hosts the server: the other host's guest never sees it
         other = gb if guest is ga else ga
