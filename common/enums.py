@@ -91,6 +91,11 @@ _BY_ENUM = {c.enum.DESCRIPTOR.full_name: c for c in (
     BUS, SERVER_STATE)}
 
 
+def codec_for(enum_full_name: str) -> EnumCodec | None:
+    """The codec of an enum of the contract, by its full name."""
+    return _BY_ENUM.get(enum_full_name)
+
+
 def _walk(data: dict, descriptor, convert) -> dict:
     for fd in descriptor.fields:
         if fd.name not in data:
