@@ -26,6 +26,7 @@ PROGRESS_INTERVAL = 0.5
 # The columns a listing shows unless -c picks others (show prints every field).
 VOLUME_COLUMNS = ["volume_id", "name", "size_gb", "status", "attach_status", "multiattach"]
 SERVER_COLUMNS = ["server_id", "name", "state", "node_id", "device_prefix"]
+NODE_COLUMNS = ["node_id", "address", "reachable", "servers", "attachments", "last_seen"]
 ATTACHMENT_COLUMNS = ["attachment_id", "server_id", "volume_id", "device", "mode", "tag", "state"]
 
 
@@ -312,6 +313,11 @@ def cmd_server_show(args, c):
     print_one(args, find_server(c, args.server))
 
 
+def cmd_node_list(args, c):
+    from vmattach.v1 import servers_pb2
+    print_list(args, c.list_nodes(), NODE_COLUMNS, servers_pb2.NodeStatus.DESCRIPTOR)
+
+
 def cmd_attachment_list(args, c):
     from vmattach.v1 import servers_pb2
     if bool(args.server) == bool(args.volume):
@@ -480,6 +486,12 @@ def parser() -> argparse.ArgumentParser:
     s = server.add_parser("show", help="show a server", parents=[conn, showing])
     s.add_argument("server", help="name or ID")
     s.set_defaults(func=cmd_server_show)
+
+    node = sub.add_parser("node", help="hypervisor hosts (nodes)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    n = node.add_parser("list", help="list the facade's nodes: reachable, servers, attachments, last seen",
+                        parents=[conn, listing])
+    n.set_defaults(func=cmd_node_list)
 
     attachment = sub.add_parser("attachment", help="volume attachments").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -298,7 +298,7 @@ def test_concurrent_attaches_and_detaches_on_both_nodes(dc):
     for _, guest, volume_id, _ in plan:
         guest.wait_disk_gone(volume_id, timeout=60)
     for v in vols:
-        assert c1.get_volume(v).status == "available"
+        assert c1.get_volume(v).status == types_pb2.VOLUME_STATUS_AVAILABLE
         c1.delete_volume(v)
     audit_clean(dc, "the concurrent attaches")
 
@@ -371,13 +371,13 @@ def _attach_to_lost_b_fails_fast_and_a_keeps_working(dc, fault: str) -> None:
             with pytest.raises(Unavailable) as err:
                 c.attach_volume(gb.uuid, on_b)
             took = time.monotonic() - started
-        assert a_attach.result().state == "attached"
+        assert a_attach.result().state == types_pb2.ATTACHMENT_STATE_ATTACHED
     print(f"    {fault}: attach to B failed in {took:.1f}s: {err.value.message}")
     assert took < DEADLINE and dc.node_ids[dc.b] in err.value.message
     assert err.value.metadata.get("node_id") == dc.node_ids[dc.b]
     # nothing left behind: no BDM, the Controller's volume untouched
     volume = c1.get_volume(on_b)
-    assert dc.bdms(on_b) == [] and (volume.status, len(volume.attachments)) == ("available", 0)
+    assert dc.bdms(on_b) == [] and (volume.status, len(volume.attachments)) == (types_pb2.VOLUME_STATUS_AVAILABLE, 0)
     ga.wait_disk(on_a, timeout=60)
     # shown as down within the refresh interval (plus the time a probe waits)
     took = dc.wait_reachable(dc.b, False, timeout=REFRESH * 2 + 5)
@@ -465,7 +465,7 @@ def test_attach_cut_off_half_way_by_bs_link_is_undone_once_b_is_back(dc):
     finally:
         dc.topo.restore(dc.b)
     dc.wait_no_bdm(volume_id)
-    assert c1.get_volume(volume_id).status == "available"
+    assert c1.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert not guest_has(gb, volume_id)
     audit_clean(dc, "an attach cut off half-way by B's link")
     dc.wait_reachable(dc.b, True, timeout=REFRESH * 2 + 10)
@@ -485,7 +485,7 @@ def test_detach_cut_off_half_way_by_bs_link_is_finished_once_b_is_back(dc):
     finally:
         dc.topo.restore(dc.b)
     dc.wait_no_bdm(volume_id)
-    assert c1.get_volume(volume_id).status == "available"
+    assert c1.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     gb.wait_disk_gone(volume_id, timeout=30)
     assert not guest_has(gb, volume_id)
     audit_clean(dc, "a detach cut off half-way by B's link")
@@ -502,7 +502,7 @@ def test_controller_killed_mid_attach_and_restarted(dc):
     finally:
         dc.start_controller()
     dc.wait_no_bdm(volume_id)
-    assert c1.get_volume(volume_id).status == "available"
+    assert c1.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     ga.wait_disk_gone(volume_id, timeout=30)
     assert not guest_has(ga, volume_id)
     audit_clean(dc, "the Controller was killed mid-attach")
