@@ -270,10 +270,10 @@ def test_both_nodes_are_listed_reachable_with_their_servers(dc):
     servers = {s.server_id: s.node_id for s in dc.clients[0].list_servers()}
     assert servers[dc.guests[dc.a].uuid] == dc.node_ids[dc.a]
     assert servers[dc.guests[dc.b].uuid] == dc.node_ids[dc.b]
-    table = subprocess.run([VMATTACH, "--address", dc.local["facade-1"], *dc.tls_args, "node",
-                            "list"], capture_output=True, text=True, timeout=60).stdout
-    assert table.splitlines()[0].split() == ["NODE_ID", "ADDRESS", "REACHABLE", "SERVERS",
-                                             "ATTACHMENTS", "LAST_SEEN"]
+    out = subprocess.run([VMATTACH, "--address", dc.local["facade-1"], *dc.tls_args, "node",
+                          "list", "-f", "csv"], capture_output=True, text=True, timeout=60).stdout
+    assert out.splitlines()[0].replace('"', "").split(",") == [
+        "node_id", "address", "reachable", "servers", "attachments", "last_seen"]
 
 
 def test_concurrent_attaches_and_detaches_on_both_nodes(dc):
