@@ -7,7 +7,9 @@ at start, every `server_refresh_interval` seconds, and whenever a request
 names a server the cache does not know yet.
 
 The directory also keeps each node's health (reachable, last seen, last
-error), shown by ListNodes. A call to a node that fails with UNAVAILABLE or
+error), shown by ListNodes: a heartbeat asks every node for its info four
+times per refresh interval, so that a node that stops answering is shown
+down within one interval even when no request goes to it. A call to a node that fails with UNAVAILABLE or
 DEADLINE_EXCEEDED is followed by a short probe; when the probe fails too,
 the node is down, and until it answers again every call to it fails at once
 (after a new probe at most every REPROBE_AFTER seconds) with UNAVAILABLE
@@ -198,7 +200,7 @@ class NodeDirectory:
         timer.daemon = True
         timer.start()
 
-    def probe(self, state: NodeState) -> bool:
+    def probe(self, state: NodeState, timeout: float = PROBE_TIMEOUT) -> bool:
         """Ask the node for its info with a short deadline (one probe at a
         time per node; a down node at most every REPROBE_AFTER seconds);
         True when it answered."""
@@ -210,7 +212,7 @@ class NodeDirectory:
             ch = self._connect(state.address, retries=False, options=NODE_CHANNEL_OPTIONS)
             try:
                 node_pb2_grpc.NodeStub(ch).NodeGetInfo(npb.NodeGetInfoRequest(),
-                                                       timeout=PROBE_TIMEOUT)
+                                                       timeout=timeout)
             except grpc.RpcError as err:
                 self.lost(state, error_from_rpc(err).message)
                 return False
@@ -328,10 +330,34 @@ class NodeDirectory:
             except Exception:  # noqa: BLE001 - the watch must go on; the periodic run retries
                 LOG.exception("reacting to the events of node at %s failed", address)
 
+    def heartbeat(self, interval: float) -> None:
+        """One round of liveness checks, so that a node that stops answering
+        is shown down within `interval` even when no request goes to it:
+        each node is asked for its info on its own channel with a quarter of
+        the interval to answer; one that does not is probed on a new channel
+        with half of it (a down node: the probe alone, which also notices
+        that it is back)."""
+        def check(state: NodeState) -> None:
+            if state.reachable:
+                try:
+                    self._raw[state.address].NodeGetInfo(npb.NodeGetInfoRequest(),
+                                                         timeout=interval / 4)
+                except grpc.RpcError:
+                    pass
+                else:
+                    self.answered(state)
+                    return
+            self.probe(state, timeout=min(PROBE_TIMEOUT, interval / 2))
+
+        list(self._pool.map(check, [s for s in self._states.values() if s.checked_at]))
+
     def run_periodic(self, interval: float) -> threading.Thread:
-        """Refresh now (at start), then every interval (a node that does not
-        answer within the interval counts as down)."""
+        """Refresh the servers now (at start), then every interval; check
+        that every node answers every quarter of the interval (heartbeat),
+        so that a node that stops answering is down within the interval."""
         self._ask_timeout = min(NODE_CALL_TIMEOUT, max(interval, PROBE_TIMEOUT))
+        every(interval / 4, lambda: self.heartbeat(interval), self._stop, "node-heartbeat",
+              now=False)
         return every(interval, self.refresh, self._stop, "server-refresh")
 
     # -- lookups ----------------------------------------------------------------------
