@@ -6,6 +6,8 @@ import threading
 from collections import defaultdict
 from contextlib import contextmanager
 
+from vmattach.common.errors import Aborted
+
 
 class KeyedLocks:
     """One lock per key, dropped when nobody holds or waits for it."""
@@ -29,3 +31,26 @@ class KeyedLocks:
                 if not self._users[key]:
                     del self._users[key]
                     del self._locks[key]
+
+
+class InProgress:
+    """Keys with an operation running: a second claim of the same key fails
+    at once with Aborted instead of waiting behind the first (a caller that
+    retries after a timeout gets an answer, not a place in a queue)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._held: set[str] = set()
+
+    @contextmanager
+    def claim(self, key: str, message: str, reason: str = "OPERATION_IN_PROGRESS",
+              metadata: dict[str, str] | None = None):
+        with self._guard:
+            if key in self._held:
+                raise Aborted(message, reason=reason, metadata=metadata)
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._held.discard(key)

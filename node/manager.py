@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from vmattach.common.locks import KeyedLocks
+from vmattach.common.locks import InProgress, KeyedLocks
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
 from vmattach.node.events import ServerEvents
 from vmattach.node.hypervisor import (
@@ -80,6 +80,7 @@ class NodeManager:
         self.connectors = connectors
         self._server_locks = KeyedLocks()
         self._volume_locks = KeyedLocks()
+        self._detaching = InProgress()  # (server, volume) pairs whose detach is running
         self.events = ServerEvents()
         hypervisor.set_event_listener(self.events.record)
 
@@ -180,8 +181,15 @@ class NodeManager:
 
     def unpublish(self, server_id: str, volume_id: str) -> None:
         """Detach the volume's disk and wait until the guest released it;
-        FailedPrecondition when it never does (the disk stays)."""
-        with self._server_locks.hold(server_id):
+        FailedPrecondition when it never does (the disk stays); Aborted at
+        once while a detach of the same disk is still running (it may wait
+        for the guest for detach_timeout x detach_retries seconds)."""
+        ids = {"server_id": server_id, "volume_id": volume_id}
+        with self._detaching.claim(
+                f"{server_id}/{volume_id}",
+                f"a detach of volume {volume_id} from server {server_id} is already in progress;"
+                " try again later", reason="DETACH_IN_PROGRESS", metadata=ids), \
+                self._server_locks.hold(server_id):
             domain = self.hypervisor.get_domain(server_id)
             disk = domain.disk_of_volume(volume_id)
             attempts = max(self.config.detach_retries, 1)

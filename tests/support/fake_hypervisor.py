@@ -29,6 +29,9 @@ class FakeDomain:
     never_releases: bool = False     # live detach never completes (no guest OS)
     project_id: str = ""             # Nova's owner project in the domain's metadata
     removal_fails: bool = False      # DEVICE_REMOVAL_FAILED instead of DEVICE_REMOVED
+    # like never_releases, but the detach waits its whole timeout for the event
+    # first, as libvirt does (FakeHypervisor.release_waits() ends the waits)
+    hangs_on_detach: bool = False
 
     @property
     def active(self) -> bool:
@@ -50,21 +53,27 @@ class FakeHypervisor(Hypervisor):
         self._errors: dict[str, list[Exception]] = {}
         self.closed = False
         self.listener = None
+        self._release = threading.Event()
 
     # -- set-up helpers for tests -------------------------------------------------------
 
     def add_domain(self, name: str | None = None, *, uuid: str | None = None,
                    state: str = "running", persistent: bool = True,
                    disks: tuple[Disk, ...] = (), never_releases: bool = False,
-                   project_id: str = "") -> FakeDomain:
+                   project_id: str = "", hangs_on_detach: bool = False) -> FakeDomain:
         uuid = uuid or str(uuidlib.uuid4())
         dom = FakeDomain(uuid, name or f"instance-{uuid[:8]}", state, persistent,
                          live=list(disks) if state not in ("shutoff", "nostate") else [],
                          config=list(disks) if persistent else [],
-                         never_releases=never_releases, project_id=project_id)
+                         never_releases=never_releases, project_id=project_id,
+                         hangs_on_detach=hangs_on_detach)
         with self._lock:
             self.domains[uuid] = dom
         return dom
+
+    def release_waits(self) -> None:
+        """End every detach waiting on a hanging guest (they report TIMED_OUT)."""
+        self._release.set()
 
     def inject_error(self, operation: str, error: Exception, times: int = 1) -> None:
         """The next `times` calls of operation (a method name) raise error."""
@@ -128,8 +137,11 @@ class FakeHypervisor(Hypervisor):
                 return DetachOutcome.TIMED_OUT
             if dom.removal_fails:
                 return DetachOutcome.FAILED
-            dom.live = [d for d in dom.live if d.device != device]
-            return DetachOutcome.REMOVED
+            if not dom.hangs_on_detach:
+                dom.live = [d for d in dom.live if d.device != device]
+                return DetachOutcome.REMOVED
+        self._release.wait(timeout)  # the event that never comes
+        return DetachOutcome.TIMED_OUT
 
     def remove_domain(self, server_id: str) -> None:
         """The domain vanishes (undefined, or a transient one destroyed) behind

@@ -3,11 +3,20 @@ validation, idempotency and the guest that never lets go."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.node_helpers import NODE_IQN, file_info, iscsi_info, make_manager, new_id
-from vmattach.common.errors import BackendError, FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.errors import (
+    Aborted,
+    BackendError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from vmattach.node.hypervisor import Disk
 from vmattach.node.manager import parse_device
 
@@ -301,3 +310,34 @@ def test_publish_readonly_and_shareable_from_the_connection_info(manager, hv, vo
     manager.publish(dom.uuid, vid, "/dev/vdc", info, manager.stage(vid, info))
     spec = hv.attached[(dom.uuid, "vdc")]
     assert spec.readonly and spec.shareable and spec.cache == "none"
+
+
+def test_a_second_detach_of_the_same_disk_is_aborted_at_once(hv, volume_file):
+    manager = make_manager(hv, detach_timeout=30, detach_retries=1)
+    dom = hv.add_domain(hangs_on_detach=True)
+    vid, _ = attach_file(manager, dom.uuid, volume_file)
+    other, _ = attach_file(manager, dom.uuid, volume_file, "/dev/vdc")
+    first = threading.Thread(target=lambda: pytest.raises(FailedPrecondition, manager.unpublish,
+                                                          dom.uuid, vid))
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(c[0] == "detach_disk" for c in hv.calls):
+            assert time.monotonic() < deadline, "the first detach never started"
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Aborted) as err:
+            manager.unpublish(dom.uuid, vid)
+        assert time.monotonic() - started < 5  # not queued behind the 30 s wait
+        assert err.value.reason == "DETACH_IN_PROGRESS"
+        assert err.value.metadata == {"server_id": dom.uuid, "volume_id": vid}
+        assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 1
+    finally:
+        hv.release_waits()
+        first.join(10)
+    assert not first.is_alive()
+    # once the first one is over, the disk can be detached again (and the other one too)
+    dom.hangs_on_detach = False
+    manager.unpublish(dom.uuid, vid)
+    manager.unpublish(dom.uuid, other)
+    assert dom.live == []
