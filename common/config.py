@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from vmattach.common.errors import InvalidArgument
+from vmattach.common.rules import MAX_VOLUMES_PER_SERVER
 
 SERVICES = ("controller", "node", "servers")
 
@@ -79,7 +80,7 @@ class Settings:
     initiator_iqn: str = _opt("", "initiator IQN when /etc/iscsi/initiatorname.iscsi is absent")
     node_ip: str = _opt("127.0.0.1", "this host's IP address in the connector")
     iscsi_connector: str = _opt("qemu", "iSCSI initiator for iscsi volumes: qemu or kernel")
-    max_volumes_per_server: int = _opt(26, "most volumes one server may have", int)
+    max_volumes_per_server: int = _opt(MAX_VOLUMES_PER_SERVER, "most volumes one server may have", int)
     detach_timeout: float = _opt(10.0, "seconds to wait for the guest to release a disk", float)
     detach_retries: int = _opt(3, "detach attempts before giving up", int)
     node_volume_dirs: str = _opt("", "comma-separated directories the file connector may attach"

@@ -28,7 +28,16 @@ class VmattachError(Exception):
 
 
 class InvalidArgument(VmattachError):
+    """A request field the service refuses. `field` (its path in the request,
+    e.g. "connector.initiator") becomes a google.rpc.BadRequest field
+    violation next to the ErrorInfo (common/grpcutil.py)."""
+
     reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: dict[str, str] | None = None, field: str = ""):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.field = field
 
 
 class NotFound(VmattachError):

@@ -10,11 +10,12 @@ from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database
 from vmattach.common.grpcutil import Service
 from vmattach.common.periodic import every
+from vmattach.common.rules import check_iqn_prefix
 from vmattach.common.runner import CommandRunner
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import MODELS, SCHEMA
 from vmattach.controller.servicer import SERVICE_NAME, ControllerServicer
-from vmattach.controller.tgt import TgtAdm, check_iqn_prefix
+from vmattach.controller.tgt import TgtAdm
 from vmattach.controller.volumes import VolumeManager
 from vmattach.v1 import controller_pb2_grpc
 

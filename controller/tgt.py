@@ -7,22 +7,11 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from vmattach.common.errors import InvalidArgument
 from vmattach.common.runner import CommandError, CommandRunner, Result
 
 # The default prefix (Cinder's): the volume id follows. A setting (iqn_prefix).
 IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
-# What a prefix may be: an iqn. name (RFC 3720) short enough for a volume id
-# after it within the 223 bytes of an iSCSI name.
-IQN_PREFIX_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]*)?$")
-MAX_IQN_PREFIX = 223 - 36
-
-
-def check_iqn_prefix(prefix: str) -> str:
-    if len(prefix) > MAX_IQN_PREFIX or not IQN_PREFIX_RE.fullmatch(prefix):
-        raise InvalidArgument(f"iqn_prefix {prefix[:80]!r} is not an iqn. name prefix of at most"
-                              f" {MAX_IQN_PREFIX} characters", reason="INVALID_SETTING")
-    return prefix
+# What a prefix may be (an iqn. name with a volume id after it): common/rules.py.
 
 
 class TidInUse(CommandError):

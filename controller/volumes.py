@@ -11,10 +11,8 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import peewee
 
-from vmattach.common import auth
+from vmattach.common import auth, pagetoken
 from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
 from vmattach.common.errors import (
     AlreadyExists,
@@ -38,13 +36,13 @@ from vmattach.common.errors import (
     ResourceExhausted,
 )
 from vmattach.common.locks import KeyedLocks
+from vmattach.common.rules import require_iscsi_name
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
 from vmattach.controller.tgt import IQN_PREFIX, Target, TgtAdm
 
 LOG = logging.getLogger(__name__)
 
-IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 NAME_RE = re.compile(r"^[\w.\- ]{1,255}$")
 CHAP_ALPHABET = string.ascii_letters + string.digits
 
@@ -135,18 +133,6 @@ def not_found(volume_id: str) -> NotFound:
                     metadata={"volume_id": volume_id})
 
 
-def _token(created_at: datetime.datetime, volume_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{volume_id}".encode()).decode()
-
-
-def _untoken(token: str) -> tuple[datetime.datetime, str]:
-    try:
-        stamp, volume_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.datetime.fromisoformat(stamp), volume_id
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token is not valid") from None
-
-
 class VolumeManager:
     def __init__(self, db: peewee.Database, volume_dir: Path, tgt: TgtAdm,
                  portal: str, secretbox: SecretBox, max_volume_gb: int = 1024,
@@ -208,7 +194,8 @@ class VolumeManager:
         if project_id is not None:
             query = query.where(Volume.project_id == project_id)
         if page_token:
-            stamp, last_id = _untoken(page_token)
+            stamp, last_id = pagetoken.decode(page_token, "volumes", pagetoken.timestamp,
+                                              pagetoken.uuid_key)
             query = query.where(peewee.Tuple(Volume.created_at, Volume.id) > (stamp, last_id))
         volumes = list(query.limit(page_size + 1))
         more = len(volumes) > page_size
@@ -219,7 +206,7 @@ class VolumeManager:
                         .where(VolumeAttachment.volume.in_(list(attachments)))
                         .order_by(VolumeAttachment.created_at)):
                 attachments[att.volume_id].append(att)
-        token = _token(volumes[-1].created_at, volumes[-1].id) if more else ""
+        token = pagetoken.encode("volumes", volumes[-1].created_at, volumes[-1].id) if more else ""
         return volumes, attachments, token
 
     # -- create / delete -------------------------------------------------------
@@ -444,8 +431,7 @@ class VolumeManager:
         """os-initialize_connection."""
         if not connector.initiator:
             raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
-        if not IQN_RE.fullmatch(connector.initiator):
-            raise InvalidArgument(f"connector.initiator {connector.initiator[:80]!r} is not an iSCSI name")
+        require_iscsi_name(connector.initiator, "connector.initiator")
         with self._volume_lock(volume_id):
             volume = self._get(volume_id)
             att = self._attachment(volume_id, server_id)

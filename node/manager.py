@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 import socket
 from dataclasses import dataclass
 
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import InProgress, KeyedLocks
+from vmattach.common.rules import MAX_VOLUMES_PER_SERVER, disk_device
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
 from vmattach.node.events import ServerEvents
 from vmattach.node.hypervisor import (
@@ -25,9 +25,6 @@ from vmattach.node.hypervisor import (
 )
 
 LOG = logging.getLogger(__name__)
-
-# Nova's check of a user-supplied device name.
-DEVICE_RE = re.compile(r"^/dev/x?[a-z]?d?[a-z]+[0-9]*$")
 
 
 @dataclass(frozen=True)
@@ -53,19 +50,15 @@ class NodeConfig:
     node_id: str
     node_ip: str
     initiator_iqn: str
-    max_volumes_per_server: int = 26
+    max_volumes_per_server: int = MAX_VOLUMES_PER_SERVER
     detach_timeout: float = 10.0
     detach_retries: int = 3
 
 
 def parse_device(device: str) -> tuple[str, str]:
     """"/dev/vdb" -> ("vdb", "virtio"); InvalidArgument for anything else."""
-    name = device.removeprefix("/dev/")
-    bus = BUS_BY_PREFIX.get(name[:2])
-    if not DEVICE_RE.match(device or "") or bus is None:
-        raise InvalidArgument(f"The supplied device path ({device[:80]}) is invalid.",
-                              reason="INVALID_DEVICE", metadata={"device": device[:80]})
-    return name, bus
+    name, bus_prefix = disk_device(device, BUS_BY_PREFIX)
+    return name, BUS_BY_PREFIX[bus_prefix]
 
 
 def _device_in_use(device: str) -> FailedPrecondition:

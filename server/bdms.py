@@ -16,9 +16,10 @@ import uuid
 import peewee
 from google.protobuf import json_format
 
+from vmattach.common import pagetoken
 from vmattach.common.db import Prepared, utcnow, write_transaction
 from vmattach.common.enums import dict_from_words, dict_to_words
-from vmattach.common.errors import Aborted, AlreadyExists, InvalidArgument, ResourceExhausted
+from vmattach.common.errors import Aborted, AlreadyExists, ResourceExhausted
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.devices import device_in_use, pick_device
@@ -65,11 +66,10 @@ class BdmStore:
         """A server's live rows in id order, page_size at a time."""
         query = BDM.select().where((BDM.instance_uuid == server_id) & (BDM.deleted == 0))
         if page_token:
-            if not page_token.isdigit():
-                raise InvalidArgument("page_token is not valid")
-            query = query.where(BDM.id > int(page_token))
+            query = query.where(BDM.id > pagetoken.decode(page_token, "attachments",
+                                                          pagetoken.row_id)[0])
         rows = list(query.order_by(BDM.id).limit(page_size + 1))
-        token = str(rows[page_size - 1].id) if len(rows) > page_size else ""
+        token = pagetoken.encode("attachments", rows[page_size - 1].id) if len(rows) > page_size else ""
         return rows[:page_size], token
 
     @staticmethod
@@ -78,11 +78,10 @@ class BdmStore:
         """A volume's live rows (all its servers) in id order."""
         query = BDM.select().where((BDM.volume_id == volume_id) & (BDM.deleted == 0))
         if page_token:
-            if not page_token.isdigit():
-                raise InvalidArgument("page_token is not valid")
-            query = query.where(BDM.id > int(page_token))
+            query = query.where(BDM.id > pagetoken.decode(page_token, "attachments",
+                                                          pagetoken.row_id)[0])
         rows = list(query.order_by(BDM.id).limit(page_size + 1))
-        token = str(rows[page_size - 1].id) if len(rows) > page_size else ""
+        token = pagetoken.encode("attachments", rows[page_size - 1].id) if len(rows) > page_size else ""
         return rows[:page_size], token
 
     @staticmethod

@@ -5,30 +5,17 @@ the guest."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 
-from vmattach.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vmattach.common.errors import FailedPrecondition, ResourceExhausted
+from vmattach.common.rules import check_device, device_suffix, invalid_device, prefix
 
-# Nova's check of a requested device name (nova/block_device.py).
-DEVICE_RE = re.compile(r"^/dev/x?[a-z]?d?[a-z]+[0-9]*$")
-MAX_DEVICE_LENGTH = 32
-
-
-def invalid_device(device: str, why: str = "") -> InvalidArgument:
-    return InvalidArgument(f"The supplied device path ({device[:80]}) is invalid.{why}",
-                           reason="INVALID_DEVICE")
+__all__ = ["check_device", "device_in_use", "device_names", "guest_path_hint", "pick_device"]
 
 
 def device_in_use(device: str) -> FailedPrecondition:
-    return FailedPrecondition(f"The supplied device path ({device}) is in use.",
+    return FailedPrecondition(f"The supplied device path ({prefix(device)}) is in use.",
                               reason="DEVICE_IN_USE")
-
-
-def check_device(device: str) -> None:
-    """A requested device name: Nova's grammar, bounded."""
-    if not DEVICE_RE.match(device) or len(device) > MAX_DEVICE_LENGTH:
-        raise invalid_device(device)
 
 
 def device_names(prefix: str) -> Iterator[str]:
@@ -48,16 +35,17 @@ def pick_device(requested: str, server, live: list[str]) -> str:
     names of the server's live attachments."""
     used = {d.removeprefix("/dev/") for d in live}
     used |= {d["device"] for d in json.loads(server.disks)}
-    prefix = server.device_prefix or "vd"
+    bus_prefix = server.device_prefix or "vd"
     if requested:
+        check_device(requested)
         name = requested.removeprefix("/dev/")
-        if not name.startswith(prefix) or not name[len(prefix):].isalpha():
-            raise invalid_device(requested, f" The server's disks use /dev/{prefix}*.")
+        if device_suffix(name, bus_prefix) is None:
+            raise invalid_device(requested, f" The server's disks use /dev/{bus_prefix}*.")
         if name in used:
             raise device_in_use(requested)
         return "/dev/" + name
-    used.add(server.root_device or prefix + "a")  # the root disk's letter is never offered
-    for name in device_names(prefix):
+    used.add(server.root_device or bus_prefix + "a")  # the root disk's letter is never offered
+    for name in device_names(bus_prefix):
         if name not in used:
             return "/dev/" + name
     raise ResourceExhausted(f"no free device name on server {server.server_id}",

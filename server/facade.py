@@ -28,6 +28,7 @@ from vmattach.common.errors import (
     VmattachError,
 )
 from vmattach.common.observability import count_operation, timed_step
+from vmattach.common.rules import MAX_VOLUMES_PER_SERVER
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.bdms import BdmStore, SameRequest
 from vmattach.server.calls import UNDO_TIMEOUT, ControllerCalls, Deadline, NodeCalls
@@ -98,7 +99,7 @@ def validate_attach(req: AttachRequest) -> None:
 class Facade:
     def __init__(self, db: peewee.Database, controller: ControllerCalls, nodes: NodeDirectory,
                  secretbox: SecretBox, faults: Faults | None = None,
-                 max_volumes_per_server: int = 26, call_cap: float = 300.0,
+                 max_volumes_per_server: int = MAX_VOLUMES_PER_SERVER, call_cap: float = 300.0,
                  owner_lease: float = 15.0):
         self.db = db
         self.controller = controller

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 import peewee
 
-from vmattach.common import auth
+from vmattach.common import auth, pagetoken
 from vmattach.common.db import Prepared, utcnow, with_connection
 from vmattach.common.enums import BUS, SERVER_STATE
 from vmattach.common.errors import (
@@ -41,6 +41,7 @@ from vmattach.common.errors import (
 )
 from vmattach.common.grpcutil import call, channel, error_from_rpc
 from vmattach.common.periodic import every
+from vmattach.common.rules import MAX_VOLUMES_PER_SERVER
 from vmattach.server.models import BlockDeviceMapping, ServerRecord
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
@@ -86,7 +87,7 @@ class NodeState:
     last_seen: datetime.datetime | None = None   # last answer (UTC)
     last_error: str = ""
     checked_at: float = 0.0                       # monotonic time of the last answer or probe
-    max_volumes_per_server: int = 26
+    max_volumes_per_server: int = MAX_VOLUMES_PER_SERVER
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -260,7 +261,7 @@ class NodeDirectory:
 
     def _store(self, state: NodeState, info, servers) -> None:
         state.node_id = info.node_id
-        state.max_volumes_per_server = info.max_volumes_per_server or 26
+        state.max_volumes_per_server = info.max_volumes_per_server or MAX_VOLUMES_PER_SERVER
         self._nodes[info.node_id] = NodeHandle(
             info.node_id, state.address, GuardedStub(self, state),
             state.max_volumes_per_server)
@@ -410,9 +411,10 @@ class NodeDirectory:
         if project_id is not None:
             query = query.where(ServerRecord.project_id == project_id)
         if page_token:
-            query = query.where(ServerRecord.server_id > page_token)
+            query = query.where(ServerRecord.server_id > pagetoken.decode(
+                page_token, "servers", pagetoken.uuid_key)[0])
         rows = list(query.limit(page_size + 1))
-        token = rows[page_size - 1].server_id if len(rows) > page_size else ""
+        token = pagetoken.encode("servers", rows[page_size - 1].server_id) if len(rows) > page_size else ""
         return rows[:page_size], token
 
     @with_connection

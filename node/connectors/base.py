@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from vmattach.common.errors import InvalidArgument
+from vmattach.common.rules import quote, require_iscsi_name
 from vmattach.node.hypervisor import DiskSource
 
 
@@ -49,8 +50,6 @@ class Portal:
 
 _PORTAL_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))"
                         r"(?::(?P<port>\d{1,5}))?$")
-_IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s/]+)?"
-                     r"|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 ISCSI_PORT = 3260
 
 
@@ -59,27 +58,29 @@ def parse_portal(value: str) -> Portal:
     m = _PORTAL_RE.match(value or "")
     port = int(m.group("port") or ISCSI_PORT) if m else 0
     if not m or not 0 < port < 65536:
-        raise InvalidArgument(f"connection_info.data.target_portal {value[:80]!r} is not HOST:PORT")
+        raise InvalidArgument(f"connection_info.data.target_portal {quote(value)} is not HOST:PORT",
+                              field="connection_info.data.target_portal")
     return Portal(m.group("v6") or m.group("host"), port)
 
 
 def require_iqn(value: str, field_name: str = "connection_info.data.target_iqn") -> str:
-    if not _IQN_RE.match(value or ""):
-        raise InvalidArgument(f"{field_name} {value[:80]!r} is not an iSCSI name")
-    return value
+    return require_iscsi_name(value, field_name)
 
 
 def require_chap(info: ConnectionInfo) -> None:
     """CHAP credentials are complete, or there is no auth at all."""
     if info.auth_method and info.auth_method.upper() != "CHAP":
-        raise InvalidArgument(f"auth_method {info.auth_method[:20]!r} is not supported (CHAP only)")
+        raise InvalidArgument(f"auth_method {quote(info.auth_method, 20)} is not supported (CHAP only)",
+                              field="connection_info.data.auth_method")
     if info.auth_method and not (info.auth_username and info.auth_password):
-        raise InvalidArgument("CHAP needs connection_info.data.auth_username and auth_password")
+        raise InvalidArgument("CHAP needs connection_info.data.auth_username and auth_password",
+                              field="connection_info.data.auth_username")
 
 
 def require_lun(info: ConnectionInfo) -> int:
     if not 0 <= info.target_lun < 16384:
-        raise InvalidArgument(f"connection_info.data.target_lun {info.target_lun} is out of range")
+        raise InvalidArgument(f"connection_info.data.target_lun {info.target_lun} is out of range",
+                              field="connection_info.data.target_lun")
     return info.target_lun
 
 
