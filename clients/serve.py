@@ -19,15 +19,18 @@ import grpc
 from vmattach.common import auth, tls
 from vmattach.common import observability as obs
 from vmattach.common.config import Settings
-from vmattach.common.grpcutil import Service, new_server, start_server
+from vmattach.common.grpcutil import CallLimits, Service, new_server, start_server
 from vmattach.common.runner import CommandRunner
 from vmattach.common.version import version
 from vmattach.controller import app as controller_app
 from vmattach.controller import models as controller_models
+from vmattach.controller.servicer import SERVICE_NAME as CONTROLLER_SERVICE
 from vmattach.node import app as node_app
+from vmattach.node.servicer import SERVICE_NAME as NODE_SERVICE
 from vmattach.server import app as servers_app
 from vmattach.server import models as servers_models
 from vmattach.server.bdms import BdmStore
+from vmattach.server.facade_servicer import SERVICE_NAME as SERVERS_SERVICE
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +40,16 @@ SECRET_STORES = [
     ("controller", "secret.key", controller_models.MODELS, controller_models.rotate_secrets),
     ("servers", "servers-secret.key", servers_models.MODELS, BdmStore.rotate_secrets),
 ]
+
+
+# the gRPC service of each name of --services
+SERVICE_NAMES = {"controller": CONTROLLER_SERVICE, "node": NODE_SERVICE,
+                 "servers": SERVERS_SERVICE}
+
+
+def call_limits(settings: Settings, names: Sequence[str]) -> CallLimits:
+    """The in-flight limit of each of these services (settings' *_max_calls)."""
+    return CallLimits({SERVICE_NAMES[name]: settings.max_calls(name) for name in names})
 
 
 class Running:
@@ -96,7 +109,8 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     files = tls.TlsFiles.of(settings)
     credentials = files.server_credentials() if files.enabled else None
     server, port = new_server(settings.listen, interceptors=interceptors,
-                              credentials=credentials, authenticator=authn)
+                              credentials=credentials, authenticator=authn,
+                              limits=call_limits(settings, names))
     services: list[Service] = []
     if "controller" in names:
         services.append(controller_app.build(settings, runner))
@@ -110,8 +124,9 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
         internal_address = None
         if services:
             # loopback only, plain text: the facade's calls carry the service token
-            internal, internal_port = new_server("127.0.0.1:0", interceptors=interceptors,
-                                                 authenticator=authn)
+            internal, internal_port = new_server(
+                "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
+                limits=call_limits(settings, [n for n in names if n != "servers"]))
             start_server(internal, services)
             own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,

@@ -51,6 +51,14 @@ class Settings:
                         " (needs the package's [tracing] extra)")
     db_upgrade: bool = _opt(True, "upgrade the database schema at start (false: refuse to"
                             " start on an older schema; run `vmattach db upgrade`)", flag)
+    # Overload and health (docs/operations.md, "Limits and health")
+    controller_max_calls: int = _opt(64, "most Controller calls in flight at once on one listening"
+                                     " port; more are answered RESOURCE_EXHAUSTED at once", int)
+    node_max_calls: int = _opt(64, "most Node calls in flight at once on one listening port; more"
+                               " are answered RESOURCE_EXHAUSTED at once", int)
+    servers_max_calls: int = _opt(64, "most Servers (facade) calls in flight at once on one"
+                                  " listening port; more are answered RESOURCE_EXHAUSTED at once",
+                                  int)
     # Security (docs/security.md)
     tls_cert: str = _opt("", "PEM certificate this server presents (and the facade's outgoing"
                          " calls use); with tls_key, turns TLS on")
@@ -101,6 +109,13 @@ class Settings:
         if unknown or not names:
             raise InvalidArgument(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
         return names
+
+    def max_calls(self, service: str) -> int:
+        """The in-flight limit of service ("controller", "node" or "servers")."""
+        limit = getattr(self, f"{service}_max_calls")
+        if limit < 1:
+            raise InvalidArgument(f"setting {service}_max_calls: {limit} is not at least 1")
+        return limit
 
     def database_url_for(self, service: str) -> str:
         return self.database_url or f"sqlite:///{Path(self.state_dir) / (service + '.db')}"

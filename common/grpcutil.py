@@ -5,6 +5,7 @@ the exception hierarchy."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 import uuid
@@ -22,7 +23,14 @@ from grpc_status import rpc_status
 
 from vmattach.common import auth
 from vmattach.common import observability as obs
-from vmattach.common.errors import DOMAIN, InvalidArgument, VmattachError, error_class, status_code
+from vmattach.common.errors import (
+    DOMAIN,
+    InvalidArgument,
+    ResourceExhausted,
+    VmattachError,
+    error_class,
+    status_code,
+)
 from vmattach.common.redact import mask, redacted, secrets_of
 from vmattach.common.tls import TlsFiles
 
@@ -70,6 +78,52 @@ def _metadata_value(context, key: str) -> str | None:
     return None
 
 
+# Threads of a server beyond the sum of its services' limits: the health
+# check, reflection and the refusals of calls over a limit always find one.
+SPARE_THREADS = 8
+# Calls a server holds at once (running or waiting for a thread), as a
+# multiple of its threads; beyond it gRPC itself answers RESOURCE_EXHAUSTED
+# ("Concurrent RPC limit exceeded!") before any thread is taken.
+QUEUE_FACTOR = 2
+
+
+class CallLimits:
+    """At most limits[service] calls of each service in flight at once on one
+    server; one more is refused at once with ResourceExhausted instead of
+    waiting for a thread. Services without a limit (health, reflection) are
+    never refused here: the server has SPARE_THREADS threads beyond the sum
+    of the limits for them."""
+
+    def __init__(self, limits: dict[str, int]):
+        self.limits = dict(limits)
+        self._lock = threading.Lock()
+        self._running = dict.fromkeys(self.limits, 0)
+
+    def threads(self) -> int:
+        return sum(self.limits.values()) + SPARE_THREADS
+
+    def running(self, service: str) -> int:
+        return self._running.get(service, 0)
+
+    def enter(self, service: str) -> bool:
+        """Take a slot of service (True) or raise ResourceExhausted; False for
+        a service without a limit (nothing to give back)."""
+        limit = self.limits.get(service)
+        if limit is None:
+            return False
+        with self._lock:
+            if self._running[service] >= limit:
+                raise ResourceExhausted(
+                    f"{service} is answering {limit} calls already, its limit; try again later",
+                    reason="TOO_MANY_CALLS", metadata={"service": service, "limit": str(limit)})
+            self._running[service] += 1
+        return True
+
+    def leave(self, service: str) -> None:
+        with self._lock:
+            self._running[service] -= 1
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Authenticates every call (with an Authenticator: common/auth.py) and
     makes its caller current; gives the call its request id (common/
@@ -77,10 +131,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     detail), any other exception to INTERNAL with an incident id; logs every
     call once (health checks at DEBUG), counts it in grpc_server_handled_total
     / grpc_server_handling_seconds, and writes one audit line per
-    state-changing or refused call."""
+    state-changing or refused call. With CallLimits, a call of a service
+    that has its limit of calls in flight is refused (RESOURCE_EXHAUSTED)
+    before anything else is done for it."""
 
-    def __init__(self, authenticator: auth.Authenticator | None = None):
+    def __init__(self, authenticator: auth.Authenticator | None = None,
+                 limits: CallLimits | None = None):
         self.authenticator = authenticator
+        self.limits = limits
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -91,6 +149,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         deserialize = handler.request_deserializer
 
         authenticator = self.authenticator
+        limits = self.limits
         rule = auth.rule_of(method)
         service, short = obs.split_method(method)
         level = logging.DEBUG if service in obs.QUIET_SERVICES else logging.INFO
@@ -106,7 +165,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             caller = auth.current()
             acting = None
             response = None
+            slot = False
             try:
+                if limits is not None:
+                    slot = limits.enter(service)
                 if authenticator is not None:
                     caller = auth.ANONYMOUS
                     caller = authenticator.authenticate(method, context)
@@ -138,6 +200,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(_status(
                     grpc.StatusCode.INTERNAL, f"internal error (incident {incident})", "INTERNAL"))
             finally:
+                if slot and limits is not None:
+                    limits.leave(service)
                 if acting is not None:
                     auth.done_acting(acting)
                 elapsed = time.perf_counter() - start
@@ -170,14 +234,22 @@ class Service:
 def new_server(address: str, max_workers: int = 32,
                interceptors: Iterable[grpc.ServerInterceptor] = (), *,
                credentials: grpc.ServerCredentials | None = None,
-               authenticator: auth.Authenticator | None = None) -> tuple[grpc.Server, int]:
+               authenticator: auth.Authenticator | None = None,
+               limits: CallLimits | None = None) -> tuple[grpc.Server, int]:
     """A server bound to address (port 0: a free port); not started yet.
     Extra interceptors (tests record or delay calls with them) run outside
     the error mapping. With credentials it speaks TLS; with an authenticator
-    every call is authenticated and authorised (common/auth.py)."""
+    every call is authenticated and authorised (common/auth.py). With limits
+    (CallLimits) it has their threads (the sum of the services' limits and
+    SPARE_THREADS, instead of max_workers) and holds at most QUEUE_FACTOR
+    times as many calls at once."""
+    maximum = None
+    if limits is not None:
+        max_workers = limits.threads()
+        maximum = QUEUE_FACTOR * max_workers
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[*interceptors, ErrorInterceptor(authenticator)],
-                         options=[("grpc.so_reuseport", 0)])
+                         interceptors=[*interceptors, ErrorInterceptor(authenticator, limits)],
+                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=maximum)
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
     else:
