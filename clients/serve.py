@@ -20,6 +20,7 @@ from vmattach.common import auth, tls
 from vmattach.common import observability as obs
 from vmattach.common.config import Settings
 from vmattach.common.grpcutil import CallLimits, Service, new_server, start_server
+from vmattach.common.health import Health
 from vmattach.common.runner import CommandRunner
 from vmattach.common.version import version
 from vmattach.controller import app as controller_app
@@ -56,12 +57,16 @@ class Running:
     """A started vmattach server: its port, services and a stop()."""
 
     def __init__(self, server: grpc.Server, port: int, services: list[Service],
-                 internal: grpc.Server | None = None, on_stop=()):
+                 internal: grpc.Server | None = None, on_stop=(), health: Health | None = None):
         self.server, self.port, self.services, self.internal = server, port, services, internal
         self.on_stop = list(on_stop)
         self.authenticator: auth.Authenticator | None = None
+        self.health = health or Health()
 
     def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING first (load balancers and watchers see it while the
+        port still answers), then the calls in flight get grace seconds."""
+        self.health.shutdown()
         self.server.stop(grace).wait()
         if self.internal is not None:
             self.internal.stop(grace).wait()
@@ -102,6 +107,7 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     own, so that facade calls in flight can never starve the calls they make.
     Tests pass interceptors (both servers get them) to record or delay calls."""
     names = settings.service_list()
+    health = Health(settings.health_interval)
     tls.check_listen(settings)
     runner = runner or CommandRunner()
     private_state_dir(settings)
@@ -127,12 +133,13 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
             internal, internal_port = new_server(
                 "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
                 limits=call_limits(settings, [n for n in names if n != "servers"]))
-            start_server(internal, services)
+            start_server(internal, services, health)
             own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,
                                           authn.service_secret))
-    start_server(server, services)
-    running = Running(server, port, services, internal, closers)
+    start_server(server, services, health)
+    health.watch((svc.name, svc.probes) for svc in services)
+    running = Running(server, port, services, internal, closers, health)
     running.authenticator = authn
     return running
 

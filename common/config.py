@@ -59,6 +59,9 @@ class Settings:
     servers_max_calls: int = _opt(64, "most Servers (facade) calls in flight at once on one"
                                   " listening port; more are answered RESOURCE_EXHAUSTED at once",
                                   int)
+    health_interval: float = _opt(5.0, "seconds between two probes of each service's backends"
+                                  " (tgtd, libvirtd, the database) for the health service",
+                                  float)
     # Security (docs/security.md)
     tls_cert: str = _opt("", "PEM certificate this server presents (and the facade's outgoing"
                          " calls use); with tls_key, turns TLS on")

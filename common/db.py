@@ -8,8 +8,9 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import sqlite3
 from collections.abc import Callable, Iterable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import peewee
 from playhouse.db_url import connect
@@ -97,6 +98,31 @@ def close_database(db: peewee.Database) -> None:
     db.close()
     if isinstance(db, PooledDatabase):
         db.close_idle()
+
+
+def probe_database(url: str, timeout: float = 5.0) -> None:
+    """Raise when a new connection to url cannot be opened or cannot read
+    vmattach's schema table (the health service's probe). Never a pooled
+    connection: a pool may keep one that still works on a SQLite file that
+    is gone, or hand out one to a server that went away since."""
+    if url.startswith("sqlite"):
+        path = urlparse(url).path[1:]
+        if not path or path == ":memory:":
+            return
+        # mode=rw: a missing file is an error, not a new empty database
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=timeout)
+        try:
+            conn.execute("SELECT count(*) FROM vmattach_schema").fetchone()
+        finally:
+            conn.close()
+        return
+    plain = url.replace("+pool", "", 1)
+    db = connect(plain, autoconnect=False, connect_timeout=max(1, round(timeout)))
+    try:
+        db.connect()
+        db.execute_sql("SELECT count(*) FROM vmattach_schema")
+    finally:
+        db.close()
 
 
 def is_sqlite(db: peewee.Database) -> bool:

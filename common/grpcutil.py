@@ -31,6 +31,7 @@ from vmattach.common.errors import (
     error_class,
     status_code,
 )
+from vmattach.common.health import Health, Probes
 from vmattach.common.redact import mask, redacted, secrets_of
 from vmattach.common.tls import TlsFiles
 
@@ -229,6 +230,8 @@ class Service:
     add: Callable
     servicer: object
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    # what its health status depends on (common/health.py): name -> check
+    probes: Probes = field(default_factory=dict)
 
 
 def new_server(address: str, max_workers: int = 32,
@@ -259,14 +262,16 @@ def new_server(address: str, max_workers: int = 32,
     return server, port
 
 
-def start_server(server: grpc.Server, services: Iterable[Service]) -> health.HealthServicer:
-    """Add services, the health service and reflection, then start."""
+def start_server(server: grpc.Server, services: Iterable[Service],
+                 health_status: Health | None = None) -> health.HealthServicer:
+    """Add services, the health service and reflection, then start. The
+    health service answers what health_status says of the services (each
+    SERVING when there is none)."""
     services = list(services)
     health_servicer = health.HealthServicer()
     for svc in services:
         svc.add(svc.servicer, server)
-        health_servicer.set(svc.name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    (health_status or Health()).serve_on(health_servicer, [svc.name for svc in services])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [svc.name for svc in services]
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

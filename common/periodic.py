@@ -1,4 +1,5 @@
-"""Background rounds (server refresh, reconciler, re-export) in one place."""
+"""Background rounds (server refresh, reconciler, re-export, health probes)
+in one place."""
 
 from __future__ import annotations
 
@@ -6,21 +7,44 @@ import logging
 import threading
 from collections.abc import Callable
 
+from vmattach.common.errors import VmattachError
+
 LOG = logging.getLogger(__name__)
+
+
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def every(interval: float, fn: Callable[[], object], stop: threading.Event, name: str,
           now: bool = True) -> threading.Thread:
     """Run fn now (unless now=False) and then every interval seconds until
-    stop is set; a failing round is logged and the next one runs anyway."""
+    stop is set; a failing round does not stop the loop. A failure is logged
+    once, as one warning line (with the traceback only when it is not one of
+    vmattach's own errors), and the same failure again in the next rounds
+    only at DEBUG, until a round succeeds (one INFO line) or fails otherwise:
+    a backend that stays down (tgtd gone) does not fill the log."""
     def loop():
+        failing = ""
         if not now and stop.wait(interval):
             return
         while True:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - the loop must survive a bad round
-                LOG.exception("%s round failed", name)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a bad round
+                text = _failure(exc)
+                if text == failing:
+                    LOG.debug("%s round failed again: %s", name, text)
+                elif isinstance(exc, VmattachError):
+                    LOG.warning("%s round failed: %s (logged again when it changes)", name, text)
+                else:
+                    LOG.warning("%s round failed (logged again when it changes)", name,
+                                exc_info=True)
+                failing = text
+            else:
+                if failing:
+                    LOG.info("%s round works again", name)
+                failing = ""
             if stop.wait(interval):
                 return
 

@@ -7,7 +7,7 @@ import logging
 import threading
 
 from vmattach.common.config import Settings
-from vmattach.common.db import close_database, open_database
+from vmattach.common.db import close_database, open_database, probe_database
 from vmattach.common.grpcutil import Service
 from vmattach.common.periodic import every
 from vmattach.common.rules import check_iqn_prefix
@@ -26,7 +26,9 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
     iqn_prefix = check_iqn_prefix(settings.iqn_prefix)
     db = open_database(settings.database_url_for("controller"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
-    manager = VolumeManager(db, settings.volume_path(), TgtAdm(runner, settings.tgt_control_port),
+    tgt = TgtAdm(runner, settings.tgt_control_port)
+    url = settings.database_url_for("controller")
+    manager = VolumeManager(db, settings.volume_path(), tgt,
                             settings.tgt_portal, SecretBox.for_settings(settings),
                             settings.max_volume_gb, iqn_prefix=iqn_prefix,
                             quota_gigabytes=settings.quota_gigabytes)
@@ -41,4 +43,5 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
     stop = threading.Event()
     every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False)
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
-                   ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)])
+                   ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)],
+                   probes={"tgtd": tgt.ping, "database": lambda: probe_database(url)})

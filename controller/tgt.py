@@ -71,6 +71,10 @@ class TgtAdm:
     def _run(self, *args: str, secrets=(), check=True):
         return self.runner.run(self._argv(*args), secrets=secrets, check=check)
 
+    def ping(self, timeout: float = 5.0) -> None:
+        """Raise (BackendError) when tgtd does not answer on its control port."""
+        self.runner.run(self._argv("--mode", "system", "--op", "show"), timeout=timeout)
+
     def show(self) -> dict[int, Target]:
         return parse_show(self._run("--mode", "target", "--op", "show").stdout)
 

@@ -31,7 +31,7 @@ def build_with(settings: Settings, runner: CommandRunner, hypervisor: Hypervisor
                               settings.file_volume_dirs())
     manager = NodeManager(config, hypervisor, connectors)
     return Service(SERVICE_NAME, node_pb2_grpc.add_NodeServicer_to_server, NodeServicer(manager),
-                   on_stop=[hypervisor.close])
+                   on_stop=[hypervisor.close], probes={"hypervisor": hypervisor.probe})
 
 
 def build(settings: Settings, runner: CommandRunner) -> Service:

@@ -166,6 +166,11 @@ class Hypervisor(abc.ABC):
     def secret_usages(self) -> list[str]:
         """The usage names of the iSCSI secrets on this host."""
 
+    def probe(self) -> None:
+        """Raise BackendError when the hypervisor cannot be reached (the
+        health service's probe); the default lists the domains."""
+        self.list_domains()
+
     def set_event_listener(self, listener: Callable[[str, str], None]) -> None:  # noqa: B027
         """listener(server_id, event) is called (on another thread) when a
         domain is defined, undefined, started, stopped, ...; the default

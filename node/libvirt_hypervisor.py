@@ -312,6 +312,10 @@ class LibvirtHypervisor(Hypervisor):
         return self._call(f"look up the secret {usage}",
                           lambda conn: self._secret(conn, usage) is not None)
 
+    def probe(self) -> None:
+        """libvirtd answers (reconnecting when it restarted)."""
+        self._call("reach libvirtd", lambda conn: conn.getLibVersion())
+
     def secret_usages(self) -> list[str]:
         return self._call("list the secrets", lambda conn: sorted(
             s.usageID() for s in conn.listAllSecrets()

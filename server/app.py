@@ -9,7 +9,7 @@ import grpc
 
 from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.config import Settings
-from vmattach.common.db import close_database, open_database
+from vmattach.common.db import close_database, open_database, probe_database
 from vmattach.common.grpcutil import Service, channel
 from vmattach.common.secretbox import SecretBox
 from vmattach.common.tls import TlsFiles
@@ -81,5 +81,9 @@ def build(settings: Settings, own_address: str, internal_address: str | None = N
     reconciler.run_periodic(settings.reconcile_interval)
     # a node's lifecycle events (a domain undefined or destroyed) -> look at once
     facade.nodes.watch(facade.reap_vanished)
+    # its database only: a Node or the Controller that is down is theirs to
+    # report (ListNodes shows the Nodes); the facade still serves the others
+    url = settings.database_url_for("servers")
     return Service(SERVICE_NAME, servers_pb2_grpc.add_ServersServicer_to_server,
-                   ServersServicer(facade), on_stop=[reconciler.stop, close])
+                   ServersServicer(facade), on_stop=[reconciler.stop, close],
+                   probes={"database": lambda: probe_database(url)})

@@ -54,6 +54,7 @@ class FakeHypervisor(Hypervisor):
         self.closed = False
         self.listener = None
         self._release = threading.Event()
+        self.reachable = True  # False: every call fails as with libvirtd gone
 
     # -- set-up helpers for tests -------------------------------------------------------
 
@@ -81,6 +82,9 @@ class FakeHypervisor(Hypervisor):
 
     def _enter(self, operation: str, *args) -> None:
         self.calls.append((operation, *args))
+        if not self.reachable:
+            raise BackendError("cannot connect to libvirt at fake:///: Failed to connect socket",
+                               reason="LIBVIRT_UNAVAILABLE")
         pending = self._errors.get(operation)
         if pending:
             raise pending.pop(0)
@@ -150,6 +154,9 @@ class FakeHypervisor(Hypervisor):
             self.domains.pop(server_id, None)
         if self.listener is not None:
             self.listener(server_id, "undefined")
+
+    def probe(self) -> None:
+        self._enter("probe")
 
     def set_event_listener(self, listener) -> None:
         self.listener = listener
