@@ -19,6 +19,7 @@ import grpc
 from vmattach.common import auth, tls
 from vmattach.common import observability as obs
 from vmattach.common.config import Settings
+from vmattach.common.db import probe_database
 from vmattach.common.grpcutil import CallLimits, Service, new_server, start_server
 from vmattach.common.health import Health
 from vmattach.common.runner import CommandRunner
@@ -137,6 +138,11 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
             own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,
                                           authn.service_secret))
+    if authn.tokens is not None:  # the public calls of these services need the user tokens
+        tokens = settings.database_url_for("auth")
+        for svc in services:
+            if svc.name in (CONTROLLER_SERVICE, SERVERS_SERVICE):
+                svc.probes["token database"] = lambda: probe_database(tokens)
     start_server(server, services, health)
     health.watch((svc.name, svc.probes) for svc in services)
     running = Running(server, port, services, internal, closers, health)

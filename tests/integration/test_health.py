@@ -119,6 +119,26 @@ def test_database_file_gone_is_that_service_not_serving(stack):
     wait_for(health, {"": SERVING, SERVERS: SERVING, CONTROLLER: SERVING, NODE: SERVING})
 
 
+def test_token_database_gone_is_controller_not_serving(tmp_path, tgtd, serve, health_of):
+    """With user tokens (the default), the Controller's public calls need
+    their database: its file gone is NOT_SERVING too."""
+    settings = make_settings(tmp_path, services="controller", auth="token",
+                             tgt_portal=tgtd.portal, tgt_control_port=tgtd.control_port,
+                             health_interval=INTERVAL)
+    running = serve(settings)
+    health = health_of(running.port)
+    wait_for(health, {"": SERVING, CONTROLLER: SERVING})
+    path = settings.database_url_for("auth").removeprefix("sqlite:///")
+    os.rename(path, path + ".away")
+    os.mkdir(path)
+    try:
+        wait_for(health, {"": NOT_SERVING, CONTROLLER: NOT_SERVING})
+    finally:
+        os.rmdir(path)
+        os.rename(path + ".away", path)
+    wait_for(health, {"": SERVING, CONTROLLER: SERVING})
+
+
 def test_hypervisor_unreachable_is_node_not_serving(stack):
     _, hv, health, _ = stack
     hv.reachable = False
