@@ -16,34 +16,37 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import make_settings
 from tests.support.fake_hypervisor import FakeHypervisor
+from vmattach.common.config import Settings
 from vmattach.common.grpcutil import error_from_rpc
 from vmattach.node.hypervisor import Disk, volume_alias
 from vmattach.v1 import controller_pb2, controller_pb2_grpc, node_pb2_grpc
 from vmattach.v1 import node_pb2 as pb
 
-NODE_LIMIT = 8
-DISKS = 12
-CALLS = 48
 HEALTH_DEADLINE = 0.1
+# (the Node's limit, disks, calls): the issue's 48 calls against a small
+# limit, and more calls than the default limit of 64
+FLOODS = [pytest.param((8, 12, 48), id="limit-8"),
+          pytest.param((Settings().node_max_calls, 80, 96), id="default-limit")]
 
 
-@pytest.fixture
-def process(tmp_path, tgtd, serve):
+@pytest.fixture(params=FLOODS)
+def process(request, tmp_path, tgtd, serve):
+    limit, disks, calls = request.param
     hv = FakeHypervisor()
     settings = make_settings(tmp_path, services="controller,node", tgt_portal=tgtd.portal,
-                             tgt_control_port=tgtd.control_port, node_max_calls=NODE_LIMIT,
+                             tgt_control_port=tgtd.control_port, node_max_calls=limit,
                              detach_timeout=120, detach_retries=1)
     running = serve(settings, hypervisor=hv)
     ch = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield running, hv, ch
+    yield running, hv, ch, (limit, disks, calls)
     hv.release_waits()  # nothing stays blocked past the test
     ch.close()
 
 
-def hanging_disks(hv: FakeHypervisor) -> list[tuple[str, str]]:
-    """DISKS (server, volume) pairs, each a disk of a guest that never lets go."""
+def hanging_disks(hv: FakeHypervisor, count: int) -> list[tuple[str, str]]:
+    """count (server, volume) pairs, each a disk of a guest that never lets go."""
     pairs = []
-    for i in range(DISKS):
+    for i in range(count):
         volume_id = f"00000000-0000-4000-8000-{i:012d}"
         dom = hv.add_domain(hangs_on_detach=True,
                             disks=(Disk("vdb", "virtio", volume_id, volume_alias(volume_id)),))
@@ -59,30 +62,30 @@ def check(health, service: str = "") -> float:
 
 
 def test_a_flood_of_hanging_detaches_is_bounded_and_health_answers_in_time(process):
-    running, hv, ch = process
+    running, hv, ch, (limit, disks, count) = process
     node = node_pb2_grpc.NodeStub(ch)
     health = health_pb2_grpc.HealthStub(ch)
     controller = controller_pb2_grpc.ControllerStub(ch)
     health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the connection is up
-    pairs = hanging_disks(hv)
+    pairs = hanging_disks(hv, disks)
 
     calls = [node.NodeUnpublishVolume.future(
         pb.NodeUnpublishVolumeRequest(server_id=s, volume_id=v), timeout=120)
-        for k in range(CALLS) for s, v in [pairs[k % DISKS]]]
+        for k in range(count) for s, v in [pairs[k % disks]]]
 
     def detaching() -> int:
         return sum(1 for c in list(hv.calls) if c[0] == "detach_disk")
 
     # every call is either refused by now or waits on its guest
     deadline = time.monotonic() + 30
-    while sum(c.done() for c in calls) + detaching() < CALLS:
+    while sum(c.done() for c in calls) + detaching() < count:
         assert time.monotonic() < deadline, (sum(c.done() for c in calls), detaching())
         time.sleep(0.02)
     waiting = detaching()
-    assert 1 <= waiting <= NODE_LIMIT
+    assert 1 <= waiting <= limit
     refused = [c for c in calls if c.done()]
     codes = {c.code() for c in refused}
-    assert len(refused) == CALLS - waiting
+    assert len(refused) == count - waiting
     assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}, codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     for c in refused:
