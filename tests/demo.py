@@ -78,7 +78,7 @@ class Demo:
                 self.token = self.new_token(PROJECT, "member")
                 self.check(self.token.startswith("vmat."), "a user token, shown once")
                 rc, out = self.cli("volume", "list", token="")
-                self.check(rc != 0 and "Unauthenticated" in out, "no token: UNAUTHENTICATED")
+                self.check(rc == 1 and "(reason NO_TOKEN)" in out, "no token: UNAUTHENTICATED")
                 with TestGuest.start(kind="linux", project_id=PROJECT) as guest:
                     print(f"guest: {guest.name} ({guest.uuid}) booted in {guest.boot_seconds:.1f} s")
                     self.scenario(guest)
@@ -157,9 +157,11 @@ class Demo:
         self.section("another project sees neither the volume nor the server")
         other = self.new_token("other-" + PROJECT, "member")
         rc, out = self.cli("volume", "show", volume_id, token=other)
-        self.check(rc != 0 and "NotFound" in out, "another project's volume show: NOT_FOUND")
+        self.check(rc == 1 and "(reason VOLUME_NOT_FOUND)" in out,
+                   "another project's volume show: NOT_FOUND")
         rc, out = self.cli("server", "show", guest.uuid, token=other)
-        self.check(rc != 0 and "NotFound" in out, "another project's server show: NOT_FOUND")
+        self.check(rc == 1 and "(reason SERVER_NOT_FOUND)" in out,
+                   "another project's server show: NOT_FOUND")
 
         self.section("the guest's own view")
         seen = guest.wait_disk(volume_id, timeout=30)
