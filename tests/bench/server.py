@@ -12,7 +12,9 @@ nodes of the farm process (tests/bench/farm.py), if any. Prints
 `listening on 127.0.0.1:PORT` (the Controller + Servers port) and serves
 until SIGTERM. With --count-calls, every gRPC call the facade makes goes
 through a counting client interceptor and SIGUSR1 writes the counts (JSON)
-to FILE."""
+to FILE, with the SQL statements SQLite ran in this process (all three
+services: tests/support/sql_counter.py) under the key "sql"; the periodic
+refresh and reconciler are then off, so that only requests are counted."""
 
 from __future__ import annotations
 
@@ -81,6 +83,12 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     counter = install_counter() if args.count_calls else None
+    sql = None
+    refresh_interval = 30.0
+    if args.count_calls:
+        from tests.support import sql_counter
+        sql = sql_counter.install()
+        args.reconcile_interval = refresh_interval = 3600.0
     runner = None
     if args.tgt == "fake":
         runner = BenchTgtRunner()
@@ -106,7 +114,8 @@ def main(argv=None) -> int:
     settings = Settings(services="controller,servers", listen="127.0.0.1:0", **security,
                         state_dir=args.state_dir, tgt_portal=args.tgt_portal,
                         tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
-                        log_level="WARNING", reconcile_interval=args.reconcile_interval)
+                        log_level="WARNING", reconcile_interval=args.reconcile_interval,
+                        server_refresh_interval=refresh_interval)
     running = start(settings, runner=runner)
     if args.secure and running.authenticator is not None and running.authenticator.tokens:
         token, _ = running.authenticator.tokens.create("bench", "admin")
@@ -120,7 +129,8 @@ def main(argv=None) -> int:
     def dump(*_):
         if counter is not None:
             with open(args.count_calls + ".tmp", "w") as fh:
-                json.dump(dict(counter.counts), fh)
+                json.dump({"grpc": dict(counter.counts),
+                           "sql": sql.snapshot() if sql is not None else {}}, fh)
             os.replace(args.count_calls + ".tmp", args.count_calls)
 
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
