@@ -5,11 +5,13 @@ Each service owns its own Database object, opened at start-up from a URL
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
 import peewee
@@ -157,32 +159,90 @@ def with_connection(method):
 
 
 class Prepared:
-    """A select on the hot path whose SQL peewee builds once per kind of
+    """A statement on the hot path whose SQL peewee builds once per kind of
     database; later runs only bind new values (building the SQL was the
     largest cost of a request in the profile). `build(*placeholders)` returns
-    the query; each run passes the values for those placeholders, in order."""
+    the query; each run passes the values for those placeholders, in order.
 
-    def __init__(self, build: Callable[..., peewee.ModelSelect], arity: int):
+    rows()/first() give model instances; tuples()/one() give plain tuples
+    (each column through its field's python_value, no model instance), or
+    instances of `row` (a NamedTuple class) when given: what the hot path
+    uses. execute() runs an UPDATE/DELETE/INSERT and gives the rows it
+    changed (or, with a RETURNING clause, its tuples)."""
+
+    def __init__(self, build: Callable[..., Any], arity: int, row: Callable[..., Any] | None = None):
         self.build = build
         self.arity = arity
+        self.row = row
         self._model: type[peewee.Model] | None = None
-        self._sql: dict[type, str] = {}  # the database's class -> SQL
+        # the database's class -> SQL, converters, the value of each parameter
+        self._sql: dict[type, tuple[str, list, list[int | _Constant]]] = {}
 
-    def rows(self, *values) -> list:
+    def _compiled(self, values: tuple) -> tuple[type[peewee.Model], str, list, tuple]:
         if len(values) != self.arity:
             raise TypeError(f"expected {self.arity} values, got {len(values)}")
         placeholders = [f"__p{i}" for i in range(self.arity)]
         if self._model is None:
             self._model = self.build(*placeholders).model
         kind = type(self._model._meta.database)
-        sql = self._sql.get(kind)
-        if sql is None:
-            sql, params = self.build(*placeholders).sql()
-            if params != placeholders:
-                raise ValueError(f"placeholders out of order: {params}")
-            self._sql[kind] = sql
-        return list(self._model.raw(sql, *values))
+        compiled = self._sql.get(kind)
+        if compiled is None:
+            query = self.build(*placeholders)
+            sql, params = query.sql()
+            # a parameter is a placeholder or a constant of the statement (a
+            # status word); a value computed when building it (a time) is a mistake
+            if any(not isinstance(p, str | int | bool | None) for p in params):
+                raise ValueError(f"a value that is not a placeholder: {params}")
+            columns = getattr(query, "_returning", None) or ()
+            converters = [_converter(c) for c in columns]
+            compiled = self._sql[kind] = (sql, converters, [
+                placeholders.index(p) if p in placeholders else _Constant(p) for p in params])
+        sql, converters, order = compiled
+        return self._model, sql, converters, tuple(
+            p.value if isinstance(p, _Constant) else values[p] for p in order)
+
+    def rows(self, *values) -> list:
+        model, sql, _, params = self._compiled(values)
+        return list(model.raw(sql, *params))
 
     def first(self, *values):
         rows = self.rows(*values)
         return rows[0] if rows else None
+
+    def tuples(self, *values) -> list:
+        model, sql, converters, params = self._compiled(values)
+        cursor = model._meta.database.execute_sql(sql, params)
+        out = []
+        make = self.row
+        for raw in cursor.fetchall():
+            row = tuple(v if c is None or v is None else c(v)
+                        for c, v in zip(converters, raw, strict=False))
+            out.append(make(*row) if make is not None else row)
+        return out
+
+    def one(self, *values):
+        rows = self.tuples(*values)
+        return rows[0] if rows else None
+
+    def execute(self, *values):
+        """An UPDATE/DELETE: the number of rows changed; with RETURNING, the
+        rows (as tuples() gives them)."""
+        model, sql, converters, params = self._compiled(values)
+        if converters:
+            return self.tuples(*values)
+        return model._meta.database.execute_sql(sql, params).rowcount
+
+
+@dataclasses.dataclass(frozen=True)
+class _Constant:
+    value: Any
+
+
+def _converter(column) -> Callable[[Any], Any] | None:
+    """The python_value of a selected field (None for an expression)."""
+    field = column
+    if isinstance(field, peewee.Alias):
+        field = field.node
+    if isinstance(field, peewee.Field):
+        return field.python_value
+    return None

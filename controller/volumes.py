@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import peewee
 
@@ -86,7 +87,50 @@ class ConnectionInfo:
     multiattach: bool = False
 
 
-VolumeView = tuple[Volume, list[VolumeAttachment]]
+class VolumeRow(NamedTuple):
+    """A volume as the hot path reads it (no model instance)."""
+    id: str
+    name: str
+    project_id: str
+    size_gb: int
+    multiattach: bool
+    status: str
+    attach_status: str
+    path: str
+    chap_username: str | None
+    chap_secret: str | None
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+
+
+class ExportRow(NamedTuple):
+    tid: int
+    target_iqn: str
+    target_tid: int | None
+
+
+class AttachmentRow(NamedTuple):
+    id: str
+    volume_id: str
+    instance_uuid: str
+    attach_status: str
+    mountpoint: str
+    attach_mode: str
+    connector: str | None
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+
+
+VOLUME_COLUMNS = (Volume.id, Volume.name, Volume.project_id, Volume.size_gb, Volume.multiattach,
+                  Volume.status, Volume.attach_status, Volume.path, Volume.chap_username,
+                  Volume.chap_secret, Volume.created_at, Volume.updated_at)
+ATTACHMENT_COLUMNS = (VolumeAttachment.id, VolumeAttachment.volume, VolumeAttachment.instance_uuid,
+                      VolumeAttachment.attach_status, VolumeAttachment.mountpoint,
+                      VolumeAttachment.attach_mode, VolumeAttachment.connector,
+                      VolumeAttachment.created_at, VolumeAttachment.updated_at)
+_NV = len(VOLUME_COLUMNS)
+
+VolumeView = tuple[VolumeRow | Volume, list[AttachmentRow] | list[VolumeAttachment]]
 
 
 @dataclass(frozen=True)
@@ -121,10 +165,103 @@ _ATTACHMENTS = Prepared(lambda v: VolumeAttachment.select().where(VolumeAttachme
 _ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.select().where(
     (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)), 2)
 _EXPORT = Prepared(lambda v: Export.select().where(Export.volume == v), 1)
+# the hot path: one statement per read, compare-and-swaps that return the row they
+# changed (RETURNING), no model instances
+_VIEW = Prepared(lambda v: Volume.select(*VOLUME_COLUMNS, *ATTACHMENT_COLUMNS)
+                 .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
+                       on=(VolumeAttachment.volume == Volume.id))
+                 .where(Volume.id == v).order_by(VolumeAttachment.created_at), 1)
+_RESERVE = Prepared(lambda v, now: Volume.update(
+    status="attaching", attach_status="attaching", updated_at=now)
+    .where((Volume.id == v) & ((Volume.status == "available")
+                               | ((Volume.multiattach == True)  # noqa: E712
+                                  & (Volume.status == "in-use"))))
+    .returning(*VOLUME_COLUMNS), 2, VolumeRow)
+_NEW_ATTACHMENT = Prepared(lambda a, v, s, mode, now: VolumeAttachment.insert(
+    id=a, volume=v, instance_uuid=s, attach_status="reserved", mountpoint="", attach_mode=mode,
+    created_at=now, updated_at=now), 5)
+# publish: the volume, the server's attachment and the export in one read
+_PUBLISH_VIEW = Prepared(lambda v, s: Volume.select(
+    *VOLUME_COLUMNS, VolumeAttachment.id, VolumeAttachment.attach_status,
+    VolumeAttachment.connector, VolumeAttachment.attach_mode, Export.tid, Export.target_iqn,
+    Export.target_tid)
+    .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
+          on=((VolumeAttachment.volume == Volume.id) & (VolumeAttachment.instance_uuid == s)))
+    .switch(Volume).join(Export, peewee.JOIN.LEFT_OUTER, on=(Export.volume == Volume.id))
+    .where(Volume.id == v), 2)
+_NEW_EXPORT = Prepared(lambda v, iqn, now: Export.insert(
+    volume=v, target_iqn=iqn, created_at=now).returning(Export.tid), 3)
+_SET_CONNECTOR = Prepared(lambda a, c, now: VolumeAttachment.update(connector=c, updated_at=now)
+                          .where(VolumeAttachment.id == a), 3)
+_DROP_CONNECTOR = Prepared(lambda v, s, now: VolumeAttachment.update(connector=None, updated_at=now)
+                           .where((VolumeAttachment.volume == v)
+                                  & (VolumeAttachment.instance_uuid == s)
+                                  & VolumeAttachment.connector.is_null(False)), 3)
+# unpublish/unreserve: the volume's export and the initiators still published, one read
+_REVOKE_VIEW = Prepared(lambda v: Volume.select(
+    Volume.chap_username, Export.tid, Export.target_tid, VolumeAttachment.connector)
+    .join(Export, peewee.JOIN.LEFT_OUTER, on=(Export.volume == Volume.id))
+    .switch(Volume).join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
+                         on=((VolumeAttachment.volume == Volume.id)
+                             & VolumeAttachment.connector.is_null(False)))
+    .where(Volume.id == v), 1)
+_DELETE_EXPORT = Prepared(lambda t: Export.delete().where(Export.tid == t), 1)
+_ATTACH_DONE = Prepared(lambda v, s, mountpoint, mode, now: VolumeAttachment.update(
+    attach_status="attached", mountpoint=mountpoint, attach_mode=mode, updated_at=now)
+    .where((VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
+           & (VolumeAttachment.attach_status == "reserved"))
+    .returning(*ATTACHMENT_COLUMNS), 5, AttachmentRow)
+_VOLUME_IN_USE = Prepared(lambda v, now: Volume.update(
+    status="in-use", attach_status="attached", updated_at=now)
+    .where((Volume.id == v) & (Volume.status == "attaching"))
+    .returning(*VOLUME_COLUMNS), 2, VolumeRow)
+_ATTACHMENT_DETACHING = Prepared(lambda v, s, now: VolumeAttachment.update(
+    attach_status="detaching", updated_at=now)
+    .where((VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
+           & (VolumeAttachment.attach_status == "attached"))
+    .returning(*ATTACHMENT_COLUMNS), 3, AttachmentRow)
+_VOLUME_DETACHING = Prepared(lambda v, now: Volume.update(status="detaching", updated_at=now)
+                             .where((Volume.id == v) & (Volume.status == "in-use")
+                                    & (Volume.attach_status == "attached"))
+                             .returning(*VOLUME_COLUMNS), 2, VolumeRow)
+_END_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(
+    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
+    & VolumeAttachment.attach_status.in_(["attached", "detaching"])), 2)
 
 
-def _tid(export: Export) -> int:
-    """The export's tid on tgtd (NULL in rows from before version 2: the export id)."""
+# what remains of a volume's attachments after one ended: (all, attached)
+_REMAINING = Prepared(lambda v: VolumeAttachment.select(
+    peewee.fn.COUNT(1), peewee.fn.SUM(peewee.Case(
+        None, [(VolumeAttachment.attach_status == "attached", 1)], 0)))
+    .where(VolumeAttachment.volume == v), 1)
+
+
+def _settle_query(from_statuses: Sequence[str]) -> Prepared:
+    return Prepared(lambda v, status, attach_status, now: Volume.update(
+        status=status, attach_status=attach_status, updated_at=now)
+        .where((Volume.id == v) & Volume.status.in_(list(from_statuses)))
+        .returning(*VOLUME_COLUMNS), 4, VolumeRow)
+
+
+_SETTLE = {tuple(f): _settle_query(f) for f in (("detaching", "in-use"), ("attaching",))}
+
+
+def _now() -> str:
+    """utcnow as the hot path's statements bind it (the text peewee stores)."""
+    return str(utcnow())
+
+
+def _row_view(rows: list) -> tuple[VolumeRow, list[AttachmentRow]] | None:
+    """_VIEW's rows -> the volume and its attachments."""
+    if not rows:
+        return None
+    return (VolumeRow(*rows[0][:_NV]),
+            [AttachmentRow(*r[_NV:]) for r in rows if r[_NV] is not None])
+
+
+def _tid(export: Export | ExportRow) -> int:
+    """The export's tid on tgtd (NULL: the export id; rows from before version 2,
+    and new exports whose target got that tid)."""
     return export.target_tid if export.target_tid is not None else export.tid
 
 
@@ -179,11 +316,18 @@ class VolumeManager:
 
     @with_connection
     def get(self, volume_id: str) -> VolumeView:
-        """A volume the caller may see (another project's: NotFound)."""
-        volume = self._get(volume_id)
-        if not auth.current().sees(volume.project_id):
+        """A volume the caller may see (another project's: NotFound); one read."""
+        view = _row_view(_VIEW.tuples(volume_id))
+        if view is None:
             raise not_found(volume_id)
-        return volume, _ATTACHMENTS.rows(volume_id)
+        return self._visible(*view)
+
+    @staticmethod
+    def _visible(volume, attachments) -> VolumeView:
+        """(volume, attachments) for a caller who may see the volume."""
+        if not auth.current().sees(volume.project_id):
+            raise not_found(volume.id)
+        return volume, attachments
 
     @with_connection
     def list(self, page_size: int, page_token: str = "", project_id: str | None = None):
@@ -360,18 +504,18 @@ class VolumeManager:
             raise InvalidArgument("mode must be 'rw' or 'ro'", reason="INVALID_MODE")
         try:
             with write_transaction(self.db):
-                changed = (Volume.update(status="attaching", attach_status="attaching",
-                                         updated_at=utcnow())
-                           .where((Volume.id == volume_id)
-                                  & ((Volume.status == "available")
-                                     | ((Volume.multiattach == True)  # noqa: E712
-                                        & (Volume.status == "in-use"))))
-                           .execute())
+                now = _now()
+                changed = _RESERVE.execute(volume_id, now)
                 if changed:
-                    VolumeAttachment.create(id=attachment_id or str(uuid.uuid4()),
-                                            volume=volume_id, instance_uuid=server_id,
-                                            attach_status="reserved", attach_mode=mode)
-                    return self.get(volume_id)
+                    attachment_id = attachment_id or str(uuid.uuid4())
+                    _NEW_ATTACHMENT.execute(attachment_id, volume_id, server_id, mode, now)
+                    volume = changed[0]
+                    if volume.multiattach:  # other servers' attachments too
+                        return self.get(volume_id)
+                    # it was available: this is its only attachment
+                    return self._visible(volume, [AttachmentRow(
+                        attachment_id, volume_id, server_id, "reserved", "", mode, None,
+                        volume.updated_at, volume.updated_at)])
         except peewee.IntegrityError:
             raise AlreadyExists(f"Invalid volume: volume {volume_id} already attached",
                                 reason="VOLUME_ALREADY_ATTACHED",
@@ -387,22 +531,19 @@ class VolumeManager:
             f" reserve, but the status is {volume.status}.)", reason="VOLUME_NOT_AVAILABLE",
             metadata={"volume_id": volume_id, "status": volume.status})
 
-    def _settle(self, volume_id: str, from_statuses: Sequence[str]) -> None:
+    def _settle(self, volume_id: str, from_statuses: Sequence[str]) -> VolumeRow | None:
         """After an attachment ended: back to in-use when attachments remain,
-        else available (compare-and-swap on from_statuses)."""
-        remaining = (VolumeAttachment.select()
-                     .where((VolumeAttachment.volume == volume_id)
-                            & (VolumeAttachment.attach_status == "attached")).count())
-        others = (VolumeAttachment.select()
-                  .where(VolumeAttachment.volume == volume_id).count())
+        else available (compare-and-swap on from_statuses); the volume as
+        changed (None: it was not in one of from_statuses)."""
+        others, remaining = _REMAINING.tuples(volume_id)[0]
         if remaining:
             status, attach_status = "in-use", "attached"
         elif others:
             status, attach_status = "attaching", "attaching"
         else:
             status, attach_status = "available", "detached"
-        (Volume.update(status=status, attach_status=attach_status, updated_at=utcnow())
-         .where((Volume.id == volume_id) & Volume.status.in_(from_statuses)).execute())
+        changed = _SETTLE[tuple(from_statuses)].execute(volume_id, status, attach_status, _now())
+        return changed[0] if changed else None
 
     @with_connection
     def unreserve(self, volume_id: str, server_id: str) -> VolumeView:
@@ -433,92 +574,103 @@ class VolumeManager:
             raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
         require_iscsi_name(connector.initiator, "connector.initiator")
         with self._volume_lock(volume_id):
-            volume = self._get(volume_id)
-            att = self._attachment(volume_id, server_id)
-            if att is None or att.attach_status not in ("reserved", "attached"):
+            row = _PUBLISH_VIEW.one(volume_id, server_id)
+            if row is None:
+                raise not_found(volume_id)
+            volume = VolumeRow(*row[:_NV])
+            att_id, att_status, att_connector, att_mode, tid, target_iqn, target_tid = row[_NV:]
+            if att_id is None or att_status not in ("reserved", "attached"):
                 raise FailedPrecondition(
                     f"Invalid volume: volume {volume_id} is not reserved for instance {server_id}",
                     reason="VOLUME_NOT_RESERVED")
-            published = Connector.from_json(att.connector)
+            published = Connector.from_json(att_connector)
             if published is not None and published.initiator != connector.initiator:
                 # the attachment keeps the host it was published for: no second ACL entry
                 raise FailedPrecondition(
                     f"Invalid volume: volume {volume_id} is already published for instance"
                     f" {server_id} to another host", reason="CONNECTOR_MISMATCH",
                     metadata={"volume_id": volume_id, "server_id": server_id})
-            volume, export = self._ensure_export(volume)
+            export = None if tid is None else ExportRow(tid, target_iqn, target_tid)
+            volume, export = self._ensure_export(volume, export)
             self.tgt.allow(_tid(export), connector.initiator)
-            (VolumeAttachment.update(connector=connector.to_json(), updated_at=utcnow())
-             .where(VolumeAttachment.id == att.id).execute())
+            _SET_CONNECTOR.execute(att_id, connector.to_json(), _now())
             return ConnectionInfo(
                 volume_id=volume_id, target_portal=self.portal, target_iqn=export.target_iqn,
-                auth_username=volume.chap_username,
+                auth_username=volume.chap_username or "",
                 auth_password=self.secretbox.decrypt(volume.chap_secret),
-                access_mode=att.attach_mode, multiattach=volume.multiattach)
+                access_mode=att_mode, multiattach=volume.multiattach)
 
-    def _ensure_export(self, volume: Volume) -> tuple[Volume, Export]:
+    def _ensure_export(self, volume: VolumeRow,
+                       export: ExportRow | None) -> tuple[VolumeRow, ExportRow]:
         """The volume's target on tgtd, created when missing (caller holds
         _volume_lock: no other process creates the Export row or the target
-        meanwhile)."""
+        meanwhile); export: the volume's Export row as read under the lock."""
         if volume.chap_username is None:
             user = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
             password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
             (Volume.update(chap_username=user, chap_secret=self.secretbox.encrypt(password))
              .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
-            volume = Volume.get_by_id(volume.id)
-        export = _EXPORT.first(volume.id)
+            volume = _row_view(_VIEW.tuples(volume.id))[0]  # type: ignore[index]
         if export is None:
-            export = Export.create(volume=volume.id, target_iqn=self.iqn_prefix + volume.id)
-        # a new export has no tid on tgtd yet (its id may be another Controller's tid
-        # there); a recorded one is checked without listing every target
-        if export.target_tid is None or not self.tgt.has_target(export.target_tid):
-            self._create_target(volume, export)
+            # a new export has no target on tgtd yet (its id may be another
+            # Controller's tid there); target_tid stays NULL (= its id) unless
+            # the target gets another tid
+            iqn = self.iqn_prefix + volume.id
+            (tid,), = _NEW_EXPORT.execute(volume.id, iqn, _now())
+            export = ExportRow(tid, iqn, None)
+        elif self.tgt.has_target(_tid(export)):  # checked without listing every target
+            return volume, export
+        target_tid = self._create_target(volume, export)
+        if target_tid != _tid(export):
+            export = export._replace(target_tid=target_tid)
         return volume, export
 
-    def _create_target(self, volume: Volume, export: Export) -> None:
+    def _create_target(self, volume: VolumeRow | Volume, export: ExportRow | Export) -> int:
         """(caller holds _volume_lock) The target at the export's tid, or at a
-        free one when another Controller sharing the tgtd has that tid."""
+        free one when another Controller sharing the tgtd has that tid; the
+        tid it got."""
         tid = self.tgt.create_target_at_free_tid(
             _tid(export), export.target_iqn, volume.path, volume.chap_username,
             self.secretbox.decrypt(volume.chap_secret))
-        if tid != export.target_tid:
+        if tid != _tid(export):
             Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
-            export.target_tid = tid
+            if isinstance(export, Export):
+                export.target_tid = tid
         LOG.info("exported volume %s as %s (tid %d)", volume.id, export.target_iqn, tid)
+        return tid
 
     def _remove_export(self, volume: Volume) -> None:
         """(caller holds _volume_lock)"""
         export = _EXPORT.first(volume.id)
         if export is not None:
-            self.tgt.delete_target(_tid(export), volume.chap_username)
-            export.delete_instance()
-            LOG.info("removed export of volume %s", volume.id)
+            self._drop_export(volume.id, export, volume.chap_username)
+
+    def _drop_export(self, volume_id: str, export: Export | ExportRow,
+                     chap_username: str | None) -> None:
+        """(caller holds _volume_lock) The target goes from tgtd, then its row."""
+        self.tgt.delete_target(_tid(export), chap_username)
+        _DELETE_EXPORT.execute(export.tid)
+        LOG.info("removed export of volume %s", volume_id)
 
     @with_connection
     def unpublish(self, volume_id: str, server_id: str, connector: Connector) -> None:
         """os-terminate_connection; idempotent."""
         with self._volume_lock(volume_id):
-            if _VOLUME.first(volume_id) is None:
-                return
-            (VolumeAttachment.update(connector=None, updated_at=utcnow())
-             .where((VolumeAttachment.volume == volume_id)
-                    & (VolumeAttachment.instance_uuid == server_id)
-                    & VolumeAttachment.connector.is_null(False)).execute())
+            _DROP_CONNECTOR.execute(volume_id, server_id, _now())
             self._revoke(volume_id, connector.initiator)
 
     def _revoke(self, volume_id: str, initiator: str) -> None:
         """Take initiator off the target unless an attachment still uses it;
         remove the export when no attachment is published any more (caller
-        holds _volume_lock)."""
-        export = _EXPORT.first(volume_id)
-        if export is None:
-            return
-        users = {Connector.load(a.connector).initiator for a in
-                 VolumeAttachment.select(VolumeAttachment.connector)
-                 .where((VolumeAttachment.volume == volume_id)
-                        & VolumeAttachment.connector.is_null(False))}
+        holds _volume_lock). One read: the export and the initiators in use."""
+        rows = _REVOKE_VIEW.tuples(volume_id)
+        if not rows or rows[0][1] is None:
+            return  # no such volume, or no export
+        chap_username, tid, target_tid = rows[0][:3]
+        export = ExportRow(tid, "", target_tid)
+        users = {Connector.load(r[3]).initiator for r in rows if r[3] is not None}
         if not users:
-            self._remove_export(Volume.get_by_id(volume_id))
+            self._drop_export(volume_id, export, chap_username)
         elif initiator and initiator not in users:
             self.tgt.disallow(_tid(export), initiator)
 
@@ -531,25 +683,23 @@ class VolumeManager:
             raise InvalidArgument("mode must be 'rw' or 'ro'")
         with write_transaction(self.db):
             self._lock_row(volume_id)
-            self._get(volume_id)
-            att = self._attachment(volume_id, server_id)
-            if att is not None and att.attach_status == "attached" and att.mountpoint == mountpoint:
-                return self.get(volume_id)
-            changed = (VolumeAttachment.update(attach_status="attached", mountpoint=mountpoint,
-                                               attach_mode=mode, updated_at=utcnow())
-                       .where((VolumeAttachment.volume == volume_id)
-                              & (VolumeAttachment.instance_uuid == server_id)
-                              & (VolumeAttachment.attach_status == "reserved")).execute())
-            if changed:
-                changed = (Volume.update(status="in-use", attach_status="attached",
-                                         updated_at=utcnow())
-                           .where((Volume.id == volume_id) & (Volume.status == "attaching"))
-                           .execute())
-            if not changed:
-                raise FailedPrecondition(
-                    f"Invalid volume: volume {volume_id} is not being attached to instance {server_id}",
-                    reason="VOLUME_NOT_RESERVED")
+            now = _now()
+            # attachment reserved -> attached, then volume attaching -> in-use: two
+            # compare-and-swaps; when either finds another state, nothing changes
+            att = _ATTACH_DONE.execute(volume_id, server_id, mountpoint, mode, now)
+            volume = _VOLUME_IN_USE.execute(volume_id, now) if att else None
+            if not volume:
+                view = self.get(volume_id)  # NotFound when there is no such volume
+                done = next((a for a in view[1] if a.instance_uuid == server_id), None)
+                if att or done is None or done.attach_status != "attached" \
+                        or done.mountpoint != mountpoint:
+                    raise FailedPrecondition(
+                        f"Invalid volume: volume {volume_id} is not being attached to instance"
+                        f" {server_id}", reason="VOLUME_NOT_RESERVED")
+                return view  # attached already (a retry)
+        if volume[0].multiattach:
             return self.get(volume_id)
+        return self._visible(volume[0], att)
 
     def _detach_precondition(self) -> FailedPrecondition:
         return FailedPrecondition(
@@ -561,20 +711,18 @@ class VolumeManager:
         """os-begin_detaching: in-use -> detaching."""
         with write_transaction(self.db):
             self._lock_row(volume_id)
-            self._get(volume_id)
-            att = self._attachment(volume_id, server_id)
-            if att is not None and att.attach_status == "detaching":
-                return self.get(volume_id)
-            if att is None or att.attach_status != "attached":
-                raise self._detach_precondition()
-            changed = (Volume.update(status="detaching", updated_at=utcnow())
-                       .where((Volume.id == volume_id) & (Volume.status == "in-use")
-                              & (Volume.attach_status == "attached")).execute())
-            if not changed:
-                raise self._detach_precondition()
-            (VolumeAttachment.update(attach_status="detaching", updated_at=utcnow())
-             .where(VolumeAttachment.id == att.id).execute())
+            now = _now()
+            att = _ATTACHMENT_DETACHING.execute(volume_id, server_id, now)
+            volume = _VOLUME_DETACHING.execute(volume_id, now) if att else None
+            if not volume:
+                view = self.get(volume_id)  # NotFound when there is no such volume
+                mine = next((a for a in view[1] if a.instance_uuid == server_id), None)
+                if not att and mine is not None and mine.attach_status == "detaching":
+                    return view  # a retry
+                raise self._detach_precondition()  # (rolls the attachment's change back)
+        if volume[0].multiattach:
             return self.get(volume_id)
+        return self._visible(volume[0], att)
 
     @with_connection
     def roll_detaching(self, volume_id: str, server_id: str) -> VolumeView:
@@ -596,15 +744,12 @@ class VolumeManager:
         """os-detach: ends server_id's attachment; idempotent."""
         with write_transaction(self.db):
             self._lock_row(volume_id)
-            self._get(volume_id)
-            gone = (VolumeAttachment.delete()
-                    .where((VolumeAttachment.volume == volume_id)
-                           & (VolumeAttachment.instance_uuid == server_id)
-                           & VolumeAttachment.attach_status.in_(["attached", "detaching"]))
-                    .execute())
-            if gone:
-                self._settle(volume_id, ["detaching", "in-use"])
-            return self.get(volume_id)
+            volume = None
+            if _END_ATTACHMENT.execute(volume_id, server_id):
+                volume = self._settle(volume_id, ["detaching", "in-use"])
+        if volume is not None and volume.status == "available":
+            return self._visible(volume, [])  # no attachment left
+        return self.get(volume_id)
 
     # -- start-up, audit and repair -------------------------------------------
 

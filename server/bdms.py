@@ -32,6 +32,8 @@ ROLLING_BACK = "rolling_back"
 
 _LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
+_LIVE_OF_SERVER = Prepared(lambda s: BDM.select().where(
+    (BDM.instance_uuid == s) & (BDM.deleted == 0)), 1)
 
 
 class SameRequest(Exception):
@@ -168,24 +170,23 @@ class BdmStore:
         when it is the same request again), ResourceExhausted at the limit."""
         with self._server_locks.hold(server_id):
             for _attempt in range(5):
-                existing = self.live(server_id, volume_id)
+                rows = _LIVE_OF_SERVER.rows(server_id)  # one read: the volume's row, the names
+                existing = next((b for b in rows if b.volume_id == volume_id), None)
                 if existing is not None:
                     self._already_attached(existing, volume_id, request_id)
-                live = [b.device_name for b in BDM.select(BDM.device_name).where(
-                    (BDM.instance_uuid == server_id) & (BDM.deleted == 0))]
+                live = [b.device_name for b in rows]
                 if len(live) >= limit:
                     raise ResourceExhausted(
                         f"Maximum number of volumes ({len(live)}) reached for server "
                         f"{server_id}", reason="TOO_MANY_VOLUMES")
                 name = pick_device(device, server, live)
-                try:
-                    with write_transaction(self.db):
-                        return BDM.create(
-                            device_name=name, volume_id=volume_id, instance_uuid=server_id,
-                            attachment_id=str(uuid.uuid4()), tag=tag or None,
-                            delete_on_termination=delete_on_termination, state="attaching",
-                            progress="bdm_insert", owner=owner, request_id=request_id or None,
-                            node_id=server.node_id)
+                try:  # one statement: its own transaction
+                    return BDM.create(
+                        device_name=name, volume_id=volume_id, instance_uuid=server_id,
+                        attachment_id=str(uuid.uuid4()), tag=tag or None,
+                        delete_on_termination=delete_on_termination, state="attaching",
+                        progress="bdm_insert", owner=owner, request_id=request_id or None,
+                        node_id=server.node_id)
                 except peewee.IntegrityError:
                     if device:
                         existing = self.live(server_id, volume_id)
@@ -210,20 +211,27 @@ class BdmStore:
                                       "volume_id": existing.volume_id})
 
     @staticmethod
-    def progress(bdm_id: int, step: str, **fields) -> None:
-        """Record the last step that completed (and any columns it fills)."""
-        BDM.update(progress=step, updated_at=utcnow(), **fields).where(BDM.id == bdm_id).execute()
+    def progress(bdm_id: int | BDM, step: str, **fields) -> None:
+        """Record the last step that completed (and any columns it fills); given
+        the row itself, its fields change too."""
+        now = utcnow()
+        if isinstance(bdm_id, BDM):
+            for name, value in (("progress", step), ("updated_at", now), *fields.items()):
+                setattr(bdm_id, name, value)
+            bdm_id = bdm_id.id
+        BDM.update(progress=step, updated_at=now, **fields).where(BDM.id == bdm_id).execute()
 
-    def published(self, bdm_id: int, connector: types_pb2.Connector,
-                  info: types_pb2.ConnectionInfo) -> None:
-        """After controller_publish: the connector and the sealed connection_info."""
-        self.progress(bdm_id, "controller_publish",
+    def published(self, bdm: int | BDM, connector: types_pb2.Connector,
+                  info: types_pb2.ConnectionInfo, **fields) -> None:
+        """After controller_publish: the connector and the sealed connection_info
+        (the reconciler's undo of the node's steps needs them), with fields."""
+        self.progress(bdm, "controller_publish",
                       connector=json_format.MessageToJson(connector, indent=None),
-                      connection_info=self.seal(info))
+                      connection_info=self.seal(info), **fields)
 
-    def attached(self, bdm_id: int) -> None:
+    def attached(self, bdm: int | BDM) -> None:
         """The attach is done (or a detach rolled back): `attached`, nobody's."""
-        self.progress(bdm_id, "mark_attached", state="attached", owner=None)
+        self.progress(bdm, "mark_attached", state="attached", owner=None)
 
     @staticmethod
     def release(bdm_id: int) -> None:

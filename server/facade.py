@@ -161,26 +161,26 @@ class Facade:
             # (the Controller's attachment takes the BDM's attachment id and the mode)
             self.step("reserve", self.controller.reserve, req.volume_id, req.server_id,
                       deadline, bdm.attachment_id, req.mode, saga=saga)
-            self.bdms.progress(bdm.id, "reserve", volume_size=volume.size_gb,
-                               node_id=handle.node_id)
+            # (no record of its own: until node_publish the reconciler undoes every
+            # step, each undo idempotent; the row has its node since bdm_insert)
             # 5. the connector of the node that hosts the server
             op.connector = self.step("get_connector", node.connector, deadline, saga=saga)
             # 6. publish at the Controller (initialize_connection) -> connection_info
             op.info = self.step("controller_publish", self.controller.publish, req.volume_id,
                                 req.server_id, op.connector, deadline, saga=saga)
             # 7. (a failure of 5-6 rolls back: unpublish, unreserve, delete the BDM row)
-            self.bdms.published(bdm.id, op.connector, op.info)
+            self.bdms.published(bdm, op.connector, op.info, volume_size=volume.size_gb)
             # 8. stage and publish on the node
             staged = self.step("node_stage", node.stage, req.volume_id, op.info, deadline,
                                saga=saga)
             self.step("node_publish", node.publish, req.server_id, req.volume_id,
                       bdm.device_name, op.info, staged, deadline, saga=saga)
-            self.bdms.progress(bdm.id, "node_publish")
+            self.bdms.progress(bdm, "node_publish")
             # 9. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
             # 10. save the connection_info (sealed above), state attached
-            self.step("bdm_attached", self.bdms.attached, bdm.id, saga=saga)
+            self.step("bdm_attached", self.bdms.attached, bdm, saga=saga)
         except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,
                      getattr(exc, "reason", type(exc).__name__))
@@ -193,14 +193,14 @@ class Facade:
             raise
         LOG.info("attached volume %s to server %s as %s", req.volume_id, req.server_id,
                  bdm.device_name)
-        return self.bdms.get(bdm.id)
+        return bdm  # as written (no read back)
 
     # -- DetachVolume -----------------------------------------------------------------
 
     @count_operation("detach")
     @with_connection
     def detach(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
-        self.nodes.visible_server(server_id)
+        server = self.nodes.visible_server(server_id)
         # 1. find the BDM, and take it: attached -> detaching (one compare-and-swap)
         bdm = self.bdms.live(server_id, volume_id)
         if bdm is None:
@@ -213,9 +213,7 @@ class Facade:
             try:
                 # the server's state allows it (a server that is gone does too: its
                 # disks went with it)
-                server = self.nodes.known_server(server_id)
-                if server is not None:
-                    check_server_state("detach_volume", server)
+                check_server_state("detach_volume", server)
                 # 2. begin detaching at the Controller (in-use -> detaching); its undo
                 # (roll detaching, idempotent) runs on any failure: a call that timed
                 # out may have taken effect
@@ -275,13 +273,13 @@ class Facade:
         info = self.bdms.unseal(bdm.connection_info)
         connector = self.bdms.connector_of(bdm)
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
+        # (no progress records from here: the reconciler repeats all of 4-7, each
+        # idempotent, for a row whose guest released the disk)
         # 4. unstage on the node
         self.step("node_unstage", lambda: node.unstage(volume_id, info, timeout()))
-        self.bdms.progress(bdm.id, "node_unstage")
         # 5. unpublish at the Controller (terminate_connection)
         self.step("controller_unpublish", lambda: self.controller.unpublish(
             volume_id, server_id, connector, timeout()))
-        self.bdms.progress(bdm.id, "controller_unpublish")
         # 6. mark detached at the Controller (os-detach)
         self.step("mark_detached", lambda: self.controller.mark_detached(
             volume_id, server_id, timeout()))
