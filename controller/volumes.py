@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime
 import json
 import logging
 import os
