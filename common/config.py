@@ -148,9 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML file with settings (env VMATTACH_CONFIG)")
     for f in fields(Settings):
         text = f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default!r})"
-        if f.metadata["type"] is flag:
+        if f.metadata["type"] is flag:  # --insecure, or with a value: --db-upgrade false
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                                action="store_const", const=True, help=text)
+                                nargs="?", const=True, type=flag, metavar="true|false",
+                                help=text)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                                 type=f.metadata["type"], help=text)
