@@ -35,9 +35,12 @@ class InvalidArgument(VmattachError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: dict[str, str] | None = None, field: str = ""):
+                 metadata: dict[str, str] | None = None, field: str = "",
+                 violations: list[tuple[str, str]] | None = None):
         super().__init__(message, reason=reason, metadata=metadata)
         self.field = field
+        # (field, description) pairs; one for `field` when none are given
+        self.violations = list(violations or ([(field, message)] if field else []))
 
 
 class NotFound(VmattachError):

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from vmattach.common import auth
+from vmattach.common import auth, fields
 from vmattach.common import observability as obs
 from vmattach.common.errors import (
     DOMAIN,
@@ -33,10 +33,12 @@ from vmattach.common.errors import (
 )
 from vmattach.common.health import Health, Probes
 from vmattach.common.redact import mask, redacted, secrets_of
+from vmattach.common.rules import prefix
 from vmattach.common.tls import TlsFiles
 
 LOG = logging.getLogger(__name__)
 AUDIT = logging.getLogger("vmattach.audit")
+MAX_LOGGED = 8192  # characters of a request or a traceback in one log line
 
 
 def _ids(msg) -> list[str]:
@@ -44,7 +46,7 @@ def _ids(msg) -> list[str]:
     never secrets; anything long is cut)."""
     if not isinstance(msg, Message):
         return []
-    return [f"{f.name}={str(v)[:64]}" for f, v in msg.ListFields()
+    return [f"{f.name}={prefix(v, 64)}" for f, v in msg.ListFields()
             if f.name.endswith("_id") and isinstance(v, str)]
 
 
@@ -59,16 +61,33 @@ class _Answer(grpc.Status):
 NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 
 
+# An answer's status travels in its trailers, which gRPC caps at 8 KiB by
+# default: a message or a detail that quoted a long input would turn the
+# documented code into RESOURCE_EXHAUSTED. Every text of a status is cut.
+MAX_MESSAGE = 1024
+MAX_DETAIL = 256
+
+
 def _status(code: grpc.StatusCode, message: str, reason: str,
-            metadata: dict[str, str] | None = None) -> grpc.Status:
-    metadata = dict(metadata or {})
+            metadata: dict[str, str] | None = None,
+            violations: Iterable[tuple[str, str]] = ()) -> grpc.Status:
+    metadata = {prefix(k, 64): prefix(v, MAX_DETAIL) for k, v in list((metadata or {}).items())[:16]}
     if obs.request_id():  # every error says which request it was
         metadata["request_id"] = obs.request_id()
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message,
-                                                    details=[detail]))
+    info = error_details_pb2.ErrorInfo(reason=prefix(reason, 64), domain=DOMAIN, metadata=metadata)
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    violations = list(violations)[:8]
+    if violations:  # which request fields were refused (google.rpc.BadRequest)
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=prefix(f, 128),
+                                                        description=prefix(d, MAX_DETAIL, escape=False))
+            for f, d in violations])
+        details.append(any_pb2.Any())
+        details[1].Pack(bad)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0],
+                                                    message=prefix(message, MAX_MESSAGE, escape=False),
+                                                    details=details))
     return _Answer(status.code, status.details, (*status.trailing_metadata, NO_RETRY))
 
 
@@ -177,9 +196,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 if deserialize is not None:  # here, so that garbage is INVALID_ARGUMENT, not INTERNAL
                     try:
                         request = deserialize(request)
-                    except DecodeError:
+                    except (DecodeError, RecursionError, ValueError):
                         raise InvalidArgument(f"the request is not a valid {method} message",
                                               reason="MALFORMED_REQUEST") from None
+                if isinstance(request, Message):
+                    fields.check(request)  # every field within its bounds (common/fields.py)
                 response = inner(request, context)
                 return response
             except VmattachError as exc:
@@ -190,14 +211,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 hidden = secrets_of(request) if isinstance(request, Message) else []
                 context.abort_with_status(_status(
                     code, mask(exc.message, hidden), exc.reason,
-                    {k: mask(v, hidden) for k, v in exc.metadata.items()}))
+                    {k: mask(v, hidden) for k, v in exc.metadata.items()},
+                    [(f, mask(d, hidden)) for f, d in getattr(exc, "violations", ())]))
             except Exception as exc:
                 incident = uuid.uuid4().hex[:12]
                 outcome = "INTERNAL"
                 hidden = secrets_of(request) if isinstance(request, Message) else []
                 LOG.error("%s failed (incident %s); request: %s\n%s", method, incident,
-                          redacted(request) if isinstance(request, Message) else "(undecoded)",
-                          mask("".join(traceback.format_exception(exc)), hidden))
+                          prefix(redacted(request), MAX_LOGGED, escape=False)
+                          if isinstance(request, Message) else "(undecoded)",
+                          prefix(mask("".join(traceback.format_exception(exc)), hidden), MAX_LOGGED,
+                                 escape=False))
                 context.abort_with_status(_status(
                     grpc.StatusCode.INTERNAL, f"internal error (incident {incident})", "INTERNAL"))
             finally:
@@ -374,6 +398,7 @@ def error_from_rpc(err: grpc.RpcError) -> VmattachError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
     reason, metadata = code.name, {}
+    violations: list[tuple[str, str]] = []
     status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
     if status is not None:
         for detail in status.details:
@@ -381,7 +406,14 @@ def error_from_rpc(err: grpc.RpcError) -> VmattachError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason, metadata = info.reason, dict(info.metadata)
-    return error_class(code)(message or code.name, reason=reason, metadata=metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [(v.field, v.description) for v in bad.field_violations]
+    error = error_class(code)(message or code.name, reason=reason, metadata=metadata)
+    if violations and isinstance(error, InvalidArgument):
+        error.violations, error.field = violations, violations[0][0]
+    return error
 
 
 def call(method, request, *, timeout: float | None = None, metadata=None):

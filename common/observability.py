@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from prometheus_client import Counter, Histogram
 
 from vmattach.common.errors import InvalidArgument
+from vmattach.common.rules import prefix, quote
 
 REQUEST_ID_HEADER = "x-request-id"
 # what a caller's request id may be (it lands in log lines): bounded, no spaces
@@ -100,7 +101,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
     """The root logger of a vmattach process: one handler on stderr."""
     if fmt not in LOG_FORMATS:
-        raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {fmt[:20]!r}",
+        raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {quote(fmt, 20)}",
                               reason="INVALID_SETTING")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
@@ -192,7 +193,7 @@ def count_operation(operation: str):
 def parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise InvalidArgument(f"metrics_listen must be HOST:PORT, not {listen[:80]!r}",
+        raise InvalidArgument(f"metrics_listen must be HOST:PORT, not {quote(listen)}",
                               reason="INVALID_SETTING")
     return host, int(port)
 
@@ -205,7 +206,7 @@ def start_metrics_server(listen: str) -> tuple[str, int, object]:
     try:
         server, _thread = start_http_server(port, addr=host.strip("[]"))
     except OSError as exc:
-        raise InvalidArgument(f"cannot serve metrics on {listen[:80]}: {exc.strerror}",
+        raise InvalidArgument(f"cannot serve metrics on {prefix(listen)}: {exc.strerror}",
                               reason="INVALID_SETTING") from None
     return host, server.server_port, server
 
@@ -222,7 +223,7 @@ def setup_tracing(exporter: str, service_name: str = "vmattach") -> None:
     if not exporter:
         return
     if exporter not in ("console", "otlp"):
-        raise InvalidArgument(f"tracing must be empty, console or otlp, not {exporter[:20]!r}",
+        raise InvalidArgument(f"tracing must be empty, console or otlp, not {quote(exporter, 20)}",
                               reason="INVALID_SETTING")
     try:
         from opentelemetry import trace

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmattach.common.errors import AlreadyExists, InvalidArgument
+from vmattach.common.rules import quote
 from vmattach.common.tls import CLIENT_OU, SERVICE_OU
 
 VALID_DAYS = 825
@@ -62,7 +63,7 @@ def parse_hosts(text: str) -> list[str]:
         raise InvalidArgument("--hosts needs at least one host name or address")
     for host in hosts:
         if len(host) > 253 or not all(c.isalnum() or c in ".-:" for c in host):
-            raise InvalidArgument(f"{host[:80]!r} is not a host name or IP address")
+            raise InvalidArgument(f"{quote(host)} is not a host name or IP address")
     return hosts
 
 

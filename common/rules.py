@@ -32,15 +32,16 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def prefix(value: object, limit: int = QUOTE_LIMIT) -> str:
+def prefix(value: object, limit: int = QUOTE_LIMIT, escape: bool = True) -> str:
     """At most `limit` characters of value, unquoted (for a message that
     names a value in Nova's or Cinder's words, e.g. "device path (/dev/x)");
-    non-printable characters escaped."""
+    with escape, non-printable characters escaped (a log line's traceback
+    keeps its lines: escape=False)."""
     text = value if isinstance(value, str) else str(value)
     cut = text[:limit]
-    if not cut.isprintable():
+    if escape and not cut.isprintable():
         cut = cut.encode("unicode_escape").decode("ascii")
-    return cut + ("..." if len(text) > limit else "")
+    return cut + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 # -- device names ----------------------------------------------------------------------

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import uuid
 
+from vmattach.common import fields
 from vmattach.common.errors import InvalidArgument
+from vmattach.common.rules import quote
 
 
 def require_uuid(value: str, field: str) -> str:
     if not value:
-        raise InvalidArgument(f"{field} is required")
+        raise InvalidArgument(f"{field} is required", field=field)
     try:
         parsed = uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
-        raise InvalidArgument(f"{field} {value[:80]!r} is not a UUID") from None
+        raise InvalidArgument(f"{field} {quote(value)} is not a UUID", field=field) from None
     return str(parsed)
 
 
 def page_size(value: int, default: int = 100, maximum: int = 1000) -> int:
     if value < 0:
-        raise InvalidArgument("page_size must not be negative")
+        raise InvalidArgument("page_size must not be negative", field="page_size")
     return min(value or default, maximum)
 
 
 MODES = ("rw", "ro")
-MAX_SIZE_GB = 1 << 20  # 1 PiB: above any max_volume_gb; the services check their own limit
+# 1 PiB: above any max_volume_gb; the services check their own limit
+MAX_SIZE_GB = fields.MAX_SIZE_GB
 
 
 def require_mode(value: str, field: str = "mode") -> str:
@@ -32,7 +35,8 @@ def require_mode(value: str, field: str = "mode") -> str:
     if not value:
         return "rw"
     if value not in MODES:
-        raise InvalidArgument(f"{field} {value[:20]!r} must be 'rw' or 'ro'", reason="INVALID_MODE")
+        raise InvalidArgument(f"{field} {quote(value, 20)} must be 'rw' or 'ro'", reason="INVALID_MODE",
+                              field=field)
     return value
 
 
@@ -40,5 +44,6 @@ def require_size_gb(value: int, field: str = "size_gb") -> int:
     """A size in GiB between 1 and MAX_SIZE_GB (the service's own maximum is
     checked where it is known)."""
     if not 1 <= value <= MAX_SIZE_GB:
-        raise InvalidArgument(f"{field} must be between 1 and {MAX_SIZE_GB}", reason="INVALID_SIZE")
+        raise InvalidArgument(f"{field} must be between 1 and {MAX_SIZE_GB}", reason="INVALID_SIZE",
+                              field=field)
     return value

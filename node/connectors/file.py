@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmattach.common.errors import InvalidArgument, NotFound
+from vmattach.common.rules import quote
 from vmattach.node.connectors.base import ConnectionInfo, StagedVolume, VolumeConnector
 from vmattach.node.hypervisor import FileSource
 
 
 def _refused(path: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"connection_info.data.device_path {path[:200]!r} {why}",
+    return InvalidArgument(f"connection_info.data.device_path {quote(path, 200)} {why}",
                            reason="FILE_NOT_ALLOWED")
 
 
@@ -36,7 +37,7 @@ class FileConnector(VolumeConnector):
         if not path:
             raise InvalidArgument("connection_info.data.device_path is required for file volumes")
         if not os.path.isabs(path) or os.path.normpath(path) != path:
-            raise InvalidArgument(f"connection_info.data.device_path {path[:200]!r} "
+            raise InvalidArgument(f"connection_info.data.device_path {quote(path, 200)} "
                                   "is not a normalised absolute path")
         base = next((d for d in self.volume_dirs
                      if path != d and os.path.commonpath([d, path]) == d), None)

@@ -81,9 +81,14 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     status = rpc_status.from_call(err)
     assert status is not None, "no rich status"
     assert status.code == err.code().value[0] and status.message == err.details()
-    [detail] = status.details
+    # the ErrorInfo first; an INVALID_ARGUMENT naming a field adds a BadRequest
+    detail, *more = status.details
     info = error_details_pb2.ErrorInfo()
     assert detail.Unpack(info)
+    for extra in more:
+        bad = error_details_pb2.BadRequest()
+        assert extra.Unpack(bad) and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert bad.field_violations and all(v.field for v in bad.field_violations)
     return info
 
 
