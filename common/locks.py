@@ -42,6 +42,10 @@ class InProgress:
         self._guard = threading.Lock()
         self._held: set[str] = set()
 
+    def running(self, key: str) -> bool:
+        with self._guard:
+            return key in self._held
+
     @contextmanager
     def claim(self, key: str, message: str, reason: str = "OPERATION_IN_PROGRESS",
               metadata: dict[str, str] | None = None):

@@ -112,6 +112,27 @@ class DetachOutcome(enum.Enum):
     TIMED_OUT = "timed_out"    # no event before the deadline
 
 
+class PendingDetach(abc.ABC):
+    """A detach that was sent: the guest may still hold the disk. Waiting for
+    it needs no lock of the caller's (Hypervisor.request_detach)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> DetachOutcome:
+        """Wait up to timeout seconds until the guest let go of the disk;
+        REMOVED also when the disk is gone although no event came. Once."""
+
+
+class DetachDone(PendingDetach):
+    """A detach whose outcome was known when it was sent (nothing live to
+    wait for, or the hypervisor answered at once)."""
+
+    def __init__(self, outcome: DetachOutcome):
+        self.outcome = outcome
+
+    def wait(self, timeout: float) -> DetachOutcome:
+        return self.outcome
+
+
 @dataclass(frozen=True)
 class SecretSpec:
     """A private, non-ephemeral libvirt secret of usage type iscsi."""
@@ -135,11 +156,13 @@ class Hypervisor(abc.ABC):
         """Attach to the live domain and/or its persistent config."""
 
     @abc.abstractmethod
-    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
-                    timeout: float) -> DetachOutcome:
-        """Detach `device` from the persistent config (when there) and from the
-        live domain (when there), waiting up to timeout seconds for the live
-        removal to complete."""
+    def request_detach(self, server_id: str, device: str, *, live: bool,
+                       config: bool) -> PendingDetach:
+        """Detach `device` from the persistent config (when there) and ask the
+        live domain (when there) to release it, without waiting for the
+        guest: the answer's wait() does that. What reads the domain and
+        sends the request is done when this returns, so the caller holds
+        the server's lock around this call only."""
 
     @abc.abstractmethod
     def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:

@@ -15,8 +15,17 @@ import libvirt
 
 from vmattach.common.errors import BackendError, NotFound
 from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, parse_domain, secret_xml
-from vmattach.node.events import DeviceWaiters
-from vmattach.node.hypervisor import STATES, DetachOutcome, DiskSpec, Domain, Hypervisor, SecretSpec
+from vmattach.node.events import DeviceWaiters, Waiter
+from vmattach.node.hypervisor import (
+    STATES,
+    DetachDone,
+    DetachOutcome,
+    DiskSpec,
+    Domain,
+    Hypervisor,
+    PendingDetach,
+    SecretSpec,
+)
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +74,29 @@ def _is_connection_error(exc: libvirt.libvirtError) -> bool:
 
 def _error_message(exc: libvirt.libvirtError) -> str:
     return exc.get_error_message() or str(exc)
+
+
+class _LiveDetach(PendingDetach):
+    """A live detach that was sent: its DEVICE_REMOVED (or
+    DEVICE_REMOVAL_FAILED) event is awaited; the waiter was registered
+    before the request, so an event that came already is not missed."""
+
+    def __init__(self, hypervisor: LibvirtHypervisor, server_id: str, device: str,
+                 waiter: Waiter):
+        self._hypervisor = hypervisor
+        self._server_id = server_id
+        self._device = device
+        self._waiter = waiter
+
+    def wait(self, timeout: float) -> DetachOutcome:
+        try:
+            outcome = self._waiter.wait(timeout)
+        finally:
+            self._hypervisor._waiters.discard(self._waiter)
+        if outcome is DetachOutcome.TIMED_OUT and not self._hypervisor._has_live_disk(
+                self._server_id, self._device):
+            return DetachOutcome.REMOVED  # removed while no event could reach us
+        return outcome
 
 
 class LibvirtHypervisor(Hypervisor):
@@ -223,14 +255,15 @@ class LibvirtHypervisor(Hypervisor):
         self._call(f"attach disk {spec.device}", lambda conn: conn.lookupByUUIDString(
             server_id).attachDeviceFlags(xml, flags), server_id)
 
-    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
-                    timeout: float) -> DetachOutcome:
-        def _detach(conn) -> DetachOutcome:
+    def request_detach(self, server_id: str, device: str, *, live: bool,
+                       config: bool) -> PendingDetach:
+        def _request(conn) -> PendingDetach:
             dom = conn.lookupByUUIDString(server_id)
             if config:
                 self._detach_config(dom, device)
-            return self._detach_live(dom, device, timeout) if live else DetachOutcome.REMOVED
-        return self._call(f"detach disk {device}", _detach, server_id)
+            return self._request_live(dom, server_id, device) if live else DetachDone(
+                DetachOutcome.REMOVED)
+        return self._call(f"detach disk {device}", _request, server_id)
 
     def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
         def _resize(conn) -> int:
@@ -249,20 +282,22 @@ class LibvirtHypervisor(Hypervisor):
         if xml is not None:
             dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
-    def _detach_live(self, dom, device: str, timeout: float) -> DetachOutcome:
+    def _request_live(self, dom, server_id: str, device: str) -> PendingDetach:
         disk = next((d for d in parse_disks(dom.XMLDesc(0)) if d.device == device), None)
         if disk is None:
-            return DetachOutcome.REMOVED
+            return DetachDone(DetachOutcome.REMOVED)
         waiter = self._waiters.expect(dom.UUIDString(), disk.alias)  # before the detach
         try:
             self._send_detach(dom, disk.alias)
-            outcome = waiter.wait(timeout)
-        finally:
+        except BaseException:
             self._waiters.discard(waiter)
-        if outcome is DetachOutcome.TIMED_OUT and not any(
-                d.device == device for d in parse_disks(dom.XMLDesc(0))):
-            return DetachOutcome.REMOVED  # removed while no event could reach us
-        return outcome
+            raise
+        return _LiveDetach(self, server_id, device, waiter)
+
+    def _has_live_disk(self, server_id: str, device: str) -> bool:
+        return self._call("read the domain", lambda conn: any(
+            d.device == device for d in parse_disks(
+                conn.lookupByUUIDString(server_id).XMLDesc(0))), server_id)
 
     @staticmethod
     def _send_detach(dom, alias: str) -> None:

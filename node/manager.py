@@ -9,7 +9,7 @@ import platform
 import socket
 from dataclasses import dataclass
 
-from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmattach.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import InProgress, KeyedLocks
 from vmattach.common.rules import MAX_VOLUMES_PER_SERVER, disk_device
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
@@ -127,6 +127,7 @@ class NodeManager:
         # the volume's lock too: an unstage (which checks that no disk uses the
         # volume) cannot run between the stage check and the attach
         with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
+            self._refuse_while_detaching(server_id, volume_id)
             domain = self.hypervisor.get_domain(server_id)
             existing = domain.disk_of_volume(volume_id)
             if existing is not None:
@@ -152,6 +153,7 @@ class NodeManager:
             raise InvalidArgument("new_size_bytes is out of range", reason="INVALID_SIZE")
         connector = self.connectors.get(info.driver_volume_type)
         with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
+            self._refuse_while_detaching(server_id, volume_id)
             domain = self.hypervisor.get_domain(server_id)
             disk = domain.disk_of_volume(volume_id)
             if disk is None:
@@ -176,31 +178,47 @@ class NodeManager:
         """Detach the volume's disk and wait until the guest released it;
         FailedPrecondition when it never does (the disk stays); Aborted at
         once while a detach of the same disk is still running (it may wait
-        for the guest for detach_timeout x detach_retries seconds)."""
+        for the guest for detach_timeout x detach_retries seconds).
+
+        The server's lock covers reading the domain and sending the detach
+        only: while the guest takes its time, the server's other disks can
+        be detached and new ones attached (the leaving disk's name stays
+        taken until it is gone, so no attach can choose it)."""
         ids = {"server_id": server_id, "volume_id": volume_id}
         with self._detaching.claim(
-                f"{server_id}/{volume_id}",
+                _detach_key(server_id, volume_id),
                 f"a detach of volume {volume_id} from server {server_id} is already in progress;"
-                " try again later", reason="DETACH_IN_PROGRESS", metadata=ids), \
-                self._server_locks.hold(server_id):
-            domain = self.hypervisor.get_domain(server_id)
-            disk = domain.disk_of_volume(volume_id)
+                " try again later", reason="DETACH_IN_PROGRESS", metadata=ids):
             attempts = max(self.config.detach_retries, 1)
             for attempt in range(1, attempts + 1):
-                if disk is None:
-                    return
-                outcome = self.hypervisor.detach_disk(
-                    server_id, disk.device, live=domain.active, config=domain.persistent,
-                    timeout=self.config.detach_timeout)
+                with self._server_locks.hold(server_id):
+                    domain = self.hypervisor.get_domain(server_id)
+                    disk = domain.disk_of_volume(volume_id)
+                    if disk is None:
+                        return
+                    pending = self.hypervisor.request_detach(
+                        server_id, disk.device, live=domain.active, config=domain.persistent)
+                outcome = pending.wait(self.config.detach_timeout)  # the guest, without the lock
                 LOG.info("detach of %s from server %s, attempt %d/%d: %s", disk.device,
                          server_id, attempt, attempts, outcome.value)
                 if outcome is DetachOutcome.REMOVED:
                     return
-                domain = self.hypervisor.get_domain(server_id)
-                disk = domain.disk_of_volume(volume_id)
+            disk = self.hypervisor.get_domain(server_id).disk_of_volume(volume_id)
             if disk is None:
                 return
             raise FailedPrecondition(
                 f"The guest did not release the device {disk.device} of server {server_id} "
                 f"after {attempts} attempts", reason="DETACH_NOT_COMPLETED",
                 metadata={"server_id": server_id, "volume_id": volume_id, "device": disk.device})
+
+    def _refuse_while_detaching(self, server_id: str, volume_id: str) -> None:
+        """Aborted when the volume's disk is leaving the server: it would be
+        gone once the guest lets go (call after taking the server's lock)."""
+        if self._detaching.running(_detach_key(server_id, volume_id)):
+            raise Aborted(f"a detach of volume {volume_id} from server {server_id} is in"
+                          " progress; try again later", reason="DETACH_IN_PROGRESS",
+                          metadata={"server_id": server_id, "volume_id": volume_id})
+
+
+def _detach_key(server_id: str, volume_id: str) -> str:
+    return f"{server_id}/{volume_id}"

@@ -258,17 +258,23 @@ def test_the_periodic_run_finds_a_server_whose_event_was_missed(stack):
 # -- a detach whose unplug may have happened ----------------------------------------------
 
 def _hanging_detach(stack, *, then_remove: bool):
-    """The node's detach blocks past the caller's deadline; the disk leaves (or
-    not) meanwhile."""
-    original = stack.hv.detach_disk
+    """The guest takes its time: the node's wait for it ends past the caller's
+    deadline; the disk leaves (or not) meanwhile."""
+    from vmattach.node.hypervisor import DetachOutcome, PendingDetach
+    original = stack.hv.request_detach
 
-    def slow(server_id, device, **kw):
-        time.sleep(2.5)
-        if then_remove:
-            return original(server_id, device, **kw)
-        from vmattach.node.hypervisor import DetachOutcome
-        return DetachOutcome.TIMED_OUT
-    stack.hv.detach_disk = slow
+    class Slow(PendingDetach):
+        def __init__(self, server_id, device, kw):
+            self.args = server_id, device, kw
+
+        def wait(self, timeout):
+            time.sleep(2.5)
+            if then_remove:
+                server_id, device, kw = self.args
+                return original(server_id, device, **kw).wait(timeout)
+            return DetachOutcome.TIMED_OUT
+
+    stack.hv.request_detach = lambda server_id, device, **kw: Slow(server_id, device, kw)
 
 
 def test_detach_timing_out_after_the_unplug_rolls_forward_from_what_the_domain_shows(stack):

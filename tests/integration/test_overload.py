@@ -74,7 +74,7 @@ def test_a_flood_of_hanging_detaches_is_bounded_and_health_answers_in_time(proce
         for k in range(count) for s, v in [pairs[k % disks]]]
 
     def detaching() -> int:
-        return sum(1 for c in list(hv.calls) if c[0] == "detach_disk")
+        return sum(1 for c in list(hv.calls) if c[0] == "request_detach")
 
     # every call is either refused by now or waits on its guest
     deadline = time.monotonic() + 30

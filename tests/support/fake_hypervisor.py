@@ -15,7 +15,16 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from vmattach.common.errors import BackendError, NotFound
-from vmattach.node.hypervisor import DetachOutcome, Disk, DiskSpec, Domain, Hypervisor, SecretSpec
+from vmattach.node.hypervisor import (
+    DetachDone,
+    DetachOutcome,
+    Disk,
+    DiskSpec,
+    Domain,
+    Hypervisor,
+    PendingDetach,
+    SecretSpec,
+)
 
 
 @dataclass
@@ -32,6 +41,9 @@ class FakeDomain:
     # like never_releases, but the detach waits its whole timeout for the event
     # first, as libvirt does (FakeHypervisor.release_waits() ends the waits)
     hangs_on_detach: bool = False
+    # devices the guest holds on to like that, one by one, until
+    # FakeHypervisor.let_go(uuid, device)
+    holds: set[str] = field(default_factory=set)
 
     @property
     def active(self) -> bool:
@@ -40,6 +52,22 @@ class FakeDomain:
     def view(self) -> Domain:
         return Domain(self.uuid, self.name, self.state, self.active, self.persistent,
                       tuple(self.live if self.active else self.config), self.project_id)
+
+
+@dataclass(eq=False)
+class _FakeWait(PendingDetach):
+    """A detach waiting for a guest that holds on to the device."""
+    hypervisor: FakeHypervisor
+    key: tuple[str, str]
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: DetachOutcome = DetachOutcome.TIMED_OUT
+
+    def wait(self, timeout: float) -> DetachOutcome:
+        self.done.wait(timeout)  # the event that may never come
+        with self.hypervisor._lock:
+            if self in self.hypervisor._waits:
+                self.hypervisor._waits.remove(self)
+            return self.outcome
 
 
 class FakeHypervisor(Hypervisor):
@@ -54,6 +82,7 @@ class FakeHypervisor(Hypervisor):
         self.closed = False
         self.listener = None
         self._release = threading.Event()
+        self._waits: list[_FakeWait] = []  # detaches waiting for a guest that holds on
         self.reachable = True  # False: every call fails as with libvirtd gone
 
     # -- set-up helpers for tests -------------------------------------------------------
@@ -61,20 +90,40 @@ class FakeHypervisor(Hypervisor):
     def add_domain(self, name: str | None = None, *, uuid: str | None = None,
                    state: str = "running", persistent: bool = True,
                    disks: tuple[Disk, ...] = (), never_releases: bool = False,
-                   project_id: str = "", hangs_on_detach: bool = False) -> FakeDomain:
+                   project_id: str = "", hangs_on_detach: bool = False,
+                   holds: tuple[str, ...] = ()) -> FakeDomain:
         uuid = uuid or str(uuidlib.uuid4())
         dom = FakeDomain(uuid, name or f"instance-{uuid[:8]}", state, persistent,
                          live=list(disks) if state not in ("shutoff", "nostate") else [],
                          config=list(disks) if persistent else [],
                          never_releases=never_releases, project_id=project_id,
-                         hangs_on_detach=hangs_on_detach)
+                         hangs_on_detach=hangs_on_detach, holds=set(holds))
         with self._lock:
             self.domains[uuid] = dom
         return dom
 
     def release_waits(self) -> None:
-        """End every detach waiting on a hanging guest (they report TIMED_OUT)."""
-        self._release.set()
+        """End every detach waiting on a hanging guest (they report TIMED_OUT),
+        and every later one at once."""
+        with self._lock:
+            self._release.set()
+            waits, self._waits = self._waits, []
+        for wait in waits:
+            wait.done.set()
+
+    def let_go(self, server_id: str, device: str) -> None:
+        """The guest releases a device it held (FakeDomain.holds): a detach
+        waiting for it ends REMOVED, and a later one completes at once."""
+        with self._lock:
+            dom = self._dom(server_id)
+            dom.holds.discard(device)
+            waits = [w for w in self._waits if w.key == (server_id, device)]
+            if waits:
+                dom.live = [d for d in dom.live if d.device != device]
+            self._waits = [w for w in self._waits if w not in waits]
+            for wait in waits:
+                wait.outcome = DetachOutcome.REMOVED
+                wait.done.set()
 
     def inject_error(self, operation: str, error: Exception, times: int = 1) -> None:
         """The next `times` calls of operation (a method name) raise error."""
@@ -128,24 +177,33 @@ class FakeHypervisor(Hypervisor):
                     disks.append(disk)
             self.attached[(server_id, spec.device)] = spec
 
-    def detach_disk(self, server_id: str, device: str, *, live: bool, config: bool,
-                    timeout: float) -> DetachOutcome:
-        self._enter("detach_disk", server_id, device, live, config)
+    def request_detach(self, server_id: str, device: str, *, live: bool,
+                       config: bool) -> PendingDetach:
+        self._enter("request_detach", server_id, device, live, config)
         with self._lock:
             dom = self._dom(server_id)
             if config:
                 dom.config = [d for d in dom.config if d.device != device]
             if not live or not any(d.device == device for d in dom.live):
-                return DetachOutcome.REMOVED
+                return DetachDone(DetachOutcome.REMOVED)
             if dom.never_releases:
-                return DetachOutcome.TIMED_OUT
+                return DetachDone(DetachOutcome.TIMED_OUT)
             if dom.removal_fails:
-                return DetachOutcome.FAILED
-            if not dom.hangs_on_detach:
+                return DetachDone(DetachOutcome.FAILED)
+            if not (dom.hangs_on_detach or device in dom.holds):
                 dom.live = [d for d in dom.live if d.device != device]
-                return DetachOutcome.REMOVED
-        self._release.wait(timeout)  # the event that never comes
-        return DetachOutcome.TIMED_OUT
+                return DetachDone(DetachOutcome.REMOVED)
+            wait = _FakeWait(self, (server_id, device))
+            if self._release.is_set():
+                wait.done.set()
+            else:
+                self._waits.append(wait)
+            return wait
+
+    def pending_detaches(self) -> list[tuple[str, str]]:
+        """(server, device) of the detaches waiting for their guest now."""
+        with self._lock:
+            return [w.key for w in self._waits]
 
     def remove_domain(self, server_id: str) -> None:
         """The domain vanishes (undefined, or a transient one destroyed) behind

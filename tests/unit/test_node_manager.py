@@ -17,6 +17,7 @@ from vmattach.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from vmattach.node.connectors.iscsi_qemu import secret_usage
 from vmattach.node.hypervisor import Disk
 from vmattach.node.manager import parse_device
 
@@ -134,8 +135,8 @@ def test_unpublish_detaches_and_is_idempotent(manager, hv, volume_file):
     manager.unpublish(dom.uuid, vid)
     assert dom.live == dom.config == []
     manager.unpublish(dom.uuid, vid)  # already gone: OK
-    assert [c for c in hv.calls if c[0] == "detach_disk"] == [
-        ("detach_disk", dom.uuid, "vdb", True, True)]
+    assert [c for c in hv.calls if c[0] == "request_detach"] == [
+        ("request_detach", dom.uuid, "vdb", True, True)]
 
 
 def test_unpublish_finds_disk_by_alias(manager, hv):
@@ -153,7 +154,7 @@ def test_unpublish_never_releasing_guest_fails_and_disk_stays(hv, volume_file):
         manager.unpublish(dom.uuid, vid)
     assert err.value.message == (f"The guest did not release the device vdb of server "
                                  f"{dom.uuid} after 2 attempts")
-    assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 2
+    assert len([c for c in hv.calls if c[0] == "request_detach"]) == 2
     listed = next(d for d in manager.list_servers() if d.uuid == dom.uuid)
     assert listed.disks == (disk,)
 
@@ -165,7 +166,7 @@ def test_unpublish_removal_failed_is_retried_then_fails(hv, volume_file):
     dom.removal_fails = True
     with pytest.raises(FailedPrecondition, match="did not release"):
         manager.unpublish(dom.uuid, vid)
-    assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 3
+    assert len([c for c in hv.calls if c[0] == "request_detach"]) == 3
 
 
 def test_unpublish_unknown_server_is_not_found(manager):
@@ -322,7 +323,7 @@ def test_a_second_detach_of_the_same_disk_is_aborted_at_once(hv, volume_file):
     first.start()
     try:
         deadline = time.monotonic() + 10
-        while not any(c[0] == "detach_disk" for c in hv.calls):
+        while not any(c[0] == "request_detach" for c in hv.calls):
             assert time.monotonic() < deadline, "the first detach never started"
             time.sleep(0.01)
         started = time.monotonic()
@@ -331,7 +332,7 @@ def test_a_second_detach_of_the_same_disk_is_aborted_at_once(hv, volume_file):
         assert time.monotonic() - started < 5  # not queued behind the 30 s wait
         assert err.value.reason == "DETACH_IN_PROGRESS"
         assert err.value.metadata == {"server_id": dom.uuid, "volume_id": vid}
-        assert len([c for c in hv.calls if c[0] == "detach_disk"]) == 1
+        assert len([c for c in hv.calls if c[0] == "request_detach"]) == 1
     finally:
         hv.release_waits()
         first.join(10)
@@ -340,4 +341,90 @@ def test_a_second_detach_of_the_same_disk_is_aborted_at_once(hv, volume_file):
     dom.hangs_on_detach = False
     manager.unpublish(dom.uuid, vid)
     manager.unpublish(dom.uuid, other)
+    assert dom.live == []
+
+
+def _start_detach(manager, hv, server_id, volume_id, device) -> tuple[threading.Thread, list]:
+    """A detach on its own thread, once its request reached the guest
+    (which holds on to the device); the list gets its exception or None."""
+    outcome: list = []
+
+    def run():
+        try:
+            manager.unpublish(server_id, volume_id)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while (server_id, device) not in hv.pending_detaches():
+        assert not outcome, f"the detach ended early: {outcome}"
+        assert time.monotonic() < deadline, "the detach never reached the guest"
+        time.sleep(0.01)
+    return thread, outcome
+
+
+def test_a_detach_waiting_for_the_guest_leaves_the_server_free(hv, volume_file):
+    manager = make_manager(hv, detach_timeout=30, detach_retries=1)
+    dom = hv.add_domain(disks=(Disk("vda", "virtio"),), holds=("vdb",))
+    held, _ = attach_file(manager, dom.uuid, volume_file, "/dev/vdb")
+    other, _ = attach_file(manager, dom.uuid, volume_file, "/dev/vdc")
+    thread, outcome = _start_detach(manager, hv, dom.uuid, held, "vdb")
+    try:
+        started = time.monotonic()
+        manager.unpublish(dom.uuid, other)  # another disk of the same server
+        new, disk = attach_file(manager, dom.uuid, volume_file, "/dev/vdd")  # a new one
+        assert time.monotonic() - started < 5  # not behind the 30 s wait
+        # the leaving disk is still the guest's, and its name stays taken
+        assert [d.device for d in dom.live] == ["vda", "vdb", "vdd"]
+        with pytest.raises(FailedPrecondition, match=r"\(/dev/vdb\) is in use"):
+            attach_file(manager, dom.uuid, volume_file, "/dev/vdb")
+        # attaching or extending the leaving volume is refused, not answered with it
+        with pytest.raises(Aborted) as err:
+            manager.publish(dom.uuid, held, "/dev/vde", file_info(volume_file))
+        assert err.value.reason == "DETACH_IN_PROGRESS"
+        with pytest.raises(Aborted):
+            manager.extend(dom.uuid, held, 1024, file_info(volume_file))
+        assert not outcome
+    finally:
+        hv.let_go(dom.uuid, "vdb")
+        thread.join(10)
+    assert outcome == [None]
+    assert dom.live == [Disk("vda", "virtio"), disk]
+    assert dom.config == [Disk("vda", "virtio"), disk]
+    assert new == disk.serial
+
+
+def test_secrets_stay_until_the_guest_let_go_of_the_disk(hv):
+    manager = make_manager(hv, detach_timeout=30, detach_retries=1)
+    dom = hv.add_domain(holds=("vdb",))
+    vid = new_id()
+    info = iscsi_info(vid)
+    manager.publish(dom.uuid, vid, "/dev/vdb", info, manager.stage(vid, info))
+    thread, outcome = _start_detach(manager, hv, dom.uuid, vid, "vdb")
+    try:
+        assert manager.unstage(vid, info) is False  # the guest still uses the volume
+        assert manager.list_secrets() == [secret_usage(vid)]
+    finally:
+        hv.let_go(dom.uuid, "vdb")
+        thread.join(10)
+    assert outcome == [None]
+    assert manager.unstage(vid, info) is True
+    assert manager.list_secrets() == []
+
+
+def test_a_guest_that_holds_on_is_asked_again_then_the_detach_fails(hv, volume_file):
+    manager = make_manager(hv, detach_timeout=0.05, detach_retries=3)
+    dom = hv.add_domain(holds=("vdb",))
+    vid, disk = attach_file(manager, dom.uuid, volume_file)
+    with pytest.raises(FailedPrecondition) as err:
+        manager.unpublish(dom.uuid, vid)
+    assert err.value.reason == "DETACH_NOT_COMPLETED"
+    assert [c for c in hv.calls if c[0] == "request_detach"] == [
+        ("request_detach", dom.uuid, "vdb", True, True)] * 3
+    assert dom.live == [disk] and hv.pending_detaches() == []
+    # the guest lets go later: the next detach completes
+    hv.let_go(dom.uuid, "vdb")
+    manager.unpublish(dom.uuid, vid)
     assert dom.live == []

@@ -1,0 +1,119 @@
+"""A detach waiting for its guest does not hold up the rest of the server:
+a real Node gRPC server (port 0) on the fake hypervisor, whose guest holds
+on to disk A. Meanwhile disk B of the same server is detached and disk C
+attached, both within a deadline far shorter than A's wait; then the guest
+lets go of A (its detach succeeds) or never does (its detach fails as
+before), and the server's disks and the host's secrets are what a user
+expects."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from tests.conftest import make_settings
+from tests.integration.test_node_grpc import iscsi_pb
+from tests.support.fake_hypervisor import FakeHypervisor
+from tests.support.fake_runner import FakeRunner
+from tests.support.node_helpers import new_id
+from vmattach.common.grpcutil import create_server, error_from_rpc
+from vmattach.node.app import build_with
+from vmattach.node.hypervisor import Disk
+from vmattach.v1 import node_pb2 as pb
+from vmattach.v1 import node_pb2_grpc
+
+DETACH_TIMEOUT = 60  # A's detach gives up after this (one attempt)
+QUICK = 5  # the deadline of every call that must not wait for A
+
+
+@pytest.fixture
+def node(tmp_path):
+    hv = FakeHypervisor()
+    service = build_with(make_settings(tmp_path, node_id="node-a", initiator_iqn="iqn.2000-01.x:n",
+                                       detach_timeout=DETACH_TIMEOUT, detach_retries=1),
+                         FakeRunner(), hv)
+    server, port = create_server([service])
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = node_pb2_grpc.NodeStub(ch)
+    yield stub, hv
+    hv.release_waits()
+    ch.close()
+    server.stop(0)
+    for hook in service.on_stop:
+        hook()
+
+
+def attach(node, server_id: str, device: str) -> str:
+    vid = new_id()
+    staged = node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=vid, connection_info=iscsi_pb(vid)), timeout=QUICK).staged
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        server_id=server_id, volume_id=vid, device=device, connection_info=iscsi_pb(vid),
+        staged=staged), timeout=QUICK)
+    return vid
+
+
+def detach(node, server_id: str, vid: str, timeout: float = QUICK) -> None:
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(server_id=server_id, volume_id=vid),
+                             timeout=timeout)
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=vid, connection_info=iscsi_pb(vid)), timeout=timeout)
+
+
+def disks(node) -> list[tuple[str, str]]:
+    (server,) = node.ListServers(pb.NodeListServersRequest(), timeout=QUICK).servers
+    return [(d.device, d.serial) for d in server.disks]
+
+
+def secrets(node) -> set[str]:
+    return set(node.ListSecrets(pb.NodeListSecretsRequest(), timeout=QUICK).usages)
+
+
+@pytest.mark.parametrize("guest", ["lets-go", "never-lets-go"])
+def test_other_disks_of_the_server_come_and_go_while_a_detach_waits(node, guest):
+    node, hv = node
+    dom = hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),), holds=("vdb",))
+    a, b = attach(node, dom.uuid, "/dev/vdb"), attach(node, dom.uuid, "/dev/vdc")
+    started = time.monotonic()
+    detaching_a = node.NodeUnpublishVolume.future(
+        pb.NodeUnpublishVolumeRequest(server_id=dom.uuid, volume_id=a), timeout=2 * DETACH_TIMEOUT)
+    while (dom.uuid, "vdb") not in hv.pending_detaches():
+        assert not detaching_a.done(), detaching_a.exception()
+        assert time.monotonic() - started < QUICK, "A's detach never reached the guest"
+        time.sleep(0.01)
+
+    detach(node, dom.uuid, b)  # B: detached and its secret removed
+    c = attach(node, dom.uuid, "/dev/vdd")  # C: attached
+    assert not detaching_a.done()  # A still waits for its guest
+    assert disks(node) == [("vda", ""), ("vdb", a), ("vdd", c)]
+    assert secrets(node) == {f"volume-{a}", f"volume-{c}"}
+    # A's name stays taken while the guest has the disk, and A itself is refused
+    for device, volume, code, reason in [("/dev/vdb", new_id(), grpc.StatusCode.FAILED_PRECONDITION,
+                                          "DEVICE_IN_USE"),
+                                         ("/dev/vde", a, grpc.StatusCode.ABORTED,
+                                          "DETACH_IN_PROGRESS")]:
+        with pytest.raises(grpc.RpcError) as err:
+            node.NodePublishVolume(pb.NodePublishVolumeRequest(
+                server_id=dom.uuid, volume_id=volume, device=device,
+                connection_info=iscsi_pb(volume)), timeout=QUICK)
+        assert (err.value.code(), error_from_rpc(err.value).reason) == (code, reason)
+
+    if guest == "lets-go":
+        hv.let_go(dom.uuid, "vdb")
+        detaching_a.result(timeout=QUICK)
+        assert disks(node) == [("vda", ""), ("vdd", c)]
+        detach(node, dom.uuid, a)
+        assert secrets(node) == {f"volume-{c}"}
+    else:
+        hv.release_waits()  # A's wait times out, as it would after DETACH_TIMEOUT
+        with pytest.raises(grpc.RpcError) as err:
+            detaching_a.result(timeout=QUICK)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_from_rpc(err.value).reason == "DETACH_NOT_COMPLETED"
+        assert disks(node) == [("vda", ""), ("vdb", a), ("vdd", c)]
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+            volume_id=a, connection_info=iscsi_pb(a)), timeout=QUICK)
+        assert secrets(node) == {f"volume-{a}", f"volume-{c}"}  # A's disk still uses its secret
+    assert time.monotonic() - started < DETACH_TIMEOUT
