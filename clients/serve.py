@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,24 +59,37 @@ class Running:
     """A started vmattach server: its port, services and a stop()."""
 
     def __init__(self, server: grpc.Server, port: int, services: list[Service],
-                 internal: grpc.Server | None = None, on_stop=(), health: Health | None = None):
+                 internal: grpc.Server | None = None, on_stop=(), health: Health | None = None,
+                 shutdown_delay: float = 0.0):
         self.server, self.port, self.services, self.internal = server, port, services, internal
         self.on_stop = list(on_stop)
         self.authenticator: auth.Authenticator | None = None
         self.health = health or Health()
+        self.shutdown_delay = shutdown_delay
+        self._stopping = threading.Lock()
+        self._stopped = False
 
     def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING first (load balancers and watchers see it while the
-        port still answers), then the calls in flight get grace seconds."""
-        self.health.shutdown()
-        self.server.stop(grace).wait()
-        if self.internal is not None:
-            self.internal.stop(grace).wait()
-        for svc in self.services:
-            for hook in svc.on_stop:
+        """NOT_SERVING first, then shutdown_delay seconds of serving on (a
+        load balancer polling health takes the process out meanwhile, and
+        watchers see it), then the port closes and the calls in flight get
+        grace seconds. Once: a second stop() waits for the first and returns."""
+        with self._stopping:
+            if self._stopped:
+                return
+            self._stopped = True
+            self.health.shutdown()
+            if self.shutdown_delay > 0:
+                LOG.info("stopping in %g s (health NOT_SERVING meanwhile)", self.shutdown_delay)
+                time.sleep(self.shutdown_delay)
+            self.server.stop(grace).wait()
+            if self.internal is not None:
+                self.internal.stop(grace).wait()
+            for svc in self.services:
+                for hook in svc.on_stop:
+                    hook()
+            for hook in self.on_stop:
                 hook()
-        for hook in self.on_stop:
-            hook()
 
 
 def private_state_dir(settings: Settings) -> None:
@@ -145,7 +159,8 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
                 svc.probes["token database"] = lambda: probe_database(tokens)
     start_server(server, services, health)
     health.watch((svc.name, svc.probes) for svc in services)
-    running = Running(server, port, services, internal, closers, health)
+    running = Running(server, port, services, internal, closers, health,
+                      settings.shutdown_delay)
     running.authenticator = authn
     return running
 

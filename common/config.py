@@ -62,6 +62,10 @@ class Settings:
     health_interval: float = _opt(5.0, "seconds between two probes of each service's backends"
                                   " (tgtd, libvirtd, the database) for the health service",
                                   float)
+    shutdown_delay: float = _opt(2.0, "seconds between health turning NOT_SERVING and the port"
+                                 " closing at shutdown (calls are still answered meanwhile), so"
+                                 " that a load balancer polling health takes the process out"
+                                 " first", float)
     # Security (docs/security.md)
     tls_cert: str = _opt("", "PEM certificate this server presents (and the facade's outgoing"
                          " calls use); with tls_key, turns TLS on")

@@ -51,7 +51,9 @@ def make_settings(tmp_path, **overrides) -> Settings:
     state.mkdir(parents=True, exist_ok=True)
     # tests not about authentication run with --auth none (loopback only);
     # tests/integration/test_security.py runs the secure default
-    values = dict(listen="127.0.0.1:0", state_dir=str(state), log_level="WARNING", auth="none")
+    # and stop without the shutdown delay (tests/integration/test_health.py has it)
+    values = dict(listen="127.0.0.1:0", state_dir=str(state), log_level="WARNING", auth="none",
+                  shutdown_delay=0.0)
     values.update(overrides)
     return Settings(**values)
 

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     for n in range(args.first, args.first + args.nodes):
         state = Path(args.state_dir) / f"node-{n}"
         settings = Settings(services="node", listen="127.0.0.1:0", state_dir=str(state), auth="none",
-                            node_id=node_id(n), initiator_iqn=INITIATOR, log_level="WARNING")
+                            node_id=node_id(n), initiator_iqn=INITIATOR, log_level="WARNING",
+                            shutdown_delay=0)
         running.append(start(settings, hypervisor=fake_hypervisor(n, args.domains,
                                                                    args.prefilled)))
     print("ready " + ",".join(f"127.0.0.1:{r.port}" for r in running), flush=True)

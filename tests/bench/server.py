@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                     "tls_key": str(certs / "service.key"), "tls_ca": str(certs / "ca.crt")}
     node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir,
                              node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING",
-                             **security)
+                             shutdown_delay=0, **security)
     node = start(node_settings, runner=runner,
                  hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
     nodes = [f"127.0.0.1:{node.port}"] + [a for a in args.farm.split(",") if a]
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                         state_dir=args.state_dir, tgt_portal=args.tgt_portal,
                         tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
                         log_level="WARNING", reconcile_interval=args.reconcile_interval,
-                        server_refresh_interval=refresh_interval)
+                        server_refresh_interval=refresh_interval, shutdown_delay=0)
     running = start(settings, runner=runner)
     if args.secure and running.authenticator is not None and running.authenticator.tokens:
         token, _ = running.authenticator.tokens.create("bench", "admin")

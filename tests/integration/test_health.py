@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from tests.conftest import FreshPostgres, make_settings, need_postgres
 from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.tgtd import TgtDaemon
 from tests.support.vmattach_process import ServeProcess
+from vmattach.v1 import node_pb2, node_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -256,3 +258,72 @@ def test_vmattach_serve_is_not_serving_without_its_tgtd(tmp_path, health_of):
     finally:
         proc.stop()
         tgtd.stop()
+
+
+DELAY = 2.0  # the shutdown delay of the two tests below
+
+
+def serving_until_closed(health, node, started: float) -> tuple[list[int], float]:
+    """After a stop began at `started`: poll Check (and call the Node after
+    each answer) until the server stops answering; (the statuses seen, when
+    it stopped). A call that raced the closing may end CANCELLED."""
+    statuses = []
+    while True:
+        try:
+            statuses.append(status(health))
+            node.NodeGetInfo(node_pb2.NodeGetInfoRequest(), timeout=5)
+        except grpc.RpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
+            return statuses, time.monotonic() - started
+        assert time.monotonic() - started < DELAY + 30, "the port never closed"
+        time.sleep(0.05)
+
+
+def test_shutdown_delay_keeps_serving_not_serving_then_closes(tmp_path, serve, health_of):
+    running = serve(make_settings(tmp_path, services="node", shutdown_delay=DELAY),
+                    hypervisor=FakeHypervisor())
+    health = health_of(running.port)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    assert status(health) == SERVING
+    started = time.monotonic()
+    stopping = threading.Thread(target=running.stop, kwargs={"grace": 1})
+    stopping.start()
+    statuses, closed = serving_until_closed(health, node_pb2_grpc.NodeStub(channel), started)
+    stopping.join(30)
+    channel.close()
+    with pytest.raises(grpc.RpcError) as err:
+        status(health)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the port is closed
+    # NOT_SERVING from the start of the stop, every call answered, for DELAY seconds
+    assert statuses and set(statuses) <= {SERVING, NOT_SERVING} and statuses[-1] == NOT_SERVING
+    assert statuses.count(SERVING) <= 1  # at most the answer that raced the stop's first step
+    assert closed >= DELAY
+    assert not stopping.is_alive()
+
+
+def test_vmattach_serve_keeps_answering_for_its_shutdown_delay_after_sigterm(tmp_path, health_of):
+    """The real CLI (the Node on libvirt's test driver), the delay from the
+    environment: after SIGTERM, health NOT_SERVING and calls answered, then
+    the port closes and the process exits 0."""
+    proc = ServeProcess(["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+                         "--services", "node", "--libvirt-uri", "test:///default",
+                         "--initiator-iqn", "iqn.2000-01.x:n"], tmp_path / "serve.log",
+                        env={"VMATTACH_SHUTDOWN_DELAY": str(DELAY)})
+    try:
+        port = int(proc.address.rsplit(":", 1)[1])
+        health = health_of(port)
+        wait_for(health, {"": SERVING, NODE: SERVING})
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            statuses, closed = serving_until_closed(health, node_pb2_grpc.NodeStub(channel),
+                                                    started)
+        assert proc.proc.wait(timeout=30) == 0
+        with pytest.raises(grpc.RpcError) as err:
+            status(health)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the port is closed
+        assert NOT_SERVING in statuses and statuses[-1] == NOT_SERVING
+        assert closed >= DELAY
+        assert f"stopping in {DELAY:g} s" in proc.log_path.read_text()
+    finally:
+        proc.stop()

@@ -24,9 +24,11 @@ class ServeProcess:
         it must print `listening on HOST:PORT` first too."""
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")
-        # a test not about authentication runs with --auth none (loopback only)
-        # unless it says otherwise in env or args
-        full_env = {"VMATTACH_AUTH": "none", **os.environ, **(env or {})}
+        # a test not about authentication runs with --auth none (loopback only),
+        # and one not about shutdown stops at once (no shutdown delay), unless
+        # it says otherwise in env or args
+        full_env = {"VMATTACH_AUTH": "none", "VMATTACH_SHUTDOWN_DELAY": "0", **os.environ,
+                    **(env or {})}
         self.proc = subprocess.Popen([*(command or [VMATTACH, "serve"]), *args],
                                      stdout=subprocess.PIPE, stderr=self._log, env=full_env)
         self._buf = b""
