@@ -10,7 +10,9 @@ machine, printed as one table and written to bench/results.json.
                  fake hypervisor, Controller on SQLite and a fake tgtd);
                  the gRPC calls of one attach counted by an interceptor
 3. real stack    the same through `vmattach serve` on a real tgtd,
-                 libvirtd and QEMU (a diskless guest with a SCSI root disk)
+                 libvirtd and QEMU (a diskless guest with a SCSI root disk);
+                 then its floor: the same tgtadm and libvirt operations done
+                 directly (tests/bench/real_floor.py), same guest, same tgtd
 4. scale         (2) again with the databases pre-filled (tests/bench/prefill.py)
                  and 99 more fake nodes in a farm process (tests/bench/farm.py)
 
@@ -57,6 +59,8 @@ TARGETS = {
     "sql_per_detach": ("<=", 8.0),
     "real_attach_p50_ms": ("<=", 100.0),
     "real_detach_p50_ms": ("<=", 150.0),
+    "real_floor_ratio_attach": ("<=", 1.3),
+    "real_floor_ratio_detach": ("<=", 1.3),
     "scale_ratio": ("<=", 1.2),
     "peak_rss_mb": ("<=", 200.0),
 }
@@ -290,6 +294,13 @@ def real_stack(cfg, work: Path) -> dict:
                 client.detach_volume(guest.uuid, volume)
             out = latency(client, pairs, cfg["real_runs"], cfg["real_cycles"], device="/dev/sdb")
             out["server_rss_mb"] = vm_hwm_mb(serve.proc.pid)
+        serve.stop()
+        serve = None
+        # the floor: the same tgtd and libvirt operations without vmattach, same
+        # guest, same tgtd, same run
+        from tests.bench.real_floor import real_floor
+        out["floor"] = real_floor(guest.uri, guest.uuid, tgtd.portal, tgtd.control_port, work,
+                                  cfg["real_runs"], cfg["real_cycles"])
     finally:
         if guest is not None:
             guest.destroy()
@@ -336,6 +347,12 @@ def table(res: dict) -> str:
     rows += [
         ("real stack attach p50 / p99", f"{res['real_attach_p50_ms']:.1f} / {res['real_attach_p99_ms']:.1f} ms", "p50 <= 100", "real_attach_p50_ms"),
         ("real stack detach p50 / p99", f"{res['real_detach_p50_ms']:.1f} / {res['real_detach_p99_ms']:.1f} ms", "p50 <= 150", "real_detach_p50_ms"),
+        ("real floor (tgtadm + virsh directly) attach / detach p50",
+         f"{res['real_floor_attach_p50_ms']:.1f} / {res['real_floor_detach_p50_ms']:.1f} ms", "", ""),
+        ("real stack / its floor, attach p50", f"{res['real_floor_ratio_attach']:.2f}", "<= 1.3",
+         "real_floor_ratio_attach"),
+        ("real stack / its floor, detach p50", f"{res['real_floor_ratio_detach']:.2f}", "<= 1.3",
+         "real_floor_ratio_detach"),
         ("scale attach p50 / p99 (c=1)", f"{s['attach_p50_ms']:.2f} / {s['attach_p99_ms']:.2f} ms", "", ""),
         ("scale detach p50 / p99 (c=1)", f"{s['detach_p50_ms']:.2f} / {s['detach_p99_ms']:.2f} ms", "", ""),
         ("scale cycles/s at concurrency " + "/".join(s["cycles_per_s"]),
@@ -420,6 +437,10 @@ def main(argv=None) -> int:
         "real_attach_p99_ms": real["attach_p99_ms"],
         "real_detach_p50_ms": real["detach_p50_ms"],
         "real_detach_p99_ms": real["detach_p99_ms"],
+        "real_floor_attach_p50_ms": real["floor"]["attach_p50_ms"],
+        "real_floor_detach_p50_ms": real["floor"]["detach_p50_ms"],
+        "real_floor_ratio_attach": real["attach_p50_ms"] / real["floor"]["attach_p50_ms"],
+        "real_floor_ratio_detach": real["detach_p50_ms"] / real["floor"]["detach_p50_ms"],
         "scale_attach_p50_ms": s["attach_p50_ms"],
         "scale_detach_p50_ms": s["detach_p50_ms"],
         "scale_cycles_per_s": s["cycles_per_s"],
