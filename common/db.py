@@ -10,6 +10,7 @@ import datetime
 import functools
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
@@ -68,8 +69,58 @@ def connect_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.D
             given = parse_qs(urlparse(url).query)
             options = {k: v for k, v in POOL_DEFAULTS.items() if k not in given}
         db = connect(url, autoconnect=False, **options)
+    if is_sqlite(db):
+        _serialise_writers(db)
     db.bind(list(models), bind_refs=False, bind_backrefs=False)
     return db
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
+
+
+def _serialise_writers(db: peewee.Database) -> None:
+    """One writer at a time per SQLite database in this process, queued on a
+    lock: a transaction holds it from BEGIN to COMMIT/ROLLBACK, a write
+    outside a transaction for its statement. SQLite allows one writer at a
+    time anyway; without this, the others poll its lock with sleeps of up to
+    100 ms each (its busy handler), so that throughput fell as concurrency
+    rose. Other processes sharing the file still wait through busy_timeout."""
+    lock = threading.RLock()
+    held = threading.local()
+    begin, commit, rollback, execute_sql = db.begin, db.commit, db.rollback, db.execute_sql
+
+    def release() -> None:
+        if getattr(held, "depth", 0):
+            held.depth -= 1
+            lock.release()
+
+    def locked_begin(*args, **kwargs):
+        lock.acquire()
+        try:
+            begin(*args, **kwargs)
+        except BaseException:
+            lock.release()
+            raise
+        held.depth = getattr(held, "depth", 0) + 1
+
+    def locked_commit(*args, **kwargs):
+        commit(*args, **kwargs)  # when it fails, the rollback that follows releases
+        release()
+
+    def locked_rollback(*args, **kwargs):
+        try:
+            rollback(*args, **kwargs)
+        finally:
+            release()
+
+    def locked_execute_sql(sql, *args, **kwargs):
+        if sql[:6].upper() in _WRITES and not db.in_transaction():
+            with lock:
+                return execute_sql(sql, *args, **kwargs)
+        return execute_sql(sql, *args, **kwargs)
+
+    db.begin, db.commit, db.rollback = locked_begin, locked_commit, locked_rollback
+    db.execute_sql = locked_execute_sql
 
 
 def open_database(url: str, models: Iterable[type[peewee.Model]], schema=None,

@@ -34,6 +34,23 @@ _LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
 _LIVE_OF_SERVER = Prepared(lambda s: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.deleted == 0)), 1)
+_TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(
+    state="detaching", progress="bdm_detaching", owner=owner, updated_at=now)
+    .where((BDM.id == i) & (BDM.state == "attached")), 3)
+_SOFT_DELETE = Prepared(lambda i, now: BDM.update(
+    deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete", owner=None)
+    .where(BDM.id == i), 2)
+_PROGRESS: dict[tuple[str, ...], Prepared] = {}
+
+
+def _progress_query(names: tuple[str, ...]) -> Prepared:
+    """The UPDATE of a progress record that also sets the columns names."""
+    query = _PROGRESS.get(names)
+    if query is None:
+        query = _PROGRESS[names] = Prepared(lambda i, step, now, *values: BDM.update(
+            progress=step, updated_at=now, **dict(zip(names, values, strict=True)))
+            .where(BDM.id == i), 3 + len(names))
+    return query
 
 
 class SameRequest(Exception):
@@ -219,7 +236,7 @@ class BdmStore:
             for name, value in (("progress", step), ("updated_at", now), *fields.items()):
                 setattr(bdm_id, name, value)
             bdm_id = bdm_id.id
-        BDM.update(progress=step, updated_at=now, **fields).where(BDM.id == bdm_id).execute()
+        _progress_query(tuple(fields)).execute(bdm_id, step, str(now), *fields.values())
 
     def published(self, bdm: int | BDM, connector: types_pb2.Connector,
                   info: types_pb2.ConnectionInfo, **fields) -> None:
@@ -255,15 +272,11 @@ class BdmStore:
     def take_for_detach(bdm: BDM, owner: str) -> bool:
         """attached -> detaching, one compare-and-swap; False when the row is
         not attached (another operation runs)."""
-        return bool(BDM.update(state="detaching", progress="bdm_detaching",
-                               owner=owner, updated_at=utcnow())
-                    .where((BDM.id == bdm.id) & (BDM.state == "attached")).execute())
+        return bool(_TAKE_FOR_DETACH.execute(bdm.id, owner, str(utcnow())))
 
     @staticmethod
     def soft_delete(bdm_id: int) -> None:
-        now = utcnow()
-        BDM.update(deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete",
-                   owner=None).where(BDM.id == bdm_id).execute()
+        _SOFT_DELETE.execute(bdm_id, str(utcnow()))
 
     # -- connection_info at rest ---------------------------------------------------------
 
