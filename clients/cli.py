@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmattach: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except VmattachError as exc:
+        if getattr(args, "local", False) and isinstance(exc, Unavailable):
+            # audit, db upgrade...: the addresses are their settings' (the
+            # message names the one that failed), not --address
+            print(f"vmattach: {exc.message} (reason {exc.reason})", file=sys.stderr)
+            return EXIT_UNREACHABLE
         down = _unreachable(exc, args)
         if down:
             print(f"vmattach: could not reach vmattach at {', '.join(down)}: {exc.message}\n"

@@ -229,6 +229,15 @@ def test_an_unreachable_address_says_which_and_how_to_set_another(stack):
     assert "--address" in proc.stderr and "VMATTACH_ADDRESS" in proc.stderr
 
 
+def test_an_audit_that_reaches_nothing_names_its_own_address_not_the_clis(tmp_path):
+    proc = subprocess.run([VMATTACH, "audit", "--state-dir", str(tmp_path), "--listen", DEAD_ADDRESS],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, "VMATTACH_ADDRESS": "127.0.0.1:2"})
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert DEAD_ADDRESS in proc.stderr and "127.0.0.1:2" not in proc.stderr
+    assert "VMATTACH_ADDRESS" not in proc.stderr  # the audit does not use it
+
+
 def test_version():
     proc = subprocess.run([VMATTACH, "--version"], capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0
