@@ -30,6 +30,8 @@ PACKAGES=(
     xz-utils zstd gzip
     # the Node.js client's test (clients/node) and the zsh completion's test
     nodejs zsh
+    # the README's metrics command
+    curl
 )
 
 say() { printf 'setup-host: %s\n' "$*"; }
@@ -54,7 +56,17 @@ else
     say "packages already installed"
 fi
 
-for tool in virsh libvirtd virtlogd qemu-system-x86_64 tgtd tgtadm iscsi-inq; do
+# Debian ships npm apart from nodejs (`make node-client` runs npm ci); a
+# nodejs of NodeSource's has it built in and conflicts with Debian's npm.
+if ! command -v npm >/dev/null 2>&1; then
+    say "installing npm"
+    [ "${#missing[@]}" -gt 0 ] || apt-get -o DPkg::Lock::Timeout=600 update -qq \
+        || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends npm || die "apt-get install failed for: npm"
+fi
+
+for tool in virsh libvirtd virtlogd qemu-system-x86_64 tgtd tgtadm iscsi-inq curl node npm; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found after installing packages"
 done
 
