@@ -235,8 +235,9 @@ def setup_tracing(exporter: str, service_name: str = "vmattach") -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError as exc:
-        raise InvalidArgument(f"tracing needs the [tracing] extra: pip install 'vmattach[tracing]'"
-                              f" ({exc.name} is missing)", reason="INVALID_SETTING") from None
+        raise InvalidArgument("tracing needs the [tracing] extra (in vmattach's checkout:"
+                              f" pip install '.[tracing]'; {exc.name} is missing)",
+                              reason="INVALID_SETTING") from None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))

@@ -24,7 +24,7 @@ TIMEOUT = 120
 @pytest.fixture(autouse=True)
 def _node_client():
     if shutil.which("node") is None:
-        pytest.fail("node is missing: install Node.js 20 (scripts/setup-host.sh)")
+        pytest.fail("node is missing: install Node.js 18+ (scripts/setup-host.sh)")
     if not (PACKAGE / "node_modules" / "@grpc" / "grpc-js").is_dir():
         pytest.fail(f"{PACKAGE}/node_modules is missing: run `make node-client` (npm ci)")
 
