@@ -178,7 +178,9 @@ class NodeDirectory:
     # -- health -------------------------------------------------------------------------
 
     def answered(self, state: NodeState) -> None:
-        if not state.reachable:
+        if not state.reachable and state.last_seen is None:  # its first answer: news, not trouble
+            LOG.info("node %s (%s) answers", state.name, state.address)
+        elif not state.reachable:
             LOG.warning("node %s (%s) answers again", state.name, state.address)
         state.reachable, state.last_error = True, ""
         state.last_seen, state.checked_at = utcnow(), time.monotonic()
