@@ -83,11 +83,19 @@ class Running:
                 LOG.info("stopping in %g s (health NOT_SERVING meanwhile)", self.shutdown_delay)
                 time.sleep(self.shutdown_delay)
             self.server.stop(grace).wait()
+            # the facade's own work (node heartbeats and watches, the reconciler)
+            # ends before the internal server it calls does: no "node does not
+            # answer" at every stop
+            facade = [svc for svc in self.services if svc.name == SERVERS_SERVICE]
+            for svc in facade:
+                for hook in svc.on_stop:
+                    hook()
             if self.internal is not None:
                 self.internal.stop(grace).wait()
             for svc in self.services:
-                for hook in svc.on_stop:
-                    hook()
+                if svc not in facade:
+                    for hook in svc.on_stop:
+                        hook()
             for hook in self.on_stop:
                 hook()
 
