@@ -21,6 +21,10 @@ from vmattach.common.version import version
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+CONNECT_TIMEOUT = 10.0
+ADDRESS_HINT = ("Set the address with --address HOST:PORT or VMATTACH_ADDRESS (and"
+                " --controller-address / VMATTACH_CONTROLLER_ADDRESS for a separate Controller);"
+                " a vmattach with TLS also needs --tls-ca, --tls-cert and --tls-key.")
 PROGRESS_INTERVAL = 0.5
 
 # The columns a listing shows unless -c picks others (show prints every field).
@@ -361,6 +365,10 @@ def _connection_options(sub_level: bool) -> argparse.ArgumentParser:
                        help=f"{what} (env {env})")
     p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
                    help="seconds per call (default 120)")
+    p.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                   default=default(float(os.environ.get("VMATTACH_CONNECT_TIMEOUT", CONNECT_TIMEOUT))),
+                   help="seconds to wait for a connection, e.g. to a server started a moment"
+                   f" ago (env VMATTACH_CONNECT_TIMEOUT; default {CONNECT_TIMEOUT:g}, as grpcurl)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="the same as -f json")
     return p
@@ -532,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "local", False):
             return args.func(args)
         with _client(args) as client:
+            client.wait_connected(args.connect_timeout)
             args.func(args, client)
         return EXIT_OK
     except UsageError as exc:
@@ -544,12 +553,13 @@ def main(argv: list[str] | None = None) -> int:
             # message names the one that failed), not --address
             print(f"vmattach: {exc.message} (reason {exc.reason})", file=sys.stderr)
             return EXIT_UNREACHABLE
+        if exc.reason == "UNREACHABLE":  # no connection (TCP, or the TLS handshake)
+            print(f"vmattach: {exc.message}\n{ADDRESS_HINT}", file=sys.stderr)
+            return EXIT_UNREACHABLE
         down = _unreachable(exc, args)
         if down:
             print(f"vmattach: could not reach vmattach at {', '.join(down)}: {exc.message}\n"
-                  "Set the address with --address HOST:PORT or VMATTACH_ADDRESS"
-                  " (and --controller-address / VMATTACH_CONTROLLER_ADDRESS for a separate"
-                  " Controller).", file=sys.stderr)
+                  f"{ADDRESS_HINT}", file=sys.stderr)
             return EXIT_UNREACHABLE
         print(f"vmattach: {exc.message} (reason {exc.reason})", file=sys.stderr)
         return EXIT_REFUSED

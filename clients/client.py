@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
+
 from vmattach.common.enums import ACCESS_MODE
+from vmattach.common.errors import Unavailable
 from vmattach.common.grpcutil import call, channel
 from vmattach.common.tls import TlsFiles
 from vmattach.common.validate import require_mode
@@ -23,12 +26,29 @@ class VmattachClient:
         Bearer`; tls: the CA (and the client certificate) when vmattach speaks TLS."""
         self.timeout = timeout
         metadata = [("authorization", f"Bearer {token}")] if token else []
-        self._channel = channel(address, tls=tls, metadata=metadata)
-        self._controller_channel = (channel(controller_address, tls=tls, metadata=metadata)
-                                    if controller_address and controller_address != address
-                                    else self._channel)
+        # reconnect soon after a refused connection: a server that is starting listens in a moment
+        options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+        self._channel = channel(address, tls=tls, metadata=metadata, options=options)
+        self._addresses = {address: self._channel}
+        self._controller_channel = self._channel
+        if controller_address and controller_address != address:
+            self._controller_channel = channel(controller_address, tls=tls, metadata=metadata,
+                                               options=options)
+            self._addresses[controller_address] = self._controller_channel
         self.servers = servers_pb2_grpc.ServersStub(self._channel)
         self.controller = controller_pb2_grpc.ControllerStub(self._controller_channel)
+
+    def wait_connected(self, timeout: float) -> None:
+        """Wait up to timeout seconds for a connection to every address (as
+        grpcurl does before its call): a server started a moment ago in the
+        background answers; Unavailable names an address nothing answered at."""
+        for address, ch in self._addresses.items():
+            try:
+                grpc.channel_ready_future(ch).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise Unavailable(f"could not reach vmattach at {address}: no connection within"
+                                  f" {timeout:g} s",
+                                  reason="UNREACHABLE", metadata={"address": address}) from None
 
     def close(self) -> None:
         self._channel.close()

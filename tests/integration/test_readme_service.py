@@ -7,6 +7,8 @@ them)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import need
+from tests.support.tgtd import free_ports
 from tests.support.vmattach_process import VMATTACH, ServeProcess
 from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.errors import Unauthenticated
@@ -98,3 +101,74 @@ def test_the_readme_command_serves_on_a_fresh_machine(tmp_path):
         assert proc.terminate(timeout=60) == 0
     finally:
         proc.stop()
+
+
+# -- the README's commands, as a newcomer pastes them -----------------------------------------
+
+
+def readme_block(first_line: str) -> list[str]:
+    """The README code block that begins with first_line, as command lines
+    (continuations kept as they are written)."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(first_line))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return block
+
+
+def test_the_readme_quick_start_pasted_into_a_shell(tmp_path):
+    """The Quick start block (serve in the background and at once the CLI,
+    grpcurl and curl), then the blocks of reflection, health and the CLI
+    section without placeholders: only the state directory and the ports
+    are changed, so that the test shares the machine."""
+    need("tgtd", "tgtadm", "virsh", "curl")
+    if not host_tgtd_answers():
+        need("no-host-tgtd (run scripts/setup-host.sh: it leaves tgtd running)")
+    port, metrics_port = free_ports(2)
+    state = tmp_path / "state"
+    script = readme_block("export VMATTACH_TOKEN=$(vmattach token create --state-dir")
+    assert any(line.startswith("vmattach serve") for line in script)
+    assert any(line.rstrip().endswith(" &") for line in script)
+    script += ["serve=$!"]
+    script += readme_block("grpcurl -plaintext 127.0.0.1:50051 list")
+    script += readme_block("""grpcurl -plaintext -d '{"service":""")
+    script += [line for line in readme_block("export VMATTACH_ADDRESS=")
+               if not re.search(r"[A-Z]_ID|\[|\|", line)]
+    script += ['kill -TERM "$serve"; wait "$serve"; echo "serve exited $?"']
+    text = ("\n".join(script).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+            .replace("127.0.0.1:9150", f"127.0.0.1:{metrics_port}")
+            .replace("/var/lib/vmattach", str(state)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMATTACH_")}
+    env["PATH"] = f"{Path(VMATTACH).parent}:{env['PATH']}"  # what `. .venv/bin/activate` does
+    env["VMATTACH_ADDRESS"] = f"127.0.0.1:{port}"  # the CLI's default address, 127.0.0.1:50051
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.run(["bash", "-c", text], stdout=stdout, stderr=stderr, env=env,
+                              timeout=180)
+    printed, logged = out.read_text(), err.read_text()
+    assert proc.returncode == 0, printed + logged
+    assert f"listening on 127.0.0.1:{port}\n" in printed
+    assert f"metrics on 127.0.0.1:{metrics_port}\n" in printed
+    # the CLI's volume create, sent at once after the server was put in the background
+    assert re.search(r"^\| name +\| data1 +\|$", printed, re.M), printed + logged
+    assert not re.search(r"^vmattach: ", logged, re.M), logged  # no CLI error
+    # grpcurl: the facade answered with the request id, logged as JSON lines
+    calls = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
+    assert any(c.get("request_id") == "req-1234" and c.get("grpc_method") == "ListServers"
+               and c.get("grpc_code") == "OK" for c in calls)
+    # a clean start on a healthy host warns of nothing
+    assert [c["message"] for c in calls if c["level"] in ("WARNING", "ERROR")] == []
+    # curl: the calls counted
+    assert re.search(r'^grpc_server_handled_total\{grpc_code="OK",grpc_method="CreateVolume",'
+                     r'grpc_service="vmattach.v1.Controller",grpc_type="unary"\} ', printed, re.M)
+    # reflection lists the three services; health says SERVING
+    for service in ("vmattach.v1.Controller", "vmattach.v1.Node", "vmattach.v1.Servers",
+                    "grpc.health.v1.Health"):
+        assert f"\n{service}\n" in printed
+    assert '"status": "SERVING"' in printed
+    # the CLI section: server list is a table
+    assert "| server_id " in printed
+    assert printed.rstrip().endswith("serve exited 0")
