@@ -108,7 +108,7 @@ class Settings:
     owner_lease: float = _opt(15.0, "seconds after which an operation whose facade stopped"
                               " sending heartbeats is recovered by another", float)
     fault_injection: str = _opt("", "tests only: before|after:STEP[=ACTION],... (ACTION: error,"
-                                " unavailable, deadline, kill)")
+                                " unavailable, deadline, kill, pause:SECONDS)")
 
     def service_list(self) -> list[str]:
         names = [s.strip() for s in self.services.split(",") if s.strip()]
