@@ -277,12 +277,17 @@ def new_server(address: str, max_workers: int = 32,
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[*interceptors, ErrorInterceptor(authenticator, limits)],
                          options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=maximum)
-    if credentials is not None:
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind" (its C core logged why)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise InvalidArgument(f"cannot listen on {prefix(address)}: the port is in use (another"
+                              " vmattach serve?) or the address is not one of this host's",
+                              reason="INVALID_SETTING")
     return server, port
 
 

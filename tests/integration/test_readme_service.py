@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -172,3 +173,17 @@ def test_the_readme_quick_start_pasted_into_a_shell(tmp_path):
     # the CLI section: server list is a table
     assert "| server_id " in printed
     assert printed.rstrip().endswith("serve exited 0")
+
+
+def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path):
+    """The README's serve started twice: the second one names the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = subprocess.run([VMATTACH, "serve", "--state-dir", str(tmp_path / "state"),
+                               "--listen", address], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"vmattach: cannot listen on {address}: the port is in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
