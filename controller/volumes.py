@@ -811,6 +811,40 @@ class VolumeManager:
         export owns. Returns the number of targets re-created."""
         return self.reconcile_exports().targets_created
 
+    def _exports_to_repair(self, present: dict[int, Target], tid_of: dict[str, int],
+                           owned: set[int], prune: bool) -> builtins.list[str]:
+        """The volumes whose export may need a change (looked at again under
+        their lock), from one read of every export with the initiators its
+        connections use, against tgtd's listing; the tids of the others, which
+        are as they should be, go into owned. (A run over thousands of exports
+        took a write transaction for each, every reconcile interval.)"""
+        exports: dict[str, tuple[str, int]] = {}
+        used: dict[str, set[str]] = {}
+        rows = (Export.select(Export.volume, Export.target_iqn,
+                              peewee.fn.COALESCE(Export.target_tid, Export.tid),
+                              VolumeAttachment.connector)
+                .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
+                      on=((VolumeAttachment.volume == Export.volume)
+                          & VolumeAttachment.connector.is_null(False))).tuples())
+        for volume_id, iqn, tid, connector in rows:
+            exports[volume_id] = (iqn, tid)
+            users = used.setdefault(volume_id, set())
+            if connector:
+                users.add(Connector.load(connector).initiator)
+        repair = []
+        for volume_id, (iqn, tid) in exports.items():
+            at = tid_of.get(iqn)
+            target = present.get(at) if at is not None else None
+            users = used[volume_id]
+            fine = (target is not None and at == tid and 1 in target.luns
+                    and users <= set(target.acls)
+                    and not (prune and (not users or set(target.acls) - users)))
+            if fine and at is not None:
+                owned.add(at)
+            else:
+                repair.append(volume_id)
+        return repair
+
     @with_connection
     def reconcile_exports(self, prune: bool = False) -> ExportRepair:
         """ensure_exports; with prune also remove ACLs no connection uses and
@@ -820,9 +854,9 @@ class VolumeManager:
         not know is never touched."""
         present = self.tgt.show()
         tid_of = {t.iqn: tid for tid, t in present.items()}
-        owned = set()
+        owned: set[int] = set()
         done = ExportRepair()
-        for volume_id, in builtins.list(Export.select(Export.volume).tuples()):
+        for volume_id in self._exports_to_repair(present, tid_of, owned, prune):
             with self._volume_lock(volume_id):
                 export = _EXPORT.first(volume_id)
                 if export is None:
@@ -863,13 +897,13 @@ class VolumeManager:
         for tid, target in present.items():
             if tid in owned:
                 continue
-            volume_id = self._our_volume(target)
-            if volume_id is None:
+            stray_of = self._our_volume(target)
+            if stray_of is None:
                 continue  # not this deployment's
             # a publish elsewhere may have made it since the listing: look again
             # under that volume's lock (its Export row is committed by then)
-            with self._volume_lock(volume_id):
-                if _EXPORT.first(volume_id) is not None:
+            with self._volume_lock(stray_of):
+                if _EXPORT.first(stray_of) is not None:
                     continue
                 LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
                 self.tgt.delete_target(tid, None)

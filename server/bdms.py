@@ -109,10 +109,13 @@ class BdmStore:
                     .order_by(BDM.id))
 
     @staticmethod
-    def attached_on_nodes() -> list[BDM]:
-        """Every live `attached` row (the vanished-server check reads them)."""
-        return list(BDM.select().where((BDM.deleted == 0) & (BDM.state == "attached"))
-                    .order_by(BDM.id))
+    def attached_on_nodes() -> list[tuple[int, str, str]]:
+        """(id, node, server) of every live `attached` row, in id order (the
+        vanished-server check reads them every reconcile interval: tuples, not
+        thousands of model instances; get() the few it acts on)."""
+        return list(BDM.select(BDM.id, BDM.node_id, BDM.instance_uuid)
+                    .where((BDM.deleted == 0) & (BDM.state == "attached"))
+                    .order_by(BDM.id).tuples())
 
     @staticmethod
     def mode_of(bdm: BDM) -> str:

@@ -347,10 +347,10 @@ class Facade:
         """Detach what servers that no longer exist on their node had attached
         (the node's own listing decides, never the cache alone); returns how
         many rows were finished."""
-        by_node: dict[str, list[BDM]] = {}
-        for bdm in self.bdms.attached_on_nodes():
-            if node_ids is None or bdm.node_id in node_ids:
-                by_node.setdefault(bdm.node_id, []).append(bdm)
+        by_node: dict[str, list[tuple[int, str]]] = {}
+        for bdm_id, on_node, server_id in self.bdms.attached_on_nodes():
+            if node_ids is None or on_node in node_ids:
+                by_node.setdefault(on_node, []).append((bdm_id, server_id))
         done = 0
         for node_id, rows in by_node.items():
             try:
@@ -359,8 +359,11 @@ class Facade:
             except VmattachError as exc:
                 LOG.warning("node %s did not list its servers: %s", node_id, exc.message)
                 continue
-            for bdm in rows:
-                if bdm.instance_uuid in present:
+            for bdm_id, server_id in rows:
+                if server_id in present:
+                    continue
+                bdm = BDM.get_or_none(BDM.id == bdm_id)
+                if bdm is None:
                     continue
                 LOG.warning("server %s is gone from node %s with volume %s attached: detaching",
                             bdm.instance_uuid, node_id, bdm.volume_id)
