@@ -207,20 +207,20 @@ def serve(settings: Settings, hypervisor=None) -> int:
     tests pass a fake one.)"""
     obs.setup_logging(settings.log_level, settings.log_format)
     obs.setup_tracing(settings.tracing, f"vmattach-{settings.services.replace(',', '-')}")
-    if settings.metrics_listen:
-        obs.parse_listen(settings.metrics_listen)  # a typo fails before anything starts
-    running = start(settings, hypervisor=hypervisor)
+    metrics = None
+    if settings.metrics_listen:  # first: a typo or a port in use fails before anything starts
+        metrics_host, metrics_port, metrics = obs.start_metrics_server(settings.metrics_listen)
+    try:
+        running = start(settings, hypervisor=hypervisor)
+    except BaseException:
+        if metrics is not None:
+            metrics.shutdown()
+        raise
     if settings.auth == "none":
         LOG.warning("--auth none: every caller on this host may call every RPC, unauthenticated")
     host = settings.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
-    metrics = None
-    if settings.metrics_listen:
-        try:
-            metrics_host, metrics_port, metrics = obs.start_metrics_server(settings.metrics_listen)
-        except BaseException:
-            running.stop(0)
-            raise
+    if metrics is not None:
         print(f"metrics on {metrics_host}:{metrics_port}", flush=True)
     LOG.info("vmattach %s serving %s on port %d (pid %d)", version(), settings.services,
              running.port, os.getpid())

@@ -187,3 +187,17 @@ def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert f"vmattach: cannot listen on {address}: the port is in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_its_metrics_port_in_use_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = subprocess.run([VMATTACH, "serve", "--state-dir", str(tmp_path / "state"),
+                               "--listen", "127.0.0.1:0", "--metrics-listen", metrics],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert proc.stdout == ""  # no `listening on` of a server that is not there
+    assert f"vmattach: cannot serve metrics on {metrics}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
