@@ -27,6 +27,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -600,3 +601,32 @@ class TestGuest:
     def _tail(self, n: int = 15) -> str:
         lines = list(self._console)[-n:]
         return "; last console lines:\n  " + "\n  ".join(lines) if lines else "; console empty"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.support.guest --project demo`: a test guest to try
+    the README's commands on by hand; it runs until SIGTERM or SIGINT, then
+    it is destroyed."""
+    import argparse
+    import signal
+    import threading
+
+    p = argparse.ArgumentParser(prog="python -m tests.support.guest",
+                                description="Boot the small test guest (scripts/build-test-guest.sh)"
+                                " under libvirt until SIGTERM or SIGINT.")
+    p.add_argument("--project", default="", help="the project that owns it (Nova's metadata)")
+    p.add_argument("--name", help="the domain's name (default: vmattach-test-RANDOM)")
+    p.add_argument("--uri", default=DEFAULT_URI, help=f"libvirt URI (default {DEFAULT_URI})")
+    args = p.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with TestGuest.start(uri=args.uri, name=args.name, project_id=args.project) as guest:
+        print(f"server {guest.uuid} ({guest.name}) of project {args.project or '(none)'}:"
+              " running until SIGTERM or Ctrl-C", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
