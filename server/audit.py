@@ -77,14 +77,26 @@ class Snapshot:
         return set(self.volumes) | {b.volume_id for b in self.bdms}
 
 
+def own_address(listen: str) -> str:
+    """Where this host's `vmattach serve --listen LISTEN` answers: loopback
+    for a wildcard listen (0.0.0.0:50051 answers at 127.0.0.1:50051, which
+    a certificate names; 0.0.0.0 it never does)."""
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0"):
+        return f"127.0.0.1:{port}"
+    if host in ("[::]", "::"):
+        return f"[::1]:{port}"
+    return listen
+
+
 def controller_address(settings: Settings) -> str:
-    return settings.controller_address or settings.listen
+    return settings.controller_address or own_address(settings.listen)
 
 
 def node_addresses(settings: Settings) -> list[tuple[str, str]]:
     """[(configured node id or "", address)]"""
     from vmattach.server.nodes import parse_nodes
-    return parse_nodes(settings.nodes) or [("", settings.listen)]
+    return parse_nodes(settings.nodes) or [("", own_address(settings.listen))]
 
 
 def _channel(settings: Settings, address: str):

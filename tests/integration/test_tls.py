@@ -4,6 +4,7 @@ refusal to listen on the network in plain text."""
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import subprocess
 import sys
@@ -143,3 +144,22 @@ def test_tls_settings_come_from_env_and_toml(tmp_path, pkis):
                                   "VMATTACH_TLS_CA": str(ours / "ca.crt")})
     assert settings.tls_cert.endswith("service.crt") and settings.tls_key.endswith("service.key")
     assert settings.tls_ca.endswith("ca.crt") and settings.insecure is True
+
+
+@pytest.mark.realstack  # the Controller runs on a real (private) tgtd
+def test_audit_with_the_settings_of_a_server_on_a_wildcard_listen(tmp_path, tgtd, serve, pkis,
+                                                                  capsys):
+    """docs/security.md's one-host TLS deployment (listen 0.0.0.0, 127.0.0.1
+    among the certificate's hosts): `vmattach audit` with the same settings
+    reaches it at 127.0.0.1, which the certificate names (0.0.0.0 it does not)."""
+    from vmattach.server import audit
+    ours, _ = pkis
+    settings = make_settings(tmp_path, auth="token", listen="0.0.0.0:0", tgt_portal=tgtd.portal,
+                             tgt_control_port=tgtd.control_port, node_id="tls-node",
+                             initiator_iqn="iqn.2004-10.org.vmattach:tls-node",
+                             tls_cert=str(ours / "service.crt"), tls_key=str(ours / "service.key"),
+                             tls_ca=str(ours / "ca.crt"))
+    running = serve(settings, hypervisor=FakeHypervisor())
+    same = dataclasses.replace(settings, listen=f"0.0.0.0:{running.port}")
+    assert audit.run(same, False) == 0
+    assert "audit: no divergence (the Controller and 1 node(s) checked)" in capsys.readouterr().out
