@@ -366,9 +366,10 @@ def _connection_options(sub_level: bool) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
                    help="seconds per call (default 120)")
     p.add_argument("--connect-timeout", type=float, metavar="SECONDS",
-                   default=default(float(os.environ.get("VMATTACH_CONNECT_TIMEOUT", CONNECT_TIMEOUT))),
+                   default=default(os.environ.get("VMATTACH_CONNECT_TIMEOUT", str(CONNECT_TIMEOUT))),
                    help="seconds to wait for a connection, e.g. to a server started a moment"
-                   f" ago (env VMATTACH_CONNECT_TIMEOUT; default {CONNECT_TIMEOUT:g}, as grpcurl)")
+                   f" ago; 0: no wait (env VMATTACH_CONNECT_TIMEOUT; default {CONNECT_TIMEOUT:g},"
+                   " as grpcurl)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="the same as -f json")
     return p

@@ -41,7 +41,10 @@ class VmattachClient:
     def wait_connected(self, timeout: float) -> None:
         """Wait up to timeout seconds for a connection to every address (as
         grpcurl does before its call): a server started a moment ago in the
-        background answers; Unavailable names an address nothing answered at."""
+        background answers; Unavailable names an address nothing answered at.
+        timeout 0: no wait (the first call fails at once instead)."""
+        if timeout <= 0:
+            return
         for address, ch in self._addresses.items():
             try:
                 grpc.channel_ready_future(ch).result(timeout=timeout)

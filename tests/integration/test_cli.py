@@ -229,6 +229,19 @@ def test_an_unreachable_address_says_which_and_how_to_set_another(stack):
     assert "--address" in proc.stderr and "VMATTACH_ADDRESS" in proc.stderr
 
 
+def test_without_a_connect_wait_an_unreachable_address_fails_at_once(stack):
+    started = time.monotonic()
+    proc = stack.run("volume", "list", env={"VMATTACH_ADDRESS": DEAD_ADDRESS,
+                                            "VMATTACH_CONNECT_TIMEOUT": "0"})
+    assert proc.returncode == 3
+    assert f"could not reach vmattach at {DEAD_ADDRESS}" in proc.stderr
+    assert time.monotonic() - started < 8  # not the default 10 s wait
+    ok = stack.run("--connect-timeout", "0", "volume", "list")  # a live server: no wait needed
+    assert ok.returncode == 0, ok.stderr
+    bad = stack.run("volume", "list", env={"VMATTACH_CONNECT_TIMEOUT": "soon"})
+    assert bad.returncode == 2 and "invalid float value: 'soon'" in bad.stderr
+
+
 def test_an_audit_that_reaches_nothing_names_its_own_address_not_the_clis(tmp_path):
     proc = subprocess.run([VMATTACH, "audit", "--state-dir", str(tmp_path), "--listen", DEAD_ADDRESS],
                           capture_output=True, text=True, timeout=TIMEOUT,
