@@ -24,7 +24,7 @@ from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.devices import device_in_use, pick_device
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.server.models import FacadeInstance, PendingExtend
+from vmattach.server.models import FacadeInstance, PendingExtend, ServerRecord
 from vmattach.v1 import types_pb2
 
 # The progress of an attach whose rollback did not finish (see rolling_back()).
@@ -34,6 +34,14 @@ _LIVE_BDM = Prepared(lambda s, v, d: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == d)), 3)
 _LIVE_OF_SERVER = Prepared(lambda s: BDM.select().where(
     (BDM.instance_uuid == s) & (BDM.deleted == 0)), 1)
+_SERVER_FIELDS = tuple(ServerRecord._meta.sorted_fields)
+_BDM_FIELDS = tuple(BDM._meta.sorted_fields)
+# a request's first read: the cached server and its live rows, one statement
+_SERVER_AND_ROWS = Prepared(lambda s: ServerRecord.select(*_SERVER_FIELDS, *_BDM_FIELDS)
+                            .join(BDM, peewee.JOIN.LEFT_OUTER,
+                                  on=((BDM.instance_uuid == ServerRecord.server_id)
+                                      & (BDM.deleted == 0)))
+                            .where(ServerRecord.server_id == s).order_by(BDM.id), 1)
 _TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(
     state="detaching", progress="bdm_detaching", owner=owner, updated_at=now)
     .where((BDM.id == i) & (BDM.state == "attached")), 3)
@@ -75,6 +83,18 @@ class BdmStore:
     @staticmethod
     def live(server_id: str, volume_id: str) -> BDM | None:
         return _LIVE_BDM.first(server_id, volume_id, 0)
+
+    @staticmethod
+    def server_and_rows(server_id: str) -> tuple[ServerRecord | None, list[BDM]]:
+        """The cached server (None: not cached) and its live rows, in one read."""
+        rows = _SERVER_AND_ROWS.tuples(server_id)
+        if not rows:
+            return None, []
+        n = len(_SERVER_FIELDS)
+        server = ServerRecord(**{f.name: v for f, v in zip(_SERVER_FIELDS, rows[0][:n],
+                                                           strict=True)})
+        return server, [BDM(**{f.name: v for f, v in zip(_BDM_FIELDS, r[n:], strict=True)})
+                        for r in rows if r[n] is not None]
 
     @staticmethod
     def get(bdm_id: int) -> BDM:
@@ -183,14 +203,17 @@ class BdmStore:
 
     def insert(self, server_id: str, volume_id: str, *, device: str, server, limit: int,
                owner: str, tag: str = "", delete_on_termination: bool = False,
-               request_id: str = "") -> BDM:
+               request_id: str = "", rows: list[BDM] | None = None) -> BDM:
         """A new row `attaching` with its device name, under the server's lock;
         the unique indexes keep replicas in other processes correct too.
         AlreadyExists when the volume is attached to the server (SameRequest
         when it is the same request again), ResourceExhausted at the limit."""
         with self._server_locks.hold(server_id):
-            for _attempt in range(5):
-                rows = _LIVE_OF_SERVER.rows(server_id)  # one read: the volume's row, the names
+            for attempt in range(5):
+                # the server's live rows: as the caller read them (a race with another
+                # insert ends on a unique index, and the next attempt reads again)
+                if attempt or rows is None:
+                    rows = _LIVE_OF_SERVER.rows(server_id)
                 existing = next((b for b in rows if b.volume_id == volume_id), None)
                 if existing is not None:
                     self._already_attached(existing, volume_id, request_id)

@@ -135,7 +135,8 @@ class Facade:
     def attach(self, req: AttachRequest, deadline: Deadline) -> BDM:
         # 1. validate: ids (servicer), device and tag, the server and its state
         validate_attach(req)
-        server = self.nodes.visible_server(req.server_id)
+        cached, rows = self.bdms.server_and_rows(req.server_id)
+        server = self.nodes.visible_server(req.server_id, cached)
         check_server_state("attach_volume", server)
         handle = self.nodes.node(server.node_id)
         node = NodeCalls(handle.stub)
@@ -145,7 +146,8 @@ class Facade:
                 req.server_id, req.volume_id, device=req.device, server=server,
                 limit=min(self.max_volumes_per_server, handle.max_volumes_per_server),
                 owner=self.instance_id, tag=req.tag,
-                delete_on_termination=req.delete_on_termination, request_id=req.request_id))
+                delete_on_termination=req.delete_on_termination, request_id=req.request_id,
+                rows=rows if cached is not None else None))
         except SameRequest as same:
             return same.bdm
         op = Attach(req.server_id, req.volume_id, node)
@@ -200,9 +202,11 @@ class Facade:
     @count_operation("detach")
     @with_connection
     def detach(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
-        server = self.nodes.visible_server(server_id)
+        cached, rows = self.bdms.server_and_rows(server_id)
+        server = self.nodes.visible_server(server_id, cached)
         # 1. find the BDM, and take it: attached -> detaching (one compare-and-swap)
-        bdm = self.bdms.live(server_id, volume_id)
+        bdm = (next((b for b in rows if b.volume_id == volume_id), None) if cached is not None
+               else self.bdms.live(server_id, volume_id))
         if bdm is None:
             raise not_attached(server_id, volume_id)
         if not self.step("bdm_detaching", self.bdms.take_for_detach, bdm, self.instance_id):

@@ -397,10 +397,11 @@ class NodeDirectory:
             raise server_not_found(server_id)
         return record
 
-    def visible_server(self, server_id: str) -> ServerRecord:
-        """server(), for a caller who may see it: another project's server
-        is NotFound, exactly like a missing one."""
-        record = self.server(server_id)
+    def visible_server(self, server_id: str, cached: ServerRecord | None = None) -> ServerRecord:
+        """server() (or the cached record the caller read), for a caller who
+        may see it: another project's server is NotFound, exactly like a
+        missing one."""
+        record = cached if cached is not None else self.server(server_id)
         if not auth.current().sees(record.project_id):
             raise server_not_found(server_id)
         return record

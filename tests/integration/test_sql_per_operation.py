@@ -21,8 +21,8 @@ from vmattach.v1 import types_pb2
 
 # statements per attach / detach of a volume attached before (its CHAP
 # account exists; its export is made again at each attach and goes at each detach)
-ATTACH_BUDGET = 20
-DETACH_BUDGET = 19
+ATTACH_BUDGET = 19
+DETACH_BUDGET = 18
 # of which BEGIN and COMMIT: one write transaction per Controller call that
 # writes more than one row (reserve, publish, mark attached; begin detaching,
 # unpublish, mark detached)
