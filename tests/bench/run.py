@@ -378,8 +378,13 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results.json"))
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--cell", action="store_true",
+                   help="the scale part at a Nova cell's size: 1,000,000 volumes, 100,000"
+                        " servers on 1,000 nodes (not part of make bench: see bench/README.md)")
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke or os.environ.get("VMATTACH_BENCH_SMOKE") == "1" else FULL
+    if args.cell:
+        cfg = dict(cfg, scale_volumes=1_000_000, scale_nodes=1000, scale_per_node=100)
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="vmattach-bench-"))
     res: dict = {"mode": "smoke" if cfg is SMOKE else "full", "config": cfg,
