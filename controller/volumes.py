@@ -905,6 +905,12 @@ class VolumeManager:
             with self._volume_lock(stray_of):
                 if _EXPORT.first(stray_of) is not None:
                     continue
+                # and tgtd again: since the listing, that target may have gone with
+                # its volume's unpublish and its tid gone to another volume's new
+                # target (removing a target of the volume whose lock is held is safe)
+                now = self.tgt.show().get(tid)
+                if now is None or now.iqn != target.iqn:
+                    continue
                 LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
                 self.tgt.delete_target(tid, None)
                 done.targets_removed += 1

@@ -82,6 +82,8 @@ class FakeTgtRunner:
         if (mode, op) in self._failures:
             self._failures.remove((mode, op))
             return _err("fake failure")
+        if mode == "system" and op == "show":  # the Controller's health probe
+            return Result(0, "System:\n    State: ready\n", "")
         tid = int(o["--tid"]) if "--tid" in o else None
         target = self.targets.get(tid) if tid is not None else None
         if mode == "target" and op == "show":

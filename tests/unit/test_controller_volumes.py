@@ -894,3 +894,25 @@ def test_volumes_belong_to_the_creating_project(env):
         auth.done_acting(token)
     assert env.m.get(a.id)[0].status == "available"
     assert {v.id for v in env.m.list(100, "", None)[0]} == {a.id, b.id}
+
+
+def test_stray_target_whose_tid_went_to_another_volume_since_the_listing_is_kept(env):
+    """A target of ours that no export owns is removed by the reconcile, but
+    only while it is still that target: between the reconcile's listing and
+    the removal, its volume's unpublish may have removed it and another
+    volume's publish made a new target at the same tid."""
+    stray = env.m.create("stray", 1)
+    env.tgt.targets[90] = FakeTarget(90, IQN_PREFIX + stray.id, {1: "/vol/stray"})
+    other = FakeTarget(90, IQN_PREFIX + str(uuid.uuid4()), {1: "/vol/other"})
+    look = env.m._our_volume
+
+    def our_volume_after_a_publish_elsewhere(target):
+        env.tgt.targets[90] = other      # tid 90 is another volume's target now
+        return look(target)
+
+    env.m._our_volume = our_volume_after_a_publish_elsewhere
+    done = env.m.reconcile_exports()
+    assert env.tgt.targets.get(90) == other and done.targets_removed == 0
+    env.m._our_volume = look
+    env.tgt.targets[91] = FakeTarget(91, IQN_PREFIX + stray.id, {1: "/vol/stray"})
+    assert env.m.reconcile_exports().targets_removed == 1 and 91 not in env.tgt.targets
