@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vmattach.common.runner import CommandError, CommandRunner, Result
@@ -18,7 +19,7 @@ class TidInUse(CommandError):
     """tgtd has another target (another IQN) at the tid asked for."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Target:
     tid: int
     iqn: str
@@ -28,15 +29,31 @@ class Target:
     initiators: list[str] = field(default_factory=list)  # logged in (I_T nexus)
 
 
+_TARGET_LINE = re.compile(r"^Target (\d+): (\S+)$")
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of text one at a time: a listing of 100,000 targets is
+    about two million lines, and a list of them all (splitlines) would be
+    several times the size of the text."""
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start)
+        if end < 0:
+            end = size
+        yield text[start:end]
+        start = end + 1
+
+
 def parse_show(text: str) -> dict[int, Target]:
     """Parse `tgtadm --mode target --op show`."""
     targets: dict[int, Target] = {}
     current: Target | None = None
     section = None
     lun = None
-    for raw in text.splitlines():
+    for raw in _lines(text):
         line = raw.strip()
-        m = re.match(r"^Target (\d+): (\S+)$", line)
+        m = _TARGET_LINE.match(line) if line.startswith("Target ") else None
         if m:
             current = Target(int(m.group(1)), m.group(2))
             targets[current.tid] = current

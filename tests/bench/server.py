@@ -61,7 +61,49 @@ def install_counter() -> CountingInterceptor:
     return counter
 
 
+def memory_log(path: str) -> None:
+    """VMATTACH_BENCH_MEMLOG=FILE (a diagnosis aid, off by default): append
+    `seconds rss_mb threads` to FILE every second; with
+    VMATTACH_BENCH_TRACEMALLOC=1 also trace Python allocations and, on
+    SIGUSR2, write the biggest allocation sites (and the traced peak) to
+    FILE.top."""
+    import time
+    import tracemalloc
+
+    from tests.bench.common import vm_rss_mb
+    traced = os.environ.get("VMATTACH_BENCH_TRACEMALLOC") == "1"
+    if traced:
+        tracemalloc.start(8)
+
+    def top(*_):
+        if not traced:
+            return
+        snap = tracemalloc.take_snapshot()
+        current, peak = tracemalloc.get_traced_memory()
+        with open(path + ".top", "a") as fh:
+            fh.write(f"traced now {current / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB,"
+                     f" rss {vm_rss_mb(os.getpid()):.1f} MB\n")
+            for stat in snap.statistics("lineno")[:25]:
+                fh.write(f"  {stat}\n")
+            for stat in snap.statistics("traceback")[:6]:
+                fh.write(f"{stat}\n" + "\n".join("    " + ln for ln in stat.traceback.format())
+                         + "\n")
+
+    def sample():
+        t0 = time.monotonic()
+        while True:
+            with open(path, "a") as fh:
+                fh.write(f"{time.monotonic() - t0:.0f} {vm_rss_mb(os.getpid()):.1f}"
+                         f" {threading.active_count()}\n")
+            time.sleep(1.0)
+
+    signal.signal(signal.SIGUSR2, top)
+    threading.Thread(target=sample, daemon=True, name="bench-memlog").start()
+
+
 def main(argv=None) -> int:
+    if os.environ.get("VMATTACH_BENCH_MEMLOG"):
+        memory_log(os.environ["VMATTACH_BENCH_MEMLOG"])
     p = argparse.ArgumentParser()
     p.add_argument("--state-dir", required=True)
     p.add_argument("--domains", type=int, default=64)
