@@ -262,7 +262,15 @@ def audit_clean(dc: MultiHost, what: str) -> str:
 
 
 def test_both_nodes_are_listed_reachable_with_their_servers(dc):
-    nodes = dc.nodes()
+    # the counts come from the servers cache: a guest booted after the facade
+    # started is counted from the next refresh (every REFRESH seconds) on
+    deadline = time.monotonic() + 2 * REFRESH + 5
+    while True:
+        nodes = dc.nodes()
+        if all(nodes[dc.node_ids[h]]["servers"] >= 1 for h in (dc.a, dc.b)) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for host in (dc.a, dc.b):
         node = nodes[dc.node_ids[host]]
         assert node["address"] == f"{host.ip}:{PORT}" and node["reachable"] is True
