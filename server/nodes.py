@@ -9,11 +9,11 @@ names a server the cache does not know yet.
 The directory also keeps each node's health (reachable, last seen, last
 error), shown by ListNodes: a heartbeat asks every node for its info four
 times per refresh interval, so that a node that stops answering is shown
-down within one interval even when no request goes to it. A call to a node that fails with UNAVAILABLE or
-DEADLINE_EXCEEDED is followed by a short probe; when the probe fails too,
-the node is down, and until it answers again every call to it fails at once
-(after a new probe at most every REPROBE_AFTER seconds) with UNAVAILABLE
-naming the node, so that an attach to a server on a lost host fails well
+down within one interval even when no request goes to it. A call to a node
+that fails with UNAVAILABLE or DEADLINE_EXCEEDED is followed by a short
+probe; when the probe fails too, the node is down, and until it answers
+again every call to it fails at once (after a new probe at most every
+REPROBE_AFTER seconds) with UNAVAILABLE naming the node, so that an attach to a server on a lost host fails well
 within its deadline and undo steps towards it are left to the reconciler."""
 
 from __future__ import annotations
