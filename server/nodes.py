@@ -13,8 +13,9 @@ down within one interval even when no request goes to it. A call to a node
 that fails with UNAVAILABLE or DEADLINE_EXCEEDED is followed by a short
 probe; when the probe fails too, the node is down, and until it answers
 again every call to it fails at once (after a new probe at most every
-REPROBE_AFTER seconds) with UNAVAILABLE naming the node, so that an attach to a server on a lost host fails well
-within its deadline and undo steps towards it are left to the reconciler."""
+REPROBE_AFTER seconds) with UNAVAILABLE naming the node, so that an attach
+to a server on a lost host fails well within its deadline and undo steps
+towards it are left to the reconciler."""
 
 from __future__ import annotations
 
