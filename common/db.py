@@ -261,7 +261,9 @@ class Prepared:
         return rows[0] if rows else None
 
     def tuples(self, *values) -> list:
-        model, sql, converters, params = self._compiled(values)
+        return self._fetch(*self._compiled(values))
+
+    def _fetch(self, model: type[peewee.Model], sql: str, converters: list, params: tuple) -> list:
         cursor = model._meta.database.execute_sql(sql, params)
         out = []
         make = self.row
@@ -280,7 +282,7 @@ class Prepared:
         rows (as tuples() gives them)."""
         model, sql, converters, params = self._compiled(values)
         if converters:
-            return self.tuples(*values)
+            return self._fetch(model, sql, converters, params)
         return model._meta.database.execute_sql(sql, params).rowcount
 
 

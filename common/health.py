@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from grpc_health.v1 import health, health_pb2
 
 from vmattach.common.periodic import every
+from vmattach.common.rules import prefix
 
 LOG = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Health:
             try:
                 check()
             except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-                self.set(name, False, f"{what} unreachable: {str(exc)[:300]}")
+                self.set(name, False, f"{what} unreachable: {prefix(exc, 300)}")
                 return False
         self.set(name, True)
         return True

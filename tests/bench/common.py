@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.vmattach_process import ServeProcess
@@ -35,6 +37,31 @@ def percentile(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def time_cycles(attach: Callable[[int], object], detach: Callable[[int], object],
+                runs: int, cycles: int) -> dict:
+    """runs of `cycles` attach(k) + detach(k), each call timed: per run the
+    p50/p99 of attach and of detach; the medians over runs (ms), and each
+    run's attach p50."""
+    per_run: dict[str, list[float]] = {"attach_p50": [], "attach_p99": [], "detach_p50": [],
+                                       "detach_p99": []}
+    for _ in range(runs):
+        att, det = [], []
+        for k in range(cycles):
+            t0 = time.perf_counter()
+            attach(k)
+            t1 = time.perf_counter()
+            detach(k)
+            t2 = time.perf_counter()
+            att.append((t1 - t0) * 1000)
+            det.append((t2 - t1) * 1000)
+        for op, values in (("attach", att), ("detach", det)):
+            per_run[f"{op}_p50"].append(percentile(values, 50))
+            per_run[f"{op}_p99"].append(percentile(values, 99))
+    out: dict = {k + "_ms": median(v) for k, v in per_run.items()}
+    out["runs_attach_p50_ms"] = per_run["attach_p50"]
+    return out
 
 
 def vm_hwm_mb(pid: int) -> float:

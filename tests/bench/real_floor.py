@@ -23,12 +23,11 @@ import os
 import secrets
 import string
 import subprocess
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.bench.common import median, percentile
+from tests.bench.common import time_cycles
 
 MARK = "<vmattach-floor-done>"
 INITIATOR = "iqn.2004-10.org.vmattach:bench-floor"
@@ -152,28 +151,11 @@ def real_floor(uri: str, domain: str, portal: str, control_port: int, work: Path
         for _ in range(2):  # warm up
             attach()
             detach()
-        per_run: dict[str, list[float]] = {"attach": [], "detach": [], "attach99": [],
-                                           "detach99": []}
-        for _ in range(runs):
-            att, det = [], []
-            for _ in range(cycles):
-                t0 = time.perf_counter()
-                attach()
-                t1 = time.perf_counter()
-                detach()
-                t2 = time.perf_counter()
-                att.append((t1 - t0) * 1000)
-                det.append((t2 - t1) * 1000)
-            per_run["attach"].append(percentile(att, 50))
-            per_run["detach"].append(percentile(det, 50))
-            per_run["attach99"].append(percentile(att, 99))
-            per_run["detach99"].append(percentile(det, 99))
+        out = time_cycles(lambda _k: attach(), lambda _k: detach(), runs, cycles)
     finally:
         try:
             if ids:
                 detach()
         finally:
             virsh.close()
-    return {"attach_p50_ms": median(per_run["attach"]), "detach_p50_ms": median(per_run["detach"]),
-            "attach_p99_ms": median(per_run["attach99"]),
-            "detach_p99_ms": median(per_run["detach99"])}
+    return {k: out[k] for k in ("attach_p50_ms", "detach_p50_ms", "attach_p99_ms", "detach_p99_ms")}

@@ -32,7 +32,15 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.bench.common import REPO_ROOT, Child, median, percentile, server_uuid, vm_hwm_mb
+from tests.bench.common import (
+    REPO_ROOT,
+    Child,
+    median,
+    percentile,
+    server_uuid,
+    time_cycles,
+    vm_hwm_mb,
+)
 from tests.bench.prefill import prefill
 from tests.support.sql_counter import diff
 from vmattach.clients.client import VmattachClient
@@ -112,25 +120,8 @@ def cycle(client, server_id, volume_id) -> tuple[float, float]:
 
 def latency(client, pairs, runs: int, cycles: int, device: str = "") -> dict:
     """c=1: per run the p50/p99 of attach and of detach; the medians over runs."""
-    per_run = {"attach_p50": [], "attach_p99": [], "detach_p50": [], "detach_p99": []}
-    for _ in range(runs):
-        att, det = [], []
-        for k in range(cycles):
-            s, v = pairs[k % len(pairs)]
-            t0 = time.perf_counter()
-            client.attach_volume(s, v, device=device)
-            t1 = time.perf_counter()
-            client.detach_volume(s, v)
-            t2 = time.perf_counter()
-            att.append((t1 - t0) * 1000)
-            det.append((t2 - t1) * 1000)
-        per_run["attach_p50"].append(percentile(att, 50))
-        per_run["attach_p99"].append(percentile(att, 99))
-        per_run["detach_p50"].append(percentile(det, 50))
-        per_run["detach_p99"].append(percentile(det, 99))
-    out = {k + "_ms": median(v) for k, v in per_run.items()}
-    out["runs_attach_p50_ms"] = per_run["attach_p50"]
-    return out
+    return time_cycles(lambda k: client.attach_volume(*pairs[k % len(pairs)], device=device),
+                       lambda k: client.detach_volume(*pairs[k % len(pairs)]), runs, cycles)
 
 
 def throughput(clients, pairs, concurrency: int, seconds: float) -> float:
