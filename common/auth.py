@@ -33,13 +33,13 @@ from vmattach.common import tls
 from vmattach.common.db import Prepared, utcnow, with_connection
 from vmattach.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from vmattach.common.migrations import Schema
+from vmattach.common.rules import PROJECT_RE
 
 LOG = logging.getLogger(__name__)
 
 ROLES = ("reader", "member", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 SERVICE_HEADER = "x-vmattach-service-token"
-PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOKEN_PREFIX = "vmat"
 _TOKEN_RE = re.compile(r"^vmat\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
 

@@ -209,6 +209,19 @@ def with_connection(method):
     return wrapper
 
 
+class InSet(peewee.ColumnBase):
+    """An expression with a subquery, for an UPDATE's SET clause (peewee
+    writes only a subquery's alias there otherwise)."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def __sql__(self, ctx):
+        with ctx.scope_normal():
+            return ctx.sql(self.node)
+
+
 class Prepared:
     """A statement on the hot path whose SQL peewee builds once per kind of
     database; later runs only bind new values (building the SQL was the

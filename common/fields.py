@@ -28,6 +28,7 @@ from vmattach.common.errors import InvalidArgument
 from vmattach.common.rules import (
     MAX_DEVICE_LENGTH,
     MAX_ISCSI_NAME,
+    PROJECT_RE,
     check_device,
     quote,
     require_iscsi_name,
@@ -209,7 +210,7 @@ FIELD_RULES: dict[str, Rule] = {
              all_projects=BOOL),
     **_rules(controller_pb2.DeleteVolumeRequest, volume_id=ID),
     **_rules(controller_pb2.ReserveVolumeRequest, volume_id=ID, server_id=ID, attachment_id=ID,
-             mode=ACCESS_MODE),
+             mode=ACCESS_MODE, project_id=Text(64, PROJECT_RE, "a project name")),
     **_rules(controller_pb2.UnreserveVolumeRequest, volume_id=ID, server_id=ID),
     **_rules(controller_pb2.ControllerPublishVolumeRequest, volume_id=ID, server_id=ID,
              connector=NESTED),

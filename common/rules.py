@@ -17,6 +17,11 @@ from vmattach.common.errors import InvalidArgument
 # Nova's default: at most 26 volumes on one server (vdb ... vdz beside the root disk).
 MAX_VOLUMES_PER_SERVER = 26
 
+# -- names --------------------------------------------------------------------------
+
+# A project (a token's, a volume's, a server's owner): Keystone-like ids and names.
+PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
 # -- quoting inputs -------------------------------------------------------------------
 
 QUOTE_LIMIT = 80

@@ -89,7 +89,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         attachment_id = request.attachment_id and require_uuid(request.attachment_id,
                                                                "attachment_id")
         return volume_to_pb(*self.m.reserve(*self._ids(request), attachment_id,
-                                            ACCESS_MODE.to_word(request.mode, default="rw")))
+                                            ACCESS_MODE.to_word(request.mode, default="rw"),
+                                            request.project_id))
 
     def UnreserveVolume(self, request, context):
         return volume_to_pb(*self.m.unreserve(*self._ids(request)))

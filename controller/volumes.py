@@ -29,7 +29,7 @@ from typing import NamedTuple
 import peewee
 
 from vmattach.common import auth, pagetoken
-from vmattach.common.db import Prepared, is_sqlite, with_connection, write_transaction
+from vmattach.common.db import InSet, Prepared, is_sqlite, with_connection, write_transaction
 from vmattach.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -172,12 +172,16 @@ _VIEW = Prepared(lambda v: Volume.select(*VOLUME_COLUMNS, *ATTACHMENT_COLUMNS)
                  .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
                        on=(VolumeAttachment.volume == Volume.id))
                  .where(Volume.id == v).order_by(VolumeAttachment.created_at), 1)
+_RESERVABLE = ((Volume.status == "available")
+               | ((Volume.multiattach == True) & (Volume.status == "in-use")))  # noqa: E712
 _RESERVE = Prepared(lambda v, now: Volume.update(
     status="attaching", attach_status="attaching", updated_at=now)
-    .where((Volume.id == v) & ((Volume.status == "available")
-                               | ((Volume.multiattach == True)  # noqa: E712
-                                  & (Volume.status == "in-use"))))
-    .returning(*VOLUME_COLUMNS), 2, VolumeRow)
+    .where((Volume.id == v) & _RESERVABLE).returning(*VOLUME_COLUMNS), 2, VolumeRow)
+# the same for a caller who acts for a project: another project's volume stays as it was
+_RESERVE_IN_PROJECT = Prepared(lambda v, now, p: Volume.update(
+    status="attaching", attach_status="attaching", updated_at=now)
+    .where((Volume.id == v) & (Volume.project_id == p) & _RESERVABLE)
+    .returning(*VOLUME_COLUMNS), 3, VolumeRow)
 _NEW_ATTACHMENT = Prepared(lambda a, v, s, mode, now: VolumeAttachment.insert(
     id=a, volume=v, instance_uuid=s, attach_status="reserved", mountpoint="", attach_mode=mode,
     created_at=now, updated_at=now), 5)
@@ -230,18 +234,22 @@ _END_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(
     & VolumeAttachment.attach_status.in_(["attached", "detaching"])), 2)
 
 
-# what remains of a volume's attachments after one ended: (all, attached)
-_REMAINING = Prepared(lambda v: VolumeAttachment.select(
-    peewee.fn.COUNT(1), peewee.fn.SUM(peewee.Case(
-        None, [(VolumeAttachment.attach_status == "attached", 1)], 0)))
-    .where(VolumeAttachment.volume == v), 1)
-
-
 def _settle_query(from_statuses: Sequence[str]) -> Prepared:
-    return Prepared(lambda v, status, attach_status, now: Volume.update(
-        status=status, attach_status=attach_status, updated_at=now)
-        .where((Volume.id == v) & Volume.status.in_(list(from_statuses)))
-        .returning(*VOLUME_COLUMNS), 4, VolumeRow)
+    """After an attachment ended, one compare-and-swap on from_statuses: in-use
+    while an attachment is attached, attaching while one is being made, else
+    available."""
+    def build(v, now):
+        mine = VolumeAttachment.volume == v
+        attached = InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(
+            mine & (VolumeAttachment.attach_status == "attached"))))
+        other = InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(mine)))
+        return Volume.update(
+            status=peewee.Case(None, [(attached, "in-use"), (other, "attaching")], "available"),
+            attach_status=peewee.Case(None, [(attached, "attached"), (other, "attaching")],
+                                      "detached"),
+            updated_at=now,
+        ).where((Volume.id == v) & Volume.status.in_(list(from_statuses))).returning(*VOLUME_COLUMNS)
+    return Prepared(build, 2, VolumeRow)
 
 
 _SETTLE = {tuple(f): _settle_query(f) for f in (("detaching", "in-use"), ("attaching",))}
@@ -373,7 +381,7 @@ class VolumeManager:
                 volume = Volume.create(id=volume_id, name=name, size_gb=size_gb,
                                        project_id=project_id,
                                        multiattach=multiattach, status="creating",
-                                       path=str(path))
+                                       path=str(path), **self._new_chap())
             except peewee.IntegrityError:  # a concurrent create of the same name won
                 existing = Volume.get((Volume.name == name) & (Volume.project_id == project_id))
             else:
@@ -497,16 +505,18 @@ class VolumeManager:
 
     @with_connection
     def reserve(self, volume_id: str, server_id: str, attachment_id: str = "",
-                mode: str = "rw") -> VolumeView:
+                mode: str = "rw", project_id: str = "") -> VolumeView:
         """os-reserve: available -> attaching (in-use -> attaching for multiattach).
         The attachment gets attachment_id (the caller's BDM keeps the same
-        one) and attach_mode mode."""
+        one) and attach_mode mode. With project_id, a volume of another
+        project is not found (and not reserved)."""
         if mode not in ("rw", "ro"):
             raise InvalidArgument("mode must be 'rw' or 'ro'", reason="INVALID_MODE")
         try:
             with write_transaction(self.db):
                 now = _now()
-                changed = _RESERVE.execute(volume_id, now)
+                changed = (_RESERVE_IN_PROJECT.execute(volume_id, now, project_id) if project_id
+                           else _RESERVE.execute(volume_id, now))
                 if changed:
                     attachment_id = attachment_id or str(uuid.uuid4())
                     _NEW_ATTACHMENT.execute(attachment_id, volume_id, server_id, mode, now)
@@ -522,6 +532,8 @@ class VolumeManager:
                                 reason="VOLUME_ALREADY_ATTACHED",
                                 metadata={"volume_id": volume_id, "server_id": server_id}) from None
         volume = self._get(volume_id)
+        if project_id and volume.project_id != project_id:
+            raise not_found(volume_id)
         if volume.status == "in-use":
             servers = ", ".join(self._attached_servers(volume_id))
             raise FailedPrecondition(
@@ -536,14 +548,7 @@ class VolumeManager:
         """After an attachment ended: back to in-use when attachments remain,
         else available (compare-and-swap on from_statuses); the volume as
         changed (None: it was not in one of from_statuses)."""
-        others, remaining = _REMAINING.tuples(volume_id)[0]
-        if remaining:
-            status, attach_status = "in-use", "attached"
-        elif others:
-            status, attach_status = "attaching", "attaching"
-        else:
-            status, attach_status = "available", "detached"
-        changed = _SETTLE[tuple(from_statuses)].execute(volume_id, status, attach_status, _now())
+        changed = _SETTLE[tuple(from_statuses)].execute(volume_id, _now())
         return changed[0] if changed else None
 
     @with_connection
@@ -601,15 +606,20 @@ class VolumeManager:
                 auth_password=self.secretbox.decrypt(volume.chap_secret),
                 access_mode=att_mode, multiattach=volume.multiattach)
 
+    def _new_chap(self) -> dict[str, str]:
+        """A volume's CHAP account (Volume columns): a random user name and
+        password, the password sealed."""
+        user = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
+        password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
+        return {"chap_username": user, "chap_secret": self.secretbox.encrypt(password)}
+
     def _ensure_export(self, volume: VolumeRow,
                        export: ExportRow | None) -> tuple[VolumeRow, ExportRow]:
         """The volume's target on tgtd, created when missing (caller holds
         _volume_lock: no other process creates the Export row or the target
         meanwhile); export: the volume's Export row as read under the lock."""
-        if volume.chap_username is None:
-            user = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
-            password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
-            (Volume.update(chap_username=user, chap_secret=self.secretbox.encrypt(password))
+        if volume.chap_username is None:  # rows made before volumes got theirs at create
+            (Volume.update(**self._new_chap())
              .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
             volume = _row_view(_VIEW.tuples(volume.id))[0]  # type: ignore[index]
         if export is None:

@@ -64,14 +64,15 @@ class ControllerCalls:
                     timeout=_seconds(timeout))
 
     def reserve(self, volume_id: str, server_id: str, timeout: Time, attachment_id: str = "",
-                mode: str = "rw") -> None:
+                mode: str = "rw", project_id: str = "") -> cpb.Volume:
         """os-reserve; the Controller's attachment gets attachment_id (the BDM's)
-        and attach_mode mode."""
-        call(self.stub.ReserveVolume,
-             cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id,
-                                      attachment_id=attachment_id,
-                                      mode=ACCESS_MODE.to_pb(mode)),
-             timeout=_seconds(timeout))
+        and attach_mode mode; with project_id, a volume of another project is
+        NotFound and stays as it was. The volume as reserved."""
+        return call(self.stub.ReserveVolume,
+                    cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id,
+                                             attachment_id=attachment_id,
+                                             mode=ACCESS_MODE.to_pb(mode), project_id=project_id),
+                    timeout=_seconds(timeout))
 
     def unreserve(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
         call(self.stub.UnreserveVolume,

@@ -86,6 +86,17 @@ def not_attached(server_id: str, volume_id: str) -> NotFound:
                     metadata={"server_id": server_id, "volume_id": volume_id})
 
 
+def caller_project(volume_id: str) -> str:
+    """The project whose volumes the caller may attach ("": any, an admin's);
+    a caller who sees no volume at all finds none."""
+    caller = auth.current()
+    if caller.admin:
+        return ""
+    if not caller.project:
+        raise volume_not_found(volume_id)
+    return caller.project
+
+
 def validate_attach(req: AttachRequest) -> None:
     """Step 1 (the checks that need no lookup): device and tag."""
     if req.device:
@@ -153,40 +164,37 @@ class Facade:
         op = Attach(req.server_id, req.volume_id, node)
         saga = attach_saga(self.controller, op)
         try:
-            # 3. get the volume from the Controller
-            volume = self.step("get_volume", self.controller.get_volume, req.volume_id,
-                               deadline, saga=saga)
-            if not auth.current().sees(volume.project_id):
-                # the Controller answers the service role; the user may not see it
-                raise volume_not_found(req.volume_id)
-            # 4. reserve it (one compare-and-swap at the Controller)
+            # 3. reserve the volume (one compare-and-swap at the Controller, which
+            # answers the service role: it is told the project the caller acts for,
+            # and another project's volume is not found and stays as it was)
             # (the Controller's attachment takes the BDM's attachment id and the mode)
-            self.step("reserve", self.controller.reserve, req.volume_id, req.server_id,
-                      deadline, bdm.attachment_id, req.mode, saga=saga)
+            volume = self.step("reserve", self.controller.reserve, req.volume_id,
+                               req.server_id, deadline, bdm.attachment_id, req.mode,
+                               caller_project(req.volume_id), saga=saga)
             # (no record of its own: until node_publish the reconciler undoes every
             # step, each undo idempotent; the row has its node since bdm_insert)
-            # 5. the connector of the node that hosts the server
+            # 4. the connector of the node that hosts the server
             op.connector = self.step("get_connector", node.connector, deadline, saga=saga)
-            # 6. publish at the Controller (initialize_connection) -> connection_info
+            # 5. publish at the Controller (initialize_connection) -> connection_info
             op.info = self.step("controller_publish", self.controller.publish, req.volume_id,
                                 req.server_id, op.connector, deadline, saga=saga)
-            # 7. (a failure of 5-6 rolls back: unpublish, unreserve, delete the BDM row)
+            # (a failure of 3-5 rolls back: unpublish, unreserve, delete the BDM row)
             self.bdms.published(bdm, op.connector, op.info, volume_size=volume.size_gb)
-            # 8. stage and publish on the node
+            # 6-7. stage and publish on the node
             staged = self.step("node_stage", node.stage, req.volume_id, op.info, deadline,
                                saga=saga)
             self.step("node_publish", node.publish, req.server_id, req.volume_id,
                       bdm.device_name, op.info, staged, deadline, saga=saga)
             self.bdms.progress(bdm, "node_publish")
-            # 9. mark attached at the Controller (os-attach)
+            # 8. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
-            # 10. save the connection_info (sealed above), state attached
+            # 9. save the connection_info (sealed above), state attached
             self.step("bdm_attached", self.bdms.attached, bdm, saga=saga)
         except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,
                      getattr(exc, "reason", type(exc).__name__))
-            # 7. the BDM row goes once every undo step succeeded; otherwise the row
+            # the BDM row goes once every undo step succeeded; otherwise the row
             # stays `attaching`, released to the reconciler, which retries the undo
             if saga.rollback():
                 self.bdms.delete(bdm.id)

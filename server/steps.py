@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmattach.common.errors import NotFound
 from vmattach.server.calls import ControllerCalls, NodeCalls
 from vmattach.v1 import types_pb2
 
@@ -32,7 +33,10 @@ Undo = Callable[[ControllerCalls, Attach], None]
 
 
 def _unreserve(controller: ControllerCalls, op: Attach) -> None:
-    controller.unreserve(op.volume_id, op.server_id)
+    try:
+        controller.unreserve(op.volume_id, op.server_id)
+    except NotFound:
+        pass  # no such volume (the reserve found none): nothing is reserved
 
 
 def _controller_unpublish(controller: ControllerCalls, op: Attach) -> None:
@@ -61,14 +65,13 @@ def _mark_detached(controller: ControllerCalls, op: Attach) -> None:
 # goes after every undo succeeded.
 ATTACH: tuple[tuple[str, Undo | None], ...] = (
     ("bdm_insert", None),                          # 2. device name, BDM row `attaching`
-    ("get_volume", None),                          # 3.
-    ("reserve", _unreserve),                       # 4. Cinder's reserve
-    ("get_connector", None),                       # 5. the node's connector
-    ("controller_publish", _controller_unpublish),  # 6. initialize_connection
-    ("node_stage", _node_unstage),                 # 8. connect the host to the volume
-    ("node_publish", _node_unpublish),             # 8. the disk into the domain
-    ("mark_attached", _mark_detached),             # 9. os-attach
-    ("bdm_attached", None),                        # 10. BDM row `attached`
+    ("reserve", _unreserve),                       # 3. Cinder's reserve (in the caller's project)
+    ("get_connector", None),                       # 4. the node's connector
+    ("controller_publish", _controller_unpublish),  # 5. initialize_connection
+    ("node_stage", _node_unstage),                 # 6. connect the host to the volume
+    ("node_publish", _node_unpublish),             # 7. the disk into the domain
+    ("mark_attached", _mark_detached),             # 8. os-attach
+    ("bdm_attached", None),                        # 9. BDM row `attached`
 )
 ATTACH_STEPS = tuple(step for step, _ in ATTACH)
 _UNDO = dict(ATTACH)

@@ -88,8 +88,8 @@ def step_calls(steps: list[Step], rule: str) -> list[str]:
 
 def test_the_flow_tables_name_the_calls():
     """The tables parse into what the tests below rely on."""
-    assert [s.call for s in ATTACH if s.call][:2] == ["Controller.GetVolume",
-                                                      "Controller.ReserveVolume"]
+    assert [s.call for s in ATTACH if s.call][:2] == ["Controller.ReserveVolume",
+                                                      "Node.NodeGetInfo"]
     assert all(s.after_failure == "roll back" for s in ATTACH if s.call)
     assert step_calls(DETACH, "roll back") and step_calls(DETACH, "roll forward")
 

@@ -202,7 +202,7 @@ def test_requested_device_in_use_and_limit_per_server(tmp_path, tgtd, serve):
     stack.assert_clean(server_id, v3)
 
 
-ATTACH_STEPS = ["get_volume", "reserve", "get_connector", "controller_publish", "node_stage",
+ATTACH_STEPS = ["reserve", "get_connector", "controller_publish", "node_stage",
                 "node_publish", "mark_attached", "bdm_attached"]
 
 
@@ -309,14 +309,42 @@ def test_node_unreachable_mid_attach_is_unavailable_and_nothing_is_left(tmp_path
     assert stack.targets_of(volume_id) == []
 
 
-def test_controller_unreachable_is_unavailable_and_no_row_is_left(tmp_path, tgtd, serve):
+def test_controller_unreachable_is_unavailable_and_its_row_goes_once_it_is_back(
+        tmp_path, tgtd, serve):
+    """The reserve is the first Controller call: when the Controller does not
+    answer, the reserve may or may not have happened, and its undo cannot be
+    sent either. The attach is UNAVAILABLE; its row is left, owned by nobody,
+    to the reconciler, which undoes the reserve and deletes the row once the
+    Controller answers; the volume was never reserved."""
+    from tests.support.tgtd import free_ports
+    from vmattach.server.reconciler import Reconciler
+    [port] = free_ports(1)
     hv = FakeHypervisor()
     stack = Stack(tmp_path, tgtd, serve, hv=hv, services="node,servers",
-                  controller_address="127.0.0.1:1")
+                  controller_address=f"127.0.0.1:{port}")
     server_id = stack.server()
+    controller_settings = make_settings(tmp_path / "controller", services="controller",
+                                        listen=f"127.0.0.1:{port}", tgt_portal=tgtd.portal,
+                                        tgt_control_port=tgtd.control_port)
+    controller = serve(controller_settings)
+    with VmattachClient(f"127.0.0.1:{port}", timeout=30) as admin:
+        volume_id = admin.create_volume("back-later", 1).volume_id
+    controller.stop(grace=0)
     with pytest.raises(Unavailable):
-        stack.client.attach_volume(server_id, str(uuid.uuid4()))
-    assert stack.live_bdms() == []
+        stack.client.attach_volume(server_id, volume_id)
+    [row] = stack.live_bdms(volume_id)
+    assert (row.state, row.owner) == ("attaching", None)  # the reconciler's now
+    assert Reconciler(stack.facade, lease=1.0).run_once() == 0  # still no Controller
+    assert len(stack.live_bdms(volume_id)) == 1
+    serve(controller_settings)  # the same state directory and port
+    reconciler, deadline = Reconciler(stack.facade, lease=1.0), time.monotonic() + 30
+    while reconciler.run_once() == 0:  # (the channel reconnects after its back-off)
+        assert time.monotonic() < deadline, "the reconciler never undid the attach"
+        time.sleep(0.2)
+    assert stack.live_bdms(volume_id) == []
+    with VmattachClient(f"127.0.0.1:{port}", timeout=30) as admin:
+        volume = admin.get_volume(volume_id)
+    assert (volume.status, len(volume.attachments)) == (types_pb2.VOLUME_STATUS_AVAILABLE, 0)
 
 
 def test_fifty_concurrent_attaches_of_one_volume_give_exactly_one_attachment(stack):

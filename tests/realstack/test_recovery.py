@@ -28,7 +28,7 @@ from vmattach.v1 import types_pb2
 pytestmark = pytest.mark.realstack
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
-ATTACH_BOUNDARIES = ["bdm_insert", "get_volume", "reserve", "get_connector", "controller_publish",
+ATTACH_BOUNDARIES = ["bdm_insert", "reserve", "get_connector", "controller_publish",
                      "node_stage", "node_publish", "mark_attached", "bdm_attached"]
 DETACH_BOUNDARIES = ["bdm_detaching", "begin_detaching", "node_unpublish", "node_unstage",
                      "controller_unpublish", "mark_detached", "bdm_delete"]

@@ -214,6 +214,23 @@ def test_reserve_of_an_unknown_volume_is_not_found(env):
     assert err.value.message == f"Volume {missing} could not be found."
 
 
+def test_reserve_in_a_project_finds_only_that_projects_volumes(env):
+    """The facade reserves in the project its caller acts for: another
+    project's volume is not found and stays as it was; its own is reserved."""
+    a = env.m.create("data", 1, project_id="project-a")
+    srv = server()
+    with pytest.raises(NotFound) as err:
+        env.m.reserve(a.id, srv, project_id="project-b")
+    assert err.value.message == f"Volume {a.id} could not be found."
+    assert status(env.m, a.id) == ("available", "detached")
+    volume, atts = env.m.reserve(a.id, srv, project_id="project-a")
+    assert (volume.status, volume.size_gb) == ("attaching", 1)
+    assert [x.instance_uuid for x in atts] == [srv]
+    # a second reserve of the attaching volume from the right project: refused as before
+    with pytest.raises(FailedPrecondition):
+        env.m.reserve(a.id, server(), project_id="project-a")
+
+
 def test_multiattach_volume_can_be_reserved_while_in_use(env):
     vol = env.m.create("shared", 1, multiattach=True)
     a, b = server(), server()

@@ -119,7 +119,7 @@ class _Recorder:
 
 
 def test_the_attach_table_lists_every_step_once_in_flow_order():
-    assert ATTACH_STEPS == ("bdm_insert", "get_volume", "reserve", "get_connector",
+    assert ATTACH_STEPS == ("bdm_insert", "reserve", "get_connector",
                             "controller_publish", "node_stage", "node_publish", "mark_attached",
                             "bdm_attached")
     assert [step for step, undo in ATTACH if undo is not None] == \
@@ -150,7 +150,7 @@ def test_attach_saga_owes_the_undo_of_each_begun_step_only():
     calls: list[str] = []
     controller = _Recorder(calls)
     saga = attach_saga(controller, Attach(SERVER, VOLUME))
-    for step in ("bdm_insert", "get_volume", "reserve", "get_connector", "controller_publish"):
+    for step in ("bdm_insert", "reserve", "get_connector", "controller_publish"):
         saga.begin(step)
     assert saga.rollback() is True
     assert calls == ["unpublish", "unreserve"]
