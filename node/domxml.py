@@ -4,6 +4,7 @@ input never goes through string formatting)."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 
 from vmattach.node.hypervisor import (
     BlockSource,
@@ -96,10 +97,23 @@ def parse_project(root: ET.Element) -> str:
     return ""
 
 
-def parse_domain(domain_xml: str) -> tuple[tuple[Disk, ...], str]:
-    """The disks and the owner project of a domain XML."""
+@dataclass(frozen=True)
+class DomainXml:
+    """What the Node reads from a domain's (live) XML."""
+    name: str
+    active: bool  # libvirt gives a domain an id while it runs, and writes it only then
+    disks: tuple[Disk, ...]
+    project_id: str
+
+
+def read_domain(domain_xml: str) -> DomainXml:
+    """Name, running or not, disks and owner project of a domain's XML
+    (virDomainGetXMLDesc without flags), parsed once."""
     root = ET.fromstring(domain_xml)
-    return tuple(_disk(el) for el in root.iterfind("devices/disk")), parse_project(root)
+    return DomainXml(name=(root.findtext("name") or "").strip(),
+                     active=root.get("id", "-1") not in ("", "-1"),
+                     disks=tuple(_disk(el) for el in root.iterfind("devices/disk")),
+                     project_id=parse_project(root))
 
 
 def find_disk_xml(domain_xml: str, device: str) -> str | None:

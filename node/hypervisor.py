@@ -9,6 +9,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmattach.common.errors import FailedPrecondition
+
 # libvirt's domain states, by name (Server.state in the API).
 STATES = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
           "pmsuspended")
@@ -141,6 +143,12 @@ class SecretSpec:
     description: str = ""
 
 
+def not_staged(volume_id: str, secret_usage: str) -> FailedPrecondition:
+    """A disk of the volume names a CHAP secret this host does not have."""
+    return FailedPrecondition(f"Volume {volume_id} is not staged on this node "
+                              f"(no libvirt secret {secret_usage})", reason="VOLUME_NOT_STAGED")
+
+
 class Hypervisor(abc.ABC):
     """What the Node needs from a hypervisor. Errors: NotFound for an unknown
     domain, BackendError (no secret in its message) for anything else."""
@@ -153,16 +161,19 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
-        """Attach to the live domain and/or its persistent config."""
+        """Attach to the live domain and/or its persistent config;
+        not_staged() when the disk's CHAP secret is not on this host."""
 
     @abc.abstractmethod
     def request_detach(self, server_id: str, device: str, *, live: bool,
-                       config: bool) -> PendingDetach:
+                       config: bool, alias: str = "") -> PendingDetach:
         """Detach `device` from the persistent config (when there) and ask the
         live domain (when there) to release it, without waiting for the
-        guest: the answer's wait() does that. What reads the domain and
-        sends the request is done when this returns, so the caller holds
-        the server's lock around this call only."""
+        guest: the answer's wait() does that. alias: the live disk's alias
+        when the caller has just read it (the domain is not read again for
+        it). What reads the domain and sends the request is done when this
+        returns, so the caller holds the server's lock around this call
+        only."""
 
     @abc.abstractmethod
     def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
@@ -175,8 +186,11 @@ class Hypervisor(abc.ABC):
         """The capacity in bytes of the running domain's disk `device`."""
 
     @abc.abstractmethod
-    def define_secret(self, spec: SecretSpec) -> None:
-        """Create the secret or, when it exists, set its value again."""
+    def define_secret(self, spec: SecretSpec) -> bool:
+        """Create the secret with its value; True when created, False when a
+        secret of this usage is there already (it is kept as it is: a
+        volume's CHAP password never changes, and a request must not
+        replace it with its own)."""
 
     @abc.abstractmethod
     def undefine_secret(self, usage: str) -> bool:

@@ -14,7 +14,7 @@ from typing import TypeVar
 import libvirt
 
 from vmattach.common.errors import BackendError, NotFound
-from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, parse_domain, secret_xml
+from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, read_domain, secret_xml
 from vmattach.node.events import DeviceWaiters, Waiter
 from vmattach.node.hypervisor import (
     STATES,
@@ -23,8 +23,10 @@ from vmattach.node.hypervisor import (
     DiskSpec,
     Domain,
     Hypervisor,
+    IscsiSource,
     PendingDetach,
     SecretSpec,
+    not_staged,
 )
 
 LOG = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ _LIFECYCLE = {libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
               libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
               libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
               libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed"}
+# at most this many domain handles are kept per connection (a host runs far fewer)
+MAX_HANDLES = 4096
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -105,6 +109,8 @@ class LibvirtHypervisor(Hypervisor):
         self._opener = opener or libvirt.open
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
+        # the connection the handles belong to, and its domain handles by UUID
+        self._handles: tuple[libvirt.virConnect | None, dict[str, libvirt.virDomain]] = (None, {})
         self._callback_ids: list[int] = []
         self._waiters = DeviceWaiters()
         self._listener: Callable[[str, str], None] | None = None
@@ -151,6 +157,7 @@ class LibvirtHypervisor(Hypervisor):
     def _drop(self) -> None:
         """Close the current connection, if any (caller holds self._lock)."""
         conn, self._conn = self._conn, None
+        self._handles = (None, {})
         if conn is None:
             return
         for callback_id in self._callback_ids:
@@ -186,8 +193,31 @@ class LibvirtHypervisor(Hypervisor):
                     LOG.warning("libvirt connection lost (%s); reconnecting", _error_message(exc))
                     self._forget(conn)
                     continue
+                if server_id and exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    self._handles[1].pop(server_id, None)
                 raise self._mapped(exc, what, server_id) from None
         raise AssertionError("unreachable")
+
+    def _lookup(self, conn: libvirt.virConnect, server_id: str) -> libvirt.virDomain:
+        """The domain's handle: looked up once per connection, then kept.
+        libvirt finds the domain by the handle's UUID on every call, so the
+        handle of a domain that went answers NO_DOMAIN as a lookup would (and
+        is dropped then), and that of a domain started again under the same
+        UUID reaches the new one."""
+        owner, handles = self._handles
+        if owner is conn:
+            dom = handles.get(server_id)
+            if dom is not None:
+                return dom
+        dom = conn.lookupByUUIDString(server_id)
+        with self._lock:
+            if self._conn is conn:  # (not one replaced meanwhile)
+                owner, handles = self._handles
+                if owner is not conn or len(handles) >= MAX_HANDLES:
+                    handles = {}
+                    self._handles = (conn, handles)
+                handles[server_id] = dom
+        return dom
 
     @staticmethod
     def _mapped(exc: libvirt.libvirtError, what: str, server_id: str) -> Exception:
@@ -215,6 +245,8 @@ class LibvirtHypervisor(Hypervisor):
     def _on_lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
         name = _LIFECYCLE.get(event, "changed")
         LOG.debug("lifecycle %s of %s", name, dom.UUIDString())
+        if name == "undefined":
+            self._handles[1].pop(dom.UUIDString(), None)
         if self._listener is not None:
             try:
                 self._listener(dom.UUIDString(), name)
@@ -225,12 +257,14 @@ class LibvirtHypervisor(Hypervisor):
 
     @staticmethod
     def _domain(dom) -> Domain:
+        """Three calls: the state, the XML (name, running or not, disks,
+        owner) and whether it is persistent."""
         state = dom.state()[0]
-        disks, project_id = parse_domain(dom.XMLDesc(0))
-        return Domain(uuid=dom.UUIDString(), name=dom.name(),
+        xml = read_domain(dom.XMLDesc(0))
+        return Domain(uuid=dom.UUIDString(), name=xml.name,
                       state=STATES[state] if 0 <= state < len(STATES) else "nostate",
-                      active=dom.isActive() == 1, persistent=dom.isPersistent() == 1,
-                      disks=disks, project_id=project_id)
+                      active=xml.active, persistent=dom.isPersistent() == 1,
+                      disks=xml.disks, project_id=xml.project_id)
 
     def list_domains(self) -> list[Domain]:
         def _list(conn) -> list[Domain]:
@@ -246,35 +280,45 @@ class LibvirtHypervisor(Hypervisor):
 
     def get_domain(self, server_id: str) -> Domain:
         return self._call("read the domain", lambda conn: self._domain(
-            conn.lookupByUUIDString(server_id)), server_id)
+            self._lookup(conn, server_id)), server_id)
 
     def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
         flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
                  | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
         xml = disk_xml(spec)
-        self._call(f"attach disk {spec.device}", lambda conn: conn.lookupByUUIDString(
-            server_id).attachDeviceFlags(xml, flags), server_id)
+
+        def _attach(conn) -> None:
+            try:
+                self._lookup(conn, server_id).attachDeviceFlags(xml, flags)
+            except libvirt.libvirtError as exc:
+                # the CHAP secret the disk names is not there: libvirt looks it up
+                # at the attach (the Node does not ask first)
+                if (exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET
+                        and isinstance(spec.source, IscsiSource) and spec.source.secret_usage):
+                    raise not_staged(spec.serial, spec.source.secret_usage) from None
+                raise
+        self._call(f"attach disk {spec.device}", _attach, server_id)
 
     def request_detach(self, server_id: str, device: str, *, live: bool,
-                       config: bool) -> PendingDetach:
+                       config: bool, alias: str = "") -> PendingDetach:
         def _request(conn) -> PendingDetach:
-            dom = conn.lookupByUUIDString(server_id)
+            dom = self._lookup(conn, server_id)
             if config:
                 self._detach_config(dom, device)
-            return self._request_live(dom, server_id, device) if live else DetachDone(
+            return self._request_live(dom, server_id, device, alias) if live else DetachDone(
                 DetachOutcome.REMOVED)
         return self._call(f"detach disk {device}", _request, server_id)
 
     def resize_disk(self, server_id: str, device: str, size_bytes: int) -> int:
         def _resize(conn) -> int:
-            dom = conn.lookupByUUIDString(server_id)
+            dom = self._lookup(conn, server_id)
             dom.blockResize(device, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             return dom.blockInfo(device, 0)[0]
         return self._call(f"resize disk {device}", _resize, server_id)
 
     def disk_capacity(self, server_id: str, device: str) -> int:
-        return self._call(f"read the size of disk {device}", lambda conn: conn.lookupByUUIDString(
-            server_id).blockInfo(device, 0)[0], server_id)
+        return self._call(f"read the size of disk {device}", lambda conn: self._lookup(
+            conn, server_id).blockInfo(device, 0)[0], server_id)
 
     @staticmethod
     def _detach_config(dom, device: str) -> None:
@@ -282,13 +326,22 @@ class LibvirtHypervisor(Hypervisor):
         if xml is not None:
             dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
-    def _request_live(self, dom, server_id: str, device: str) -> PendingDetach:
-        disk = next((d for d in parse_disks(dom.XMLDesc(0)) if d.device == device), None)
-        if disk is None:
-            return DetachDone(DetachOutcome.REMOVED)
-        waiter = self._waiters.expect(dom.UUIDString(), disk.alias)  # before the detach
+    def _request_live(self, dom, server_id: str, device: str, alias: str) -> PendingDetach:
+        if not alias:
+            disk = next((d for d in parse_disks(dom.XMLDesc(0)) if d.device == device), None)
+            if disk is None:
+                return DetachDone(DetachOutcome.REMOVED)
+            alias = disk.alias
+        waiter = self._waiters.expect(dom.UUIDString(), alias)  # before the detach
         try:
-            self._send_detach(dom, disk.alias)
+            self._send_detach(dom, alias)
+        except libvirt.libvirtError as exc:
+            self._waiters.discard(waiter)
+            # the alias the caller read may be gone since: then so is the disk
+            if _is_connection_error(exc) or any(
+                    d.device == device for d in parse_disks(dom.XMLDesc(0))):
+                raise
+            return DetachDone(DetachOutcome.REMOVED)
         except BaseException:
             self._waiters.discard(waiter)
             raise
@@ -297,7 +350,7 @@ class LibvirtHypervisor(Hypervisor):
     def _has_live_disk(self, server_id: str, device: str) -> bool:
         return self._call("read the domain", lambda conn: any(
             d.device == device for d in parse_disks(
-                conn.lookupByUUIDString(server_id).XMLDesc(0))), server_id)
+                self._lookup(conn, server_id).XMLDesc(0))), server_id)
 
     @staticmethod
     def _send_detach(dom, alias: str) -> None:
@@ -320,19 +373,24 @@ class LibvirtHypervisor(Hypervisor):
                 return None
             raise
 
-    def define_secret(self, spec: SecretSpec) -> None:
-        def _define(conn) -> None:
-            secret = self._secret(conn, spec.usage)
-            created = secret is None
-            if created:
+    def define_secret(self, spec: SecretSpec) -> bool:
+        def _define(conn) -> bool:
+            try:
                 secret = conn.secretDefineXML(secret_xml(spec), 0)
+            except libvirt.libvirtError as exc:
+                # libvirt refuses a second secret of a usage ("a secret with UUID
+                # ... already defined for use with ..."): asked after a refusal
+                # only, so that a new secret costs what virsh's define does
+                if not _is_connection_error(exc) and self._secret(conn, spec.usage) is not None:
+                    return False
+                raise
             try:
                 secret.setValue(spec.value, 0)
             except libvirt.libvirtError:
-                if created:
-                    secret.undefine()
+                secret.undefine()
                 raise
-        self._call(f"define the secret {spec.usage}", _define)
+            return True
+        return self._call(f"define the secret {spec.usage}", _define)
 
     def undefine_secret(self, usage: str) -> bool:
         def _undefine(conn) -> bool:

@@ -197,7 +197,8 @@ class NodeManager:
                     if disk is None:
                         return
                     pending = self.hypervisor.request_detach(
-                        server_id, disk.device, live=domain.active, config=domain.persistent)
+                        server_id, disk.device, live=domain.active, config=domain.persistent,
+                        alias=disk.alias)
                 outcome = pending.wait(self.config.detach_timeout)  # the guest, without the lock
                 LOG.info("detach of %s from server %s, attempt %d/%d: %s", disk.device,
                          server_id, attempt, attempts, outcome.value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-from vmattach.common.errors import FailedPrecondition
 from vmattach.node.connectors.base import (
     ConnectionInfo,
     StagedVolume,
@@ -42,12 +41,11 @@ class QemuIscsiConnector(VolumeConnector):
     def stage(self, volume_id: str, info: ConnectionInfo) -> StagedVolume:
         self._validate(info)
         usage = secret_usage(volume_id) if info.auth_method else ""
-        # never overwrite a volume's secret that exists (a volume's CHAP
+        # a volume's secret that exists is never overwritten (a volume's CHAP
         # password never changes): a request cannot replace it with its own
-        if usage and not self.hypervisor.has_secret(usage):
-            self.hypervisor.define_secret(SecretSpec(
+        if usage and self.hypervisor.define_secret(SecretSpec(
                 usage=usage, value=info.auth_password.encode(),
-                description=f"vmattach CHAP secret of volume {volume_id}"))
+                description=f"vmattach CHAP secret of volume {volume_id}")):
             LOG.info("staged volume %s: libvirt secret %s", volume_id, usage)
         return StagedVolume(volume_id, self.driver_volume_type, secret_usage=usage)
 
@@ -58,10 +56,9 @@ class QemuIscsiConnector(VolumeConnector):
     def disk_source(self, volume_id: str, info: ConnectionInfo,
                     staged: StagedVolume | None) -> IscsiSource:
         self._validate(info)
+        # (not staged: no secret of that usage; the hypervisor's attach says so
+        # when it finds none, so that an attach asks libvirt once, not twice)
         usage = secret_usage(volume_id) if info.auth_method else ""
-        if usage and not self.hypervisor.has_secret(usage):
-            raise FailedPrecondition(f"Volume {volume_id} is not staged on this node "
-                                     f"(no libvirt secret {usage})", reason="VOLUME_NOT_STAGED")
         portal = parse_portal(info.target_portal)
         return IscsiSource(target_iqn=info.target_iqn, lun=info.target_lun, host=portal.host,
                            port=portal.port, initiator_iqn=self.initiator_iqn,

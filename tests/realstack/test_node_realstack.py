@@ -24,6 +24,7 @@ from tests.support.tgtd import TgtDaemon
 from vmattach.clients.serve import Running, start
 from vmattach.common.config import Settings
 from vmattach.common.enums import BUS
+from vmattach.common.errors import FailedPrecondition
 from vmattach.common.grpcutil import call, channel
 from vmattach.controller.tgt import parse_show
 from vmattach.v1 import controller_pb2 as cpb
@@ -230,6 +231,18 @@ def test_iscsi_attach_read_detach(stack, guest, device, bus):
                            f"detach (unpublish+unstage) {detach * 1000:.0f} ms")
         finally:
             cleanup(stack, guest.uuid, vid, info)
+
+
+def test_iscsi_publish_without_stage_is_not_staged(stack, guest):
+    """libvirt looks the disk's CHAP secret up at the attach (the Node does
+    not ask first): a volume never staged here has none, and no disk."""
+    with volume(stack, "node-unstaged") as vol, exported(stack, vol, guest.uuid) as info:
+        with pytest.raises(FailedPrecondition, match="not staged") as err:
+            stack.node_call("NodePublishVolume", npb.NodePublishVolumeRequest(
+                server_id=guest.uuid, volume_id=vol.volume_id, device="/dev/vdb",
+                connection_info=info))
+        assert err.value.reason == "VOLUME_NOT_STAGED"
+        assert vol.volume_id not in domain_disks(guest.uuid)
 
 
 def cleanup(stack: Stack, server_id: str, volume_id: str, info) -> None:

@@ -24,6 +24,7 @@ from vmattach.node.hypervisor import (
     Hypervisor,
     PendingDetach,
     SecretSpec,
+    not_staged,
 )
 
 
@@ -162,6 +163,9 @@ class FakeHypervisor(Hypervisor):
         disk = Disk(spec.device, spec.bus, spec.serial, spec.alias)
         with self._lock:
             dom = self._dom(server_id)
+            usage = getattr(spec.source, "secret_usage", "")
+            if usage and usage not in self.secrets:  # libvirt looks the secret up at the attach
+                raise not_staged(spec.serial, usage)
             if config and not dom.persistent:
                 raise BackendError("libvirt could not attach disk: cannot modify the persistent "
                                    "configuration of a transient domain", reason="LIBVIRT_ERROR")
@@ -178,7 +182,7 @@ class FakeHypervisor(Hypervisor):
             self.attached[(server_id, spec.device)] = spec
 
     def request_detach(self, server_id: str, device: str, *, live: bool,
-                       config: bool) -> PendingDetach:
+                       config: bool, alias: str = "") -> PendingDetach:
         self._enter("request_detach", server_id, device, live, config)
         with self._lock:
             dom = self._dom(server_id)
@@ -239,10 +243,13 @@ class FakeHypervisor(Hypervisor):
             self._live_disk(server_id, device)
             return self.capacity.get((server_id, device), 0)
 
-    def define_secret(self, spec: SecretSpec) -> None:
+    def define_secret(self, spec: SecretSpec) -> bool:
         self._enter("define_secret", spec.usage)
         with self._lock:
+            if spec.usage in self.secrets:
+                return False
             self.secrets[spec.usage] = spec
+            return True
 
     def undefine_secret(self, usage: str) -> bool:
         self._enter("undefine_secret", usage)

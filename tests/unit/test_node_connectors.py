@@ -244,8 +244,7 @@ def test_qemu_disk_source_and_unstage():
     connector.unstage(vid, iscsi_info(vid))
     connector.unstage(vid, iscsi_info(vid))  # not staged: OK
     assert hv.secrets == {}
-    with pytest.raises(FailedPrecondition, match="not staged"):
-        connector.disk_source(vid, iscsi_info(vid), staged)
+    # (a volume not staged: the attach of its disk finds no secret; test_node_manager)
 
 
 def test_qemu_without_chap_needs_no_secret():

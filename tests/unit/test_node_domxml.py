@@ -128,9 +128,9 @@ NOVA_DOMAIN = """<domain type='kvm'>
 def test_the_owner_project_is_read_the_way_nova_writes_it():
     import xml.etree.ElementTree as ET
 
-    from vmattach.node.domxml import parse_domain, parse_project
-    disks, project = parse_domain(NOVA_DOMAIN)
-    assert project == "8a3b0c1d2e3f40516273849506a7b8c9" and disks[0].device == "vda"
+    from vmattach.node.domxml import parse_project, read_domain
+    dom = read_domain(NOVA_DOMAIN)
+    assert dom.project_id == "8a3b0c1d2e3f40516273849506a7b8c9" and dom.disks[0].device == "vda"
     assert parse_project(ET.fromstring(NOVA_DOMAIN.replace("nova/1.1", "nova/1.2"))) \
         == "8a3b0c1d2e3f40516273849506a7b8c9"
     assert parse_project(ET.fromstring("<domain><name>x</name></domain>")) == ""
@@ -138,3 +138,12 @@ def test_the_owner_project_is_read_the_way_nova_writes_it():
     other = NOVA_DOMAIN.replace("http://openstack.org/xmlns/libvirt/nova/1.1",
                                 "http://example.org/not-nova")
     assert parse_project(ET.fromstring(other)) == ""
+
+
+def test_a_running_domain_is_told_by_its_id():
+    from vmattach.node.domxml import read_domain
+    running = read_domain(NOVA_DOMAIN.replace("<domain type='kvm'>", "<domain type='kvm' id='7'>"))
+    assert running.active and running.name == "instance-00000001"
+    assert not read_domain(NOVA_DOMAIN).active  # an inactive domain's XML has no id
+    assert not read_domain(NOVA_DOMAIN.replace("<domain type='kvm'>",
+                                               "<domain type='kvm' id='-1'>")).active
