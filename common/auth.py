@@ -124,7 +124,7 @@ POLICY: dict[str, Rule] = {
     **_rules("Controller", "internal", ("ListExports",),
              ("ReconcileExports", "ReserveVolume", "UnreserveVolume", "ControllerPublishVolume",
               "ControllerUnpublishVolume", "MarkAttached", "BeginDetaching", "RollDetaching",
-              "MarkDetached")),
+              "MarkDetached", "CreateAttachment", "DeleteAttachment")),
     **_rules("Node", "internal", ("NodeGetInfo", "ListServers", "ListSecrets",
                                   "NodeWatchServers"),
              ("NodeStageVolume", "NodeUnstageVolume", "NodePublishVolume",

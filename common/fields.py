@@ -162,6 +162,7 @@ DEVICE = Text(MAX_DEVICE_LENGTH, check=_device)
 ISCSI_NAME = Text(MAX_ISCSI_NAME, check=_iscsi_name, max_bytes=MAX_ISCSI_NAME)
 # a path on a host (a volume file, a block device): bounded well below PATH_MAX
 PATH = Text(1024)
+PROJECT = Text(64, PROJECT_RE, "a project name")
 # what tgtd keeps for a CHAP account and libvirt for a secret: printable
 # ASCII without blanks
 CHAP = re.compile(r"^[\x21-\x7e]+$")
@@ -210,8 +211,12 @@ FIELD_RULES: dict[str, Rule] = {
              all_projects=BOOL),
     **_rules(controller_pb2.DeleteVolumeRequest, volume_id=ID),
     **_rules(controller_pb2.ReserveVolumeRequest, volume_id=ID, server_id=ID, attachment_id=ID,
-             mode=ACCESS_MODE, project_id=Text(64, PROJECT_RE, "a project name")),
+             mode=ACCESS_MODE, project_id=PROJECT),
     **_rules(controller_pb2.UnreserveVolumeRequest, volume_id=ID, server_id=ID),
+    **_rules(controller_pb2.CreateAttachmentRequest, volume_id=ID, server_id=ID,
+             attachment_id=ID, mode=ACCESS_MODE, project_id=PROJECT,
+             connector=NESTED),
+    **_rules(controller_pb2.DeleteAttachmentRequest, volume_id=ID, server_id=ID),
     **_rules(controller_pb2.ControllerPublishVolumeRequest, volume_id=ID, server_id=ID,
              connector=NESTED),
     **_rules(controller_pb2.ControllerUnpublishVolumeRequest, volume_id=ID, server_id=ID,

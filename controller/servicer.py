@@ -85,12 +85,26 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         return (require_uuid(request.volume_id, "volume_id"),
                 require_uuid(request.server_id, "server_id"))
 
-    def ReserveVolume(self, request, context):
+    @staticmethod
+    def _reservation(request) -> tuple[str, str, str]:
+        """A reserve's attachment id, mode and project."""
         attachment_id = request.attachment_id and require_uuid(request.attachment_id,
                                                                "attachment_id")
-        return volume_to_pb(*self.m.reserve(*self._ids(request), attachment_id,
-                                            ACCESS_MODE.to_word(request.mode, default="rw"),
-                                            request.project_id))
+        return (attachment_id, ACCESS_MODE.to_word(request.mode, default="rw"),
+                request.project_id)
+
+    def ReserveVolume(self, request, context):
+        return volume_to_pb(*self.m.reserve(*self._ids(request), *self._reservation(request)))
+
+    def CreateAttachment(self, request, context):
+        view, info = self.m.create_attachment(*self._ids(request),
+                                              connector_from_pb(request.connector),
+                                              *self._reservation(request))
+        return pb.CreateAttachmentResponse(volume=volume_to_pb(*view),
+                                           connection_info=connection_info_to_pb(info))
+
+    def DeleteAttachment(self, request, context):
+        return volume_to_pb(*self.m.delete_attachment(*self._ids(request)))
 
     def UnreserveVolume(self, request, context):
         return volume_to_pb(*self.m.unreserve(*self._ids(request)))

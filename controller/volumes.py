@@ -36,6 +36,7 @@ from vmattach.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    VmattachError,
 )
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.rules import require_iscsi_name
@@ -182,9 +183,9 @@ _RESERVE_IN_PROJECT = Prepared(lambda v, now, p: Volume.update(
     status="attaching", attach_status="attaching", updated_at=now)
     .where((Volume.id == v) & (Volume.project_id == p) & _RESERVABLE)
     .returning(*VOLUME_COLUMNS), 3, VolumeRow)
-_NEW_ATTACHMENT = Prepared(lambda a, v, s, mode, now: VolumeAttachment.insert(
+_NEW_ATTACHMENT = Prepared(lambda a, v, s, mode, c, now: VolumeAttachment.insert(
     id=a, volume=v, instance_uuid=s, attach_status="reserved", mountpoint="", attach_mode=mode,
-    created_at=now, updated_at=now), 5)
+    connector=c, created_at=now, updated_at=now), 6)
 # publish: the volume, the server's attachment and the export in one read
 _PUBLISH_VIEW = Prepared(lambda v, s: Volume.select(
     *VOLUME_COLUMNS, VolumeAttachment.id, VolumeAttachment.attach_status,
@@ -211,6 +212,12 @@ _REVOKE_VIEW = Prepared(lambda v: Volume.select(
                              & VolumeAttachment.connector.is_null(False)))
     .where(Volume.id == v), 1)
 _DELETE_EXPORT = Prepared(lambda t: Export.delete().where(Export.tid == t), 1)
+_EXPORT_ROW = Prepared(lambda v: Export.select(Export.tid, Export.target_iqn, Export.target_tid)
+                       .where(Export.volume == v), 1, ExportRow)
+# attachment_delete: the server's attachment in any state, with the connector it had
+_DELETE_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(
+    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s))
+    .returning(VolumeAttachment.connector), 2)
 _ATTACH_DONE = Prepared(lambda v, s, mountpoint, mode, now: VolumeAttachment.update(
     attach_status="attached", mountpoint=mountpoint, attach_mode=mode, updated_at=now)
     .where((VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
@@ -252,7 +259,8 @@ def _settle_query(from_statuses: Sequence[str]) -> Prepared:
     return Prepared(build, 2, VolumeRow)
 
 
-_SETTLE = {tuple(f): _settle_query(f) for f in (("detaching", "in-use"), ("attaching",))}
+_ENDING = ("attaching", "in-use", "detaching")  # a volume whose attachment may end
+_SETTLE = {tuple(f): _settle_query(f) for f in (("detaching", "in-use"), ("attaching",), _ENDING)}
 
 
 def _now() -> str:
@@ -272,6 +280,17 @@ def _tid(export: Export | ExportRow) -> int:
     """The export's tid on tgtd (NULL: the export id; rows from before version 2,
     and new exports whose target got that tid)."""
     return export.target_tid if export.target_tid is not None else export.tid
+
+
+def _require_mode(mode: str) -> None:
+    if mode not in ("rw", "ro"):
+        raise InvalidArgument("mode must be 'rw' or 'ro'", reason="INVALID_MODE")
+
+
+def _require_initiator(connector: Connector) -> None:
+    if not connector.initiator:
+        raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
+    require_iscsi_name(connector.initiator, "connector.initiator")
 
 
 def not_found(volume_id: str) -> NotFound:
@@ -510,39 +529,98 @@ class VolumeManager:
         The attachment gets attachment_id (the caller's BDM keeps the same
         one) and attach_mode mode. With project_id, a volume of another
         project is not found (and not reserved)."""
-        if mode not in ("rw", "ro"):
-            raise InvalidArgument("mode must be 'rw' or 'ro'", reason="INVALID_MODE")
-        try:
+        _require_mode(mode)
+        with self._reserving(volume_id, server_id):
             with write_transaction(self.db):
-                now = _now()
-                changed = (_RESERVE_IN_PROJECT.execute(volume_id, now, project_id) if project_id
-                           else _RESERVE.execute(volume_id, now))
-                if changed:
-                    attachment_id = attachment_id or str(uuid.uuid4())
-                    _NEW_ATTACHMENT.execute(attachment_id, volume_id, server_id, mode, now)
-                    volume = changed[0]
-                    if volume.multiattach:  # other servers' attachments too
-                        return self.get(volume_id)
-                    # it was available: this is its only attachment
-                    return self._visible(volume, [AttachmentRow(
-                        attachment_id, volume_id, server_id, "reserved", "", mode, None,
-                        volume.updated_at, volume.updated_at)])
+                reserved = self._reserve(volume_id, server_id, attachment_id, mode, project_id)
+                if reserved is not None:
+                    return self._view_of(*reserved)
+        raise self._not_reserved(volume_id, project_id)
+
+    @contextlib.contextmanager
+    def _reserving(self, volume_id: str, server_id: str):
+        """A second attachment of one server to one volume: AlreadyExists."""
+        try:
+            yield
         except peewee.IntegrityError:
             raise AlreadyExists(f"Invalid volume: volume {volume_id} already attached",
                                 reason="VOLUME_ALREADY_ATTACHED",
                                 metadata={"volume_id": volume_id, "server_id": server_id}) from None
+
+    def _reserve(self, volume_id: str, server_id: str, attachment_id: str, mode: str,
+                 project_id: str, connector: Connector | None = None,
+                 ) -> tuple[VolumeRow, AttachmentRow] | None:
+        """(in a write transaction) The compare-and-swap of os-reserve and the
+        new attachment (with the connector it is published for, if any); None
+        when the volume could not be reserved."""
+        now = _now()
+        changed = (_RESERVE_IN_PROJECT.execute(volume_id, now, project_id) if project_id
+                   else _RESERVE.execute(volume_id, now))
+        if not changed:
+            return None
+        attachment_id = attachment_id or str(uuid.uuid4())
+        recorded = connector.to_json() if connector is not None else None
+        _NEW_ATTACHMENT.execute(attachment_id, volume_id, server_id, mode, recorded, now)
+        volume = changed[0]
+        return volume, AttachmentRow(attachment_id, volume_id, server_id, "reserved", "", mode,
+                                     recorded, volume.updated_at, volume.updated_at)
+
+    def _view_of(self, volume: VolumeRow, attachment: AttachmentRow) -> VolumeView:
+        """The volume just reserved for attachment, as the caller sees it."""
+        if volume.multiattach:  # other servers' attachments too
+            return self.get(volume.id)
+        return self._visible(volume, [attachment])  # it was available: its only attachment
+
+    def _not_reserved(self, volume_id: str, project_id: str) -> VmattachError:
+        """Why the volume could not be reserved (read after the compare-and-swap failed)."""
         volume = self._get(volume_id)
         if project_id and volume.project_id != project_id:
-            raise not_found(volume_id)
+            return not_found(volume_id)
         if volume.status == "in-use":
             servers = ", ".join(self._attached_servers(volume_id))
-            raise FailedPrecondition(
+            return FailedPrecondition(
                 f"Invalid volume: volume {volume_id} is already attached to instances: {servers}",
                 reason="VOLUME_ALREADY_ATTACHED", metadata={"volume_id": volume_id})
-        raise FailedPrecondition(
+        return FailedPrecondition(
             f"Invalid volume: status must be 'available' (Volume status must be available to"
             f" reserve, but the status is {volume.status}.)", reason="VOLUME_NOT_AVAILABLE",
             metadata={"volume_id": volume_id, "status": volume.status})
+
+    @with_connection
+    def create_attachment(self, volume_id: str, server_id: str, connector: Connector,
+                          attachment_id: str = "", mode: str = "rw",
+                          project_id: str = "") -> tuple[VolumeView, ConnectionInfo]:
+        """Cinder's attachment_create with a connector: reserve (as reserve())
+        and publish for the connector (as publish()) in one transaction under
+        the volume's export lock; a failure of either leaves nothing."""
+        _require_mode(mode)
+        _require_initiator(connector)
+        with self._reserving(volume_id, server_id):
+            with self._volume_lock(volume_id):
+                reserved = self._reserve(volume_id, server_id, attachment_id, mode, project_id,
+                                         connector)
+                if reserved is not None:
+                    volume, export = self._ensure_export(reserved[0], _EXPORT_ROW.one(volume_id))
+                    self.tgt.allow(_tid(export), connector.initiator)
+                    return (self._view_of(volume, reserved[1]),
+                            self._connection_info(volume, export, mode))
+        raise self._not_reserved(volume_id, project_id)
+
+    @with_connection
+    def delete_attachment(self, volume_id: str, server_id: str) -> VolumeView:
+        """Cinder's attachment_delete: server_id's attachment ends whatever its
+        state, its initiator is revoked unless another attachment uses it, the
+        export goes when none is published, the volume settles; idempotent."""
+        with self._volume_lock(volume_id):
+            ended = _DELETE_ATTACHMENT.execute(volume_id, server_id)
+            if not ended:
+                return self.get(volume_id)  # NotFound when there is no such volume
+            volume = self._settle(volume_id, _ENDING)
+            (recorded,), = ended
+            self._revoke(volume_id, Connector.load(recorded).initiator if recorded else "")
+        if volume is not None and volume.status == "available":
+            return self._visible(volume, [])  # no attachment left
+        return self.get(volume_id)
 
     def _settle(self, volume_id: str, from_statuses: Sequence[str]) -> VolumeRow | None:
         """After an attachment ended: back to in-use when attachments remain,
@@ -576,9 +654,7 @@ class VolumeManager:
     @with_connection
     def publish(self, volume_id: str, server_id: str, connector: Connector) -> ConnectionInfo:
         """os-initialize_connection."""
-        if not connector.initiator:
-            raise InvalidArgument("connector.initiator is required (the host's iSCSI initiator IQN)")
-        require_iscsi_name(connector.initiator, "connector.initiator")
+        _require_initiator(connector)
         with self._volume_lock(volume_id):
             row = _PUBLISH_VIEW.one(volume_id, server_id)
             if row is None:
@@ -600,11 +676,14 @@ class VolumeManager:
             volume, export = self._ensure_export(volume, export)
             self.tgt.allow(_tid(export), connector.initiator)
             _SET_CONNECTOR.execute(att_id, connector.to_json(), _now())
-            return ConnectionInfo(
-                volume_id=volume_id, target_portal=self.portal, target_iqn=export.target_iqn,
-                auth_username=volume.chap_username or "",
-                auth_password=self.secretbox.decrypt(volume.chap_secret),
-                access_mode=att_mode, multiattach=volume.multiattach)
+            return self._connection_info(volume, export, att_mode)
+
+    def _connection_info(self, volume: VolumeRow, export: ExportRow, mode: str) -> ConnectionInfo:
+        return ConnectionInfo(
+            volume_id=volume.id, target_portal=self.portal, target_iqn=export.target_iqn,
+            auth_username=volume.chap_username or "",
+            auth_password=self.secretbox.decrypt(volume.chap_secret),
+            access_mode=mode, multiattach=volume.multiattach)
 
     def _new_chap(self) -> dict[str, str]:
         """A volume's CHAP account (Volume columns): a random user name and
@@ -690,8 +769,7 @@ class VolumeManager:
     @with_connection
     def mark_attached(self, volume_id: str, server_id: str, mountpoint: str, mode: str) -> VolumeView:
         """os-attach: attaching -> in-use."""
-        if mode not in ("rw", "ro"):
-            raise InvalidArgument("mode must be 'rw' or 'ro'")
+        _require_mode(mode)
         with write_transaction(self.db):
             self._lock_row(volume_id)
             now = _now()

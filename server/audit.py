@@ -275,15 +275,7 @@ def repair(found: list[Divergence], settings: Settings, snap: Snapshot) -> list[
         for d in found:
             try:
                 if d.kind == "controller-attachment-without-bdm":
-                    for method, request in (
-                            (facade.controller.stub.ControllerUnpublishVolume,
-                             cpb.ControllerUnpublishVolumeRequest(
-                                 volume_id=d.volume_id, server_id=d.server_id)),
-                            (facade.controller.stub.MarkDetached, cpb.MarkDetachedRequest(
-                                volume_id=d.volume_id, server_id=d.server_id)),
-                            (facade.controller.stub.UnreserveVolume, cpb.UnreserveVolumeRequest(
-                                volume_id=d.volume_id, server_id=d.server_id))):
-                        call(method, request, timeout=CALL_TIMEOUT)
+                    facade.controller.delete_attachment(d.volume_id, d.server_id, CALL_TIMEOUT)
                 elif d.kind in ("disk-without-bdm", "secret-without-bdm"):
                     _repair_on_node(settings, nodes[d.host], d)
                 elif d.kind == "bdm-without-disk":

@@ -266,9 +266,9 @@ class BdmStore:
 
     def published(self, bdm: int | BDM, connector: types_pb2.Connector,
                   info: types_pb2.ConnectionInfo, **fields) -> None:
-        """After controller_publish: the connector and the sealed connection_info
+        """After create_attachment: the connector and the sealed connection_info
         (the reconciler's undo of the node's steps needs them), with fields."""
-        self.progress(bdm, "controller_publish",
+        self.progress(bdm, "create_attachment",
                       connector=json_format.MessageToJson(connector, indent=None),
                       connection_info=self.seal(info), **fields)
 
@@ -343,10 +343,6 @@ class BdmStore:
                     BDM.id == bdm.id).execute()
                 count += 1
         return count
-
-    @staticmethod
-    def connector_of(bdm: BDM) -> types_pb2.Connector:
-        return json_format.Parse(bdm.connector or "{}", types_pb2.Connector())
 
     # -- recovery (server/reconciler.py) ------------------------------------------------------
 

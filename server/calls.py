@@ -63,35 +63,28 @@ class ControllerCalls:
         return call(self.stub.GetVolume, cpb.GetVolumeRequest(volume_id=volume_id),
                     timeout=_seconds(timeout))
 
-    def reserve(self, volume_id: str, server_id: str, timeout: Time, attachment_id: str = "",
-                mode: str = "rw", project_id: str = "") -> cpb.Volume:
-        """os-reserve; the Controller's attachment gets attachment_id (the BDM's)
-        and attach_mode mode; with project_id, a volume of another project is
-        NotFound and stays as it was. The volume as reserved."""
-        return call(self.stub.ReserveVolume,
-                    cpb.ReserveVolumeRequest(volume_id=volume_id, server_id=server_id,
-                                             attachment_id=attachment_id,
-                                             mode=ACCESS_MODE.to_pb(mode), project_id=project_id),
-                    timeout=_seconds(timeout))
-
-    def unreserve(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
-        call(self.stub.UnreserveVolume,
-             cpb.UnreserveVolumeRequest(volume_id=volume_id, server_id=server_id),
-             timeout=_seconds(timeout))
-
-    def publish(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
-                timeout: Time) -> types_pb2.ConnectionInfo:
-        """initialize_connection: export the volume to the connector's host."""
-        return call(self.stub.ControllerPublishVolume, cpb.ControllerPublishVolumeRequest(
-            volume_id=volume_id, server_id=server_id, connector=connector),
-            timeout=_seconds(timeout)).connection_info
-
-    def unpublish(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
-                  timeout: Time = UNDO_TIMEOUT) -> None:
-        """terminate_connection."""
-        call(self.stub.ControllerUnpublishVolume, cpb.ControllerUnpublishVolumeRequest(
-            volume_id=volume_id, server_id=server_id, connector=connector),
+    def create_attachment(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
+                          timeout: Time, attachment_id: str = "", mode: str = "rw",
+                          project_id: str = "",
+                          ) -> tuple[cpb.Volume, types_pb2.ConnectionInfo]:
+        """attachment_create: os-reserve and initialize_connection for the
+        connector in one step; the Controller's attachment gets attachment_id
+        (the BDM's) and attach_mode mode; with project_id, a volume of another
+        project is NotFound and stays as it was. The volume as reserved and
+        the connection_info."""
+        answer = call(self.stub.CreateAttachment, cpb.CreateAttachmentRequest(
+            volume_id=volume_id, server_id=server_id, attachment_id=attachment_id,
+            mode=ACCESS_MODE.to_pb(mode), project_id=project_id, connector=connector),
             timeout=_seconds(timeout))
+        return answer.volume, answer.connection_info
+
+    def delete_attachment(self, volume_id: str, server_id: str,
+                          timeout: Time = UNDO_TIMEOUT) -> None:
+        """attachment_delete: terminate_connection and os-detach (or
+        os-unreserve) in one step, whatever the attachment's state; idempotent."""
+        call(self.stub.DeleteAttachment,
+             cpb.DeleteAttachmentRequest(volume_id=volume_id, server_id=server_id),
+             timeout=_seconds(timeout))
 
     def mark_attached(self, volume_id: str, server_id: str, device: str,
                       timeout: Time, mode: str = "rw") -> None:
@@ -125,12 +118,6 @@ class ControllerCalls:
                  timeout=_seconds(timeout))
         except VmattachError as exc:
             LOG.error("roll detaching of %s failed: %s", volume_id, exc)
-
-    def mark_detached(self, volume_id: str, server_id: str, timeout: Time = UNDO_TIMEOUT) -> None:
-        """os-detach."""
-        call(self.stub.MarkDetached,
-             cpb.MarkDetachedRequest(volume_id=volume_id, server_id=server_id),
-             timeout=_seconds(timeout))
 
 
 class NodeCalls:

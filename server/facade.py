@@ -164,32 +164,31 @@ class Facade:
         op = Attach(req.server_id, req.volume_id, node)
         saga = attach_saga(self.controller, op)
         try:
-            # 3. reserve the volume (one compare-and-swap at the Controller, which
-            # answers the service role: it is told the project the caller acts for,
-            # and another project's volume is not found and stays as it was)
-            # (the Controller's attachment takes the BDM's attachment id and the mode)
-            volume = self.step("reserve", self.controller.reserve, req.volume_id,
-                               req.server_id, deadline, bdm.attachment_id, req.mode,
-                               caller_project(req.volume_id), saga=saga)
-            # (no record of its own: until node_publish the reconciler undoes every
-            # step, each undo idempotent; the row has its node since bdm_insert)
-            # 4. the connector of the node that hosts the server
-            op.connector = self.step("get_connector", node.connector, deadline, saga=saga)
-            # 5. publish at the Controller (initialize_connection) -> connection_info
-            op.info = self.step("controller_publish", self.controller.publish, req.volume_id,
-                                req.server_id, op.connector, deadline, saga=saga)
-            # (a failure of 3-5 rolls back: unpublish, unreserve, delete the BDM row)
-            self.bdms.published(bdm, op.connector, op.info, volume_size=volume.size_gb)
-            # 6-7. stage and publish on the node
+            # 3. the connector of the node that hosts the server
+            connector = self.step("get_connector", node.connector, deadline, saga=saga)
+            # 4. the attachment at the Controller: reserve (one compare-and-swap) and
+            # initialize_connection for that connector, one step -> connection_info.
+            # The Controller answers the service role: it is told the project the
+            # caller acts for (another project's volume: not found, left as it was);
+            # its attachment takes the BDM's attachment id and the mode
+            volume, op.info = self.step(
+                "create_attachment", self.controller.create_attachment, req.volume_id,
+                req.server_id, connector, deadline, bdm.attachment_id, req.mode,
+                caller_project(req.volume_id), saga=saga)
+            # (a failure of 3-4 rolls back: delete the attachment, delete the BDM row;
+            # until node_publish the reconciler undoes every step, each undo
+            # idempotent; the row has its node since bdm_insert)
+            self.bdms.published(bdm, connector, op.info, volume_size=volume.size_gb)
+            # 5-6. stage and publish on the node
             staged = self.step("node_stage", node.stage, req.volume_id, op.info, deadline,
                                saga=saga)
             self.step("node_publish", node.publish, req.server_id, req.volume_id,
                       bdm.device_name, op.info, staged, deadline, saga=saga)
             self.bdms.progress(bdm, "node_publish")
-            # 8. mark attached at the Controller (os-attach)
+            # 7. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
-            # 9. save the connection_info (sealed above), state attached
+            # 8. save the connection_info (sealed above), state attached
             self.step("bdm_attached", self.bdms.attached, bdm, saga=saga)
         except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,
@@ -280,22 +279,18 @@ class Facade:
         return not present
 
     def finish_detach(self, bdm: BDM, node: NodeCalls, timeout: Callable[[], float]) -> None:
-        """Detach steps 4-7, once the disk has left the guest (the reconciler
+        """Detach steps 4-6, once the disk has left the guest (the reconciler
         finishes a dead facade's detach with them too)."""
         info = self.bdms.unseal(bdm.connection_info)
-        connector = self.bdms.connector_of(bdm)
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
-        # (no progress records from here: the reconciler repeats all of 4-7, each
+        # (no progress records from here: the reconciler repeats all of 4-6, each
         # idempotent, for a row whose guest released the disk)
         # 4. unstage on the node
         self.step("node_unstage", lambda: node.unstage(volume_id, info, timeout()))
-        # 5. unpublish at the Controller (terminate_connection)
-        self.step("controller_unpublish", lambda: self.controller.unpublish(
-            volume_id, server_id, connector, timeout()))
-        # 6. mark detached at the Controller (os-detach)
-        self.step("mark_detached", lambda: self.controller.mark_detached(
+        # 5. delete the attachment at the Controller (terminate_connection + os-detach)
+        self.step("delete_attachment", lambda: self.controller.delete_attachment(
             volume_id, server_id, timeout()))
-        # 7. soft-delete the BDM row
+        # 6. soft-delete the BDM row
         self.step("bdm_delete", self.bdms.soft_delete, bdm.id)
 
     # -- ExtendVolume -------------------------------------------------------------------

@@ -128,7 +128,7 @@ class Reconciler:
         return "rolled_forward"
 
     def _roll_attach_back(self, bdm: BDM) -> str:
-        op = Attach(bdm.instance_uuid, bdm.volume_id, connector=self.bdms.connector_of(bdm))
+        op = Attach(bdm.instance_uuid, bdm.volume_id)
         if bdm.connection_info:  # the node may have staged and published it
             op.node = self.facade.node(bdm.node_id)
             op.info = self.bdms.unseal(bdm.connection_info)

@@ -25,24 +25,17 @@ class Attach:
     server_id: str
     volume_id: str
     node: NodeCalls | None = None
-    connector: types_pb2.Connector | None = None
     info: types_pb2.ConnectionInfo | None = None
 
 
 Undo = Callable[[ControllerCalls, Attach], None]
 
 
-def _unreserve(controller: ControllerCalls, op: Attach) -> None:
+def _delete_attachment(controller: ControllerCalls, op: Attach) -> None:
     try:
-        controller.unreserve(op.volume_id, op.server_id)
+        controller.delete_attachment(op.volume_id, op.server_id)
     except NotFound:
-        pass  # no such volume (the reserve found none): nothing is reserved
-
-
-def _controller_unpublish(controller: ControllerCalls, op: Attach) -> None:
-    # the Controller knows this server's connector: an empty one is enough
-    connector = op.connector if op.connector is not None else types_pb2.Connector()
-    controller.unpublish(op.volume_id, op.server_id, connector)
+        pass  # no such volume (the attachment found none): nothing to undo
 
 
 def _node_unstage(controller: ControllerCalls, op: Attach) -> None:
@@ -55,23 +48,19 @@ def _node_unpublish(controller: ControllerCalls, op: Attach) -> None:
         op.node.unpublish(op.server_id, op.volume_id)
 
 
-def _mark_detached(controller: ControllerCalls, op: Attach) -> None:
-    controller.mark_detached(op.volume_id, op.server_id)
-
-
 # AttachVolume, in order: each step with the undo it owes from the moment it
 # begins (a step that timed out may have happened all the same; every undo
 # is idempotent). A failure undoes the begun steps last first; the BDM row
 # goes after every undo succeeded.
 ATTACH: tuple[tuple[str, Undo | None], ...] = (
-    ("bdm_insert", None),                          # 2. device name, BDM row `attaching`
-    ("reserve", _unreserve),                       # 3. Cinder's reserve (in the caller's project)
-    ("get_connector", None),                       # 4. the node's connector
-    ("controller_publish", _controller_unpublish),  # 5. initialize_connection
-    ("node_stage", _node_unstage),                 # 6. connect the host to the volume
-    ("node_publish", _node_unpublish),             # 7. the disk into the domain
-    ("mark_attached", _mark_detached),             # 8. os-attach
-    ("bdm_attached", None),                        # 9. BDM row `attached`
+    ("bdm_insert", None),                           # 2. device name, BDM row `attaching`
+    ("get_connector", None),                        # 3. the node's connector
+    ("create_attachment", _delete_attachment),      # 4. reserve + initialize_connection
+    ("node_stage", _node_unstage),                  # 5. connect the host to the volume
+    ("node_publish", _node_unpublish),              # 6. the disk into the domain
+    # (its undo is create_attachment's: the attachment ends whatever its state)
+    ("mark_attached", None),                        # 7. os-attach
+    ("bdm_attached", None),                         # 8. BDM row `attached`
 )
 ATTACH_STEPS = tuple(step for step, _ in ATTACH)
 _UNDO = dict(ATTACH)
@@ -82,7 +71,7 @@ ATTACHED_ON_NODE = ATTACH_STEPS[ATTACH_STEPS.index("node_publish"):]
 # (RollDetaching, the BDM back to `attached`); once the disk has left the
 # guest, the remaining steps only roll forward.
 DETACH_STEPS = ("bdm_detaching", "begin_detaching", "node_unpublish", "node_unstage",
-                "controller_unpublish", "mark_detached", "bdm_delete")
+                "delete_attachment", "bdm_delete")
 GUEST_RELEASED = DETACH_STEPS[DETACH_STEPS.index("node_unpublish"):]
 
 

@@ -38,7 +38,7 @@ CALL_RE = re.compile(r"`((?:Controller|Node)\.\w+)`")
 @dataclass(frozen=True)
 class Step:
     number: str
-    call: str | None       # "Controller.ReserveVolume"
+    call: str | None       # "Controller.CreateAttachment"
     undo: str | None
     after_failure: str     # "roll back", "roll forward", or an error without a call
 
@@ -88,8 +88,8 @@ def step_calls(steps: list[Step], rule: str) -> list[str]:
 
 def test_the_flow_tables_name_the_calls():
     """The tables parse into what the tests below rely on."""
-    assert [s.call for s in ATTACH if s.call][:2] == ["Controller.ReserveVolume",
-                                                      "Node.NodeGetInfo"]
+    assert [s.call for s in ATTACH if s.call][:2] == ["Node.NodeGetInfo",
+                                                      "Controller.CreateAttachment"]
     assert all(s.after_failure == "roll back" for s in ATTACH if s.call)
     assert step_calls(DETACH, "roll back") and step_calls(DETACH, "roll forward")
 
@@ -246,13 +246,12 @@ def test_detach_failing_after_the_guest_let_go_is_finished_by_the_reconciler(spl
 
 def test_failed_undo_leaves_the_row_to_the_reconciler_which_finishes_it(split):
     """The publish on the node fails; while rolling back, the Controller
-    cannot unexport nor unreserve. The target stays on tgtd and the BDM row
+    cannot delete the attachment. The target stays on tgtd and the BDM row
     stays `attaching`; the reconciler repeats the undo and cleans up."""
     server_id, volume_id = split.server(), split.volume()
     split.start_recording()
     split.recorder.fail("Node.NodePublishVolume")
-    split.recorder.fail("Controller.ControllerUnpublishVolume")
-    split.recorder.fail("Controller.UnreserveVolume")
+    split.recorder.fail("Controller.DeleteAttachment")
     with pytest.raises(VmattachError, match="injected failure of Node.NodePublishVolume"):
         split.client.attach_volume(server_id, volume_id)
     assert split.recorded() == rollback_after(ATTACH, "Node.NodePublishVolume")
@@ -265,8 +264,7 @@ def test_failed_undo_leaves_the_row_to_the_reconciler_which_finishes_it(split):
 
     split.start_recording()
     assert split.reconcile() == 1
-    assert {"Controller.ControllerUnpublishVolume", "Controller.UnreserveVolume"} <= \
-        set(split.recorded())
+    assert "Controller.DeleteAttachment" in split.recorded()
     split.assert_clean(server_id, volume_id)
     split.client.attach_volume(server_id, volume_id)  # the volume is usable again
     split.assert_attached(server_id, volume_id)

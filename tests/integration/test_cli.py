@@ -277,7 +277,7 @@ def test_a_long_attach_shows_its_step_on_a_terminal(stack):
     code, out, terminal = on_terminal(stack, "volume", "attach", "web", "data1", "-f", "json")
     assert code == 0, terminal
     assert json.loads(out)["state"] == "attached"
-    assert "attaching data1 to web: attaching (controller_publish)" in terminal
+    assert "attaching data1 to web: attaching (create_attachment)" in terminal
     assert terminal.endswith("\r\x1b[K")  # the line is cleared at the end
 
 

@@ -202,8 +202,8 @@ def test_requested_device_in_use_and_limit_per_server(tmp_path, tgtd, serve):
     stack.assert_clean(server_id, v3)
 
 
-ATTACH_STEPS = ["reserve", "get_connector", "controller_publish", "node_stage",
-                "node_publish", "mark_attached", "bdm_attached"]
+ATTACH_STEPS = ["get_connector", "create_attachment", "node_stage", "node_publish",
+                "mark_attached", "bdm_attached"]
 
 
 @pytest.mark.parametrize("action", ["error", "unavailable"])
@@ -410,7 +410,7 @@ def test_two_reconcilers_at_once_recover_an_orphan_exactly_once(stack):
         volume_id=volume_id, server_id=server_id))
     with stack.facade.db.connection_context():
         BDM.create(device_name="/dev/vdb", volume_id=volume_id, instance_uuid=server_id,
-                   attachment_id=str(uuid.uuid4()), state="attaching", progress="reserve",
+                   attachment_id=str(uuid.uuid4()), state="attaching", progress="create_attachment",
                    owner=str(uuid.uuid4()), node_id="node-1")  # an owner with no heartbeat
     assert stack.client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_ATTACHING
     replicas = [Reconciler(stack.facade, lease=1.0, instance_id=str(uuid.uuid4()))

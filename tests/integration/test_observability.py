@@ -114,7 +114,7 @@ def test_one_request_id_follows_an_attach_through_all_three_services(stack):
     stack.servers_api.AttachVolume(servers_pb2.AttachVolumeRequest(
         server_id=stack.servers[0], volume_id=volume), metadata=[("x-request-id", rid)],
         timeout=TIMEOUT)
-    for proc, method in ((stack.facade, "AttachVolume"), (stack.controller, "ReserveVolume"),
+    for proc, method in ((stack.facade, "AttachVolume"), (stack.controller, "CreateAttachment"),
                          (stack.node, "NodePublishVolume")):
         lines = [line for line in json_lines(proc) if line["request_id"] == rid]
         assert any(line.get("grpc_method") == method and line.get("grpc_code") == "OK"
@@ -135,7 +135,7 @@ def test_one_request_id_follows_an_attach_through_all_three_services(stack):
         detail.Unpack(info)
         returned = info.metadata["request_id"]
         assert returned == "req-failing-1" if metadata else returned.startswith("req-")
-        # the Controller's line of the failing ReserveVolume has the same id
+        # the Controller's line of the failing CreateAttachment has the same id
         assert any(line["request_id"] == returned and line.get("grpc_code") == "NOT_FOUND"
                    for line in json_lines(stack.controller))
 
@@ -170,15 +170,15 @@ def test_metrics_after_an_attach_and_a_failed_attach(stack):
                   **servers) == 1
     # the facade's own calls
     assert sample(facade, "grpc_client_handled_total", grpc_service="vmattach.v1.Controller",
-                  grpc_method="ReserveVolume", grpc_code="OK") == 1
+                  grpc_method="CreateAttachment", grpc_code="OK") == 1
     assert sample(facade, "grpc_client_handled_total", grpc_service="vmattach.v1.Controller",
-                  grpc_method="ReserveVolume", grpc_code="NOT_FOUND") == 1
+                  grpc_method="CreateAttachment", grpc_code="NOT_FOUND") == 1
     assert sample(facade, "grpc_client_handling_seconds_count",
                   grpc_service="vmattach.v1.Node", grpc_method="NodePublishVolume") == 1
-    for step in ("controller_publish", "node_stage", "node_publish", "mark_attached"):
+    for step in ("node_stage", "node_publish", "mark_attached"):
         assert sample(facade, "vmattach_attach_step_seconds_count", step=step) == 1
-    # the failed attach ended in its reserve
-    assert sample(facade, "vmattach_attach_step_seconds_count", step="reserve") == 2
+    # the failed attach ended in its create_attachment
+    assert sample(facade, "vmattach_attach_step_seconds_count", step="create_attachment") == 2
     assert sample(facade, "vmattach_operations_total", operation="attach", result="OK") == 1
     assert sample(facade, "vmattach_operations_total", operation="attach",
                   result="NOT_FOUND") == 1
@@ -186,7 +186,7 @@ def test_metrics_after_an_attach_and_a_failed_attach(stack):
 
     controller = scrape(stack.controller)
     assert sample(controller, "grpc_server_handled_total", grpc_service="vmattach.v1.Controller",
-                  grpc_method="ControllerPublishVolume", grpc_code="OK") == 1
+                  grpc_method="CreateAttachment", grpc_code="OK") == 1
     node = scrape(stack.node)
     assert sample(node, "grpc_server_handled_total", grpc_service="vmattach.v1.Node",
                   grpc_method="NodeStageVolume", grpc_code="OK") == 1

@@ -233,7 +233,7 @@ def test_every_change_leaves_one_audit_line_without_a_secret(secure, caplog):
     assert len(create) == 1 and f"project={PROJECT_A}" in create[0] \
         and f"volume_id={vol}" in create[0] and create[0].endswith("result=OK")
     assert any("/AttachVolume" in x and f"server_id={server_a}" in x for x in lines)
-    assert any("/ControllerPublishVolume" in x and "service" in x for x in lines)
+    assert any("/CreateAttachment" in x and "service" in x for x in lines)
     assert any("/DeleteVolume" in x and "PERMISSION_DENIED" in x and "role=reader" in x
                for x in lines)
     with secure.running.services[0].servicer.m.db.connection_context():

@@ -19,14 +19,14 @@ from tests.support.fake_tgt import FakeTgtRunner
 from vmattach.clients.client import VmattachClient
 from vmattach.v1 import types_pb2
 
-# statements per attach / detach of a volume attached before (its CHAP
-# account exists; its export is made again at each attach and goes at each detach)
-ATTACH_BUDGET = 19
-DETACH_BUDGET = 18
+# statements per attach / detach (its export is made again at each attach and
+# goes at each detach)
+ATTACH_BUDGET = 15
+DETACH_BUDGET = 14
 # of which BEGIN and COMMIT: one write transaction per Controller call that
-# writes more than one row (reserve, publish, mark attached; begin detaching,
-# unpublish, mark detached)
-TRANSACTIONS = 3
+# writes more than one row (create attachment, mark attached; begin detaching,
+# delete attachment)
+TRANSACTIONS = 2
 
 
 @pytest.fixture

@@ -403,6 +403,92 @@ def test_publish_failing_at_account_creation_does_not_leak_the_password(env):
     assert info.auth_password not in err.value.message
 
 
+# -- attachment_create / attachment_delete: the facade's two Controller steps ----------
+
+def test_create_attachment_reserves_and_publishes_in_one_step(env):
+    vol = env.m.create("ca", 1, project_id="p1")
+    srv = server()
+    (volume, atts), info = env.m.create_attachment(vol.id, srv, connector(), mode="ro",
+                                                   project_id="p1")
+    assert (volume.status, volume.size_gb) == ("attaching", 1)
+    [att] = atts
+    assert (att.instance_uuid, att.attach_status, att.attach_mode) == (srv, "reserved", "ro")
+    assert Connector.load(att.connector).initiator == initiator("a")
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("a")] and target.iqn == info.target_iqn
+    assert (info.access_mode, info.target_portal) == ("ro", PORTAL)
+    assert info.auth_username and info.auth_password
+    # the same as ReserveVolume + ControllerPublishVolume: publish again is idempotent
+    assert env.m.publish(vol.id, srv, connector()).target_iqn == info.target_iqn
+    env.m.mark_attached(vol.id, srv, "/dev/vdb", "ro")
+    assert status(env.m, vol.id) == ("in-use", "attached")
+
+
+def test_create_attachment_refusals_change_nothing(env):
+    vol = env.m.create("ca", 1, project_id="p1")
+    with pytest.raises(NotFound):  # another project's volume
+        env.m.create_attachment(vol.id, server(), connector(), project_id="p2")
+    with pytest.raises(InvalidArgument):
+        env.m.create_attachment(vol.id, server(), Connector(initiator=""))
+    with pytest.raises(NotFound):
+        env.m.create_attachment(str(uuid.uuid4()), server(), connector())
+    assert status(env.m, vol.id) == ("available", "detached")
+    assert env.m.get(vol.id)[1] == [] and env.tgt.targets == {}
+    srv = server()
+    env.m.create_attachment(vol.id, srv, connector())
+    with pytest.raises(FailedPrecondition):  # not multiattach: a second server is refused
+        env.m.create_attachment(vol.id, server(), connector("b"))
+    with pytest.raises(FailedPrecondition):  # and so is the same one again (it is attaching)
+        env.m.create_attachment(vol.id, srv, connector())
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("a")]
+
+
+def test_create_attachment_failing_at_tgtd_leaves_nothing_reserved(env):
+    vol = env.m.create("ca", 1)
+    env.tgt.fail_on("account", "bind")
+    with pytest.raises(BackendError) as err:
+        env.m.create_attachment(vol.id, server(), connector())
+    assert status(env.m, vol.id) == ("available", "detached")
+    assert env.m.get(vol.id)[1] == [] and env.tgt.targets == {}
+    assert env.m.export_states()[0] == []  # no Export row either
+    (_, _), info = env.m.create_attachment(vol.id, server(), connector())  # a retry works
+    assert info.auth_password not in err.value.message
+
+
+@pytest.mark.parametrize("stage", ["reserved", "attached", "detaching"])
+def test_delete_attachment_ends_it_in_any_state_and_is_idempotent(env, stage):
+    vol = env.m.create("da", 1)
+    srv = server()
+    env.m.create_attachment(vol.id, srv, connector())
+    if stage != "reserved":
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    if stage == "detaching":
+        env.m.begin_detaching(vol.id, srv)
+    for _ in range(2):
+        volume, atts = env.m.delete_attachment(vol.id, srv)
+        assert (volume.status, volume.attach_status, atts) == ("available", "detached", [])
+        assert env.tgt.targets == {} and env.tgt.accounts == {}
+    with pytest.raises(NotFound):
+        env.m.delete_attachment(str(uuid.uuid4()), srv)
+
+
+def test_delete_attachment_of_a_multiattach_volume_keeps_the_others(env):
+    vol = env.m.create("dm", 1, multiattach=True)
+    first, second, third = server(), server(), server()
+    for srv, tag in ((first, "a"), (second, "b"), (third, "b")):  # two servers on host b
+        env.m.create_attachment(vol.id, srv, connector(tag))
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    volume, atts = env.m.delete_attachment(vol.id, first)
+    assert volume.status == "in-use" and {a.instance_uuid for a in atts} == {second, third}
+    [target] = env.tgt.targets.values()
+    assert target.acls == [initiator("b")]  # a's initiator revoked, b's kept
+    env.m.delete_attachment(vol.id, second)
+    assert env.tgt.targets[target.tid].acls == [initiator("b")]  # the third still uses it
+    volume, atts = env.m.delete_attachment(vol.id, third)
+    assert (volume.status, atts, env.tgt.targets) == ("available", [], {})
+
+
 def test_unpublish_removes_the_export_and_is_idempotent(env):
     volume_id, srv, _ = attached(env)
     for _ in range(2):

@@ -119,38 +119,38 @@ class _Recorder:
 
 
 def test_the_attach_table_lists_every_step_once_in_flow_order():
-    assert ATTACH_STEPS == ("bdm_insert", "reserve", "get_connector",
-                            "controller_publish", "node_stage", "node_publish", "mark_attached",
-                            "bdm_attached")
+    assert ATTACH_STEPS == ("bdm_insert", "get_connector", "create_attachment", "node_stage",
+                            "node_publish", "mark_attached", "bdm_attached")
     assert [step for step, undo in ATTACH if undo is not None] == \
-        ["reserve", "controller_publish", "node_stage", "node_publish", "mark_attached"]
+        ["create_attachment", "node_stage", "node_publish"]
 
 
 def test_reconciler_undo_runs_the_tables_undo_last_step_first():
     calls: list[str] = []
     node, controller = _Recorder(calls), _Recorder(calls)
     undo_attach(controller, Attach(SERVER, VOLUME, node=node, info=object()))
-    assert calls == ["mark_detached", "unpublish", "unstage", "unpublish", "unreserve"]
+    assert calls == ["unpublish", "unstage", "delete_attachment"]
 
 
 def test_undo_without_connection_info_leaves_the_node_alone():
     calls: list[str] = []
     undo_attach(_Recorder(calls), Attach(SERVER, VOLUME, node=_Recorder(calls)))
-    assert calls == ["mark_detached", "unpublish", "unreserve"]
+    assert calls == ["delete_attachment"]
 
 
 def test_reconciler_undo_stops_at_the_first_failure():
     calls: list[str] = []
+    node = _Recorder(calls, fail="unpublish")
     with pytest.raises(RuntimeError):
-        undo_attach(_Recorder(calls, fail="mark_detached"), Attach(SERVER, VOLUME))
-    assert calls == ["mark_detached"]
+        undo_attach(_Recorder(calls), Attach(SERVER, VOLUME, node=node, info=object()))
+    assert calls == ["unpublish"]
 
 
 def test_attach_saga_owes_the_undo_of_each_begun_step_only():
     calls: list[str] = []
     controller = _Recorder(calls)
     saga = attach_saga(controller, Attach(SERVER, VOLUME))
-    for step in ("bdm_insert", "reserve", "get_connector", "controller_publish"):
+    for step in ("bdm_insert", "get_connector", "create_attachment"):
         saga.begin(step)
     assert saga.rollback() is True
-    assert calls == ["unpublish", "unreserve"]
+    assert calls == ["delete_attachment"]
