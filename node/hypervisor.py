@@ -154,10 +154,14 @@ class Hypervisor(abc.ABC):
     domain, BackendError (no secret in its message) for anything else."""
 
     @abc.abstractmethod
-    def list_domains(self) -> list[Domain]: ...
+    def list_domains(self, *, with_state: bool = True) -> list[Domain]:
+        """Every domain on this host (with_state: as for get_domain)."""
 
     @abc.abstractmethod
-    def get_domain(self, server_id: str) -> Domain: ...
+    def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
+        """with_state=False: without its state (state ""; for libvirt one
+        call less): the Node's attach and detach need only whether the
+        domain runs, whether it is persistent and its disks."""
 
     @abc.abstractmethod
     def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:

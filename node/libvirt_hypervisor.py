@@ -256,31 +256,32 @@ class LibvirtHypervisor(Hypervisor):
     # -- domains ------------------------------------------------------------------------
 
     @staticmethod
-    def _domain(dom) -> Domain:
-        """Three calls: the state, the XML (name, running or not, disks,
-        owner) and whether it is persistent."""
-        state = dom.state()[0]
+    def _domain(dom, with_state: bool = True) -> Domain:
+        """Three calls (two without the state): the state, the XML (name,
+        running or not, disks, owner) and whether it is persistent."""
+        state = dom.state()[0] if with_state else -1
         xml = read_domain(dom.XMLDesc(0))
         return Domain(uuid=dom.UUIDString(), name=xml.name,
-                      state=STATES[state] if 0 <= state < len(STATES) else "nostate",
+                      state=("" if not with_state
+                             else STATES[state] if 0 <= state < len(STATES) else "nostate"),
                       active=xml.active, persistent=dom.isPersistent() == 1,
                       disks=xml.disks, project_id=xml.project_id)
 
-    def list_domains(self) -> list[Domain]:
+    def list_domains(self, *, with_state: bool = True) -> list[Domain]:
         def _list(conn) -> list[Domain]:
             domains = []
             for dom in conn.listAllDomains(0):
                 try:
-                    domains.append(self._domain(dom))
+                    domains.append(self._domain(dom, with_state))
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise  # a domain that vanished meanwhile is skipped
             return domains
         return self._call("list domains", _list)
 
-    def get_domain(self, server_id: str) -> Domain:
+    def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
         return self._call("read the domain", lambda conn: self._domain(
-            self._lookup(conn, server_id)), server_id)
+            self._lookup(conn, server_id), with_state), server_id)
 
     def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
         flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)

@@ -94,7 +94,8 @@ class NodeManager:
 
     def _volume_in_use(self, volume_id: str) -> Domain | None:
         """A domain on this host that has a disk of the volume."""
-        return next((d for d in self.hypervisor.list_domains() if d.disk_of_volume(volume_id)),
+        return next((d for d in self.hypervisor.list_domains(with_state=False)
+                     if d.disk_of_volume(volume_id)),
                     None)
 
     # -- stage --------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class NodeManager:
         # volume) cannot run between the stage check and the attach
         with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
             self._refuse_while_detaching(server_id, volume_id)
-            domain = self.hypervisor.get_domain(server_id)
+            domain = self.hypervisor.get_domain(server_id, with_state=False)
             existing = domain.disk_of_volume(volume_id)
             if existing is not None:
                 return existing
@@ -154,7 +155,7 @@ class NodeManager:
         connector = self.connectors.get(info.driver_volume_type)
         with self._server_locks.hold(server_id), self._volume_locks.hold(volume_id):
             self._refuse_while_detaching(server_id, volume_id)
-            domain = self.hypervisor.get_domain(server_id)
+            domain = self.hypervisor.get_domain(server_id, with_state=False)
             disk = domain.disk_of_volume(volume_id)
             if disk is None:
                 raise NotFound(f"Server {server_id} has no disk of volume {volume_id}",
@@ -192,7 +193,7 @@ class NodeManager:
             attempts = max(self.config.detach_retries, 1)
             for attempt in range(1, attempts + 1):
                 with self._server_locks.hold(server_id):
-                    domain = self.hypervisor.get_domain(server_id)
+                    domain = self.hypervisor.get_domain(server_id, with_state=False)
                     disk = domain.disk_of_volume(volume_id)
                     if disk is None:
                         return
@@ -204,7 +205,7 @@ class NodeManager:
                          server_id, attempt, attempts, outcome.value)
                 if outcome is DetachOutcome.REMOVED:
                     return
-            disk = self.hypervisor.get_domain(server_id).disk_of_volume(volume_id)
+            disk = self.hypervisor.get_domain(server_id, with_state=False).disk_of_volume(volume_id)
             if disk is None:
                 return
             raise FailedPrecondition(

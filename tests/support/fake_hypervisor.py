@@ -10,6 +10,7 @@ disk, a removal that fails, and injected errors."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -148,15 +149,17 @@ class FakeHypervisor(Hypervisor):
 
     # -- Hypervisor ---------------------------------------------------------------------
 
-    def list_domains(self) -> list[Domain]:
+    def list_domains(self, *, with_state: bool = True) -> list[Domain]:
         self._enter("list_domains")
         with self._lock:
-            return [dom.view() for dom in self.domains.values()]
+            views = [dom.view() for dom in self.domains.values()]
+        return views if with_state else [dataclasses.replace(v, state="") for v in views]
 
-    def get_domain(self, server_id: str) -> Domain:
+    def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
         self._enter("get_domain", server_id)
         with self._lock:
-            return self._dom(server_id).view()
+            view = self._dom(server_id).view()
+        return view if with_state else dataclasses.replace(view, state="")
 
     def attach_disk(self, server_id: str, spec: DiskSpec, *, live: bool, config: bool) -> None:
         self._enter("attach_disk", server_id, spec.device, live, config)

@@ -134,6 +134,7 @@ class FakeDomain:
         self.xml, self.attach_error = xml, attach_error
         self.attached: list[str] = []
         self.gone = False
+        self.states_read = 0
 
     def _check(self):
         if self.gone:
@@ -144,6 +145,7 @@ class FakeDomain:
 
     def state(self):
         self._check()
+        self.states_read += 1
         return [libvirt.VIR_DOMAIN_RUNNING, 1]
 
     def XMLDesc(self, flags):
@@ -190,6 +192,9 @@ def test_domain_read_in_three_calls_running_told_by_the_xml_id():
     assert [d.device for d in dom.disks] == ["sda"]
     conn.dom.xml = RUNNING_XML.replace(" id='3'", "")
     assert not hv.get_domain(UUID).active
+    light = hv.get_domain(UUID, with_state=False)  # the Node's attach and detach: two calls
+    assert (light.state, light.active, light.persistent) == ("", False, False)
+    assert conn.dom.states_read == 2
 
 
 def test_a_domain_handle_is_looked_up_once_per_connection():
