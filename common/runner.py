@@ -6,9 +6,12 @@ line or an error message."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
-from collections.abc import Sequence
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmattach.common.errors import BackendError
@@ -75,3 +78,59 @@ class CommandRunner:
         if check and proc.returncode != 0:
             raise CommandError(argv, result, secrets)
         return result
+
+    @contextlib.contextmanager
+    def lines(self, argv: Sequence[str], *, timeout: float | None = None
+              ) -> Iterator[Iterator[str]]:
+        """Run argv (never through a shell) and read what it prints a line at
+        a time, without the newline, as it comes: for a listing too big to
+        hold (tgtd's targets at a cell's size). Leaving the block before the
+        last line stops the command; reading them all and leaving it raises
+        CommandError when the command failed (its stderr is kept in a file
+        meanwhile, so that it cannot block on a full pipe)."""
+        LOG.debug("run: %s", shown(argv))
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=err,
+                                        stdin=subprocess.DEVNULL, text=True)
+            except FileNotFoundError:
+                raise BackendError(f"command not found: {prefix(argv[0] if argv else '', 128)}",
+                                   reason="COMMAND_NOT_FOUND") from None
+            except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise BackendError(f"cannot start {prefix(argv[0] if argv else '', 128)}: {why}",
+                                   reason="COMMAND_NOT_STARTED") from None
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                proc.kill()
+
+            timer = threading.Timer(timeout or self.timeout, expire)
+            timer.daemon = True
+            timer.start()
+            read_all = False
+
+            def read() -> Iterator[str]:
+                nonlocal read_all
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    yield line.rstrip("\n")
+                read_all = True
+
+            try:
+                yield read()
+            finally:
+                timer.cancel()
+                if not read_all and proc.poll() is None:
+                    proc.kill()  # the caller stopped early (or failed): the rest is not wanted
+                proc.stdout.close()  # type: ignore[union-attr]
+                proc.wait()
+            if not read_all and not expired.is_set():
+                return
+            if expired.is_set():
+                raise BackendError(f"command timed out: {shown(argv)}", reason="COMMAND_TIMEOUT")
+            if proc.returncode != 0:
+                err.seek(0)
+                raise CommandError(argv, Result(proc.returncode, "",
+                                                err.read().decode(errors="replace")))

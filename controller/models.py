@@ -63,7 +63,8 @@ class Export(BaseModel):
     tgtd has it (version 2)."""
     tid = peewee.AutoField()
     volume = peewee.ForeignKeyField(Volume, unique=True, on_delete="CASCADE")
-    target_iqn = peewee.CharField(max_length=255)
+    # indexed: the export reconcile looks a batch of tgtd's targets up by name (version 4)
+    target_iqn = peewee.CharField(max_length=255, index=True)
     target_tid = peewee.IntegerField(null=True)
     created_at = peewee.DateTimeField(default=utcnow)
 
@@ -107,10 +108,18 @@ def _v3_volume_project(db: peewee.Database) -> None:
                                                        True))
 
 
+def _v4_export_target_iqn(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+    migrate(SchemaMigrator.from_database(db).add_index("controller_export", ("target_iqn",),
+                                                       False))
+
+
 MIGRATIONS = [
     Migration(2, "controller_export.target_tid: the tgtd tid apart from the export id",
               _v2_target_tid),
     Migration(3, "controller_volume.project_id: volumes belong to a project; names unique"
               " per project", _v3_volume_project),
+    Migration(4, "controller_export.target_iqn indexed: the export reconcile compares tgtd's"
+              " listing with the database a batch of targets at a time", _v4_export_target_iqn),
 ]
 SCHEMA = Schema("controller", MODELS, MIGRATIONS)

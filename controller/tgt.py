@@ -3,9 +3,10 @@ Cinder's TgtAdm helper does)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from vmattach.common.runner import CommandError, CommandRunner, Result
@@ -33,9 +34,8 @@ _TARGET_LINE = re.compile(r"^Target (\d+): (\S+)$")
 
 
 def _lines(text: str) -> Iterator[str]:
-    """The lines of text one at a time: a listing of 100,000 targets is
-    about two million lines, and a list of them all (splitlines) would be
-    several times the size of the text."""
+    """The lines of text one at a time (a list of them all would be several
+    times the size of the text)."""
     start, size = 0, len(text)
     while start < size:
         end = text.find("\n", start)
@@ -45,18 +45,20 @@ def _lines(text: str) -> Iterator[str]:
         start = end + 1
 
 
-def parse_show(text: str) -> dict[int, Target]:
-    """Parse `tgtadm --mode target --op show`."""
-    targets: dict[int, Target] = {}
+def iter_targets(lines: Iterable[str]) -> Iterator[Target]:
+    """The targets of `tgtadm --mode target --op show`, one at a time as its
+    lines come (a listing of 100,000 targets is about two million lines: it
+    is never held whole)."""
     current: Target | None = None
     section = None
     lun = None
-    for raw in _lines(text):
+    for raw in lines:
         line = raw.strip()
         m = _TARGET_LINE.match(line) if line.startswith("Target ") else None
         if m:
+            if current is not None:
+                yield current
             current = Target(int(m.group(1)), m.group(2))
-            targets[current.tid] = current
             section = None
             continue
         if current is None or not line:
@@ -77,7 +79,13 @@ def parse_show(text: str) -> dict[int, Target]:
             current.accounts.append(line)
         elif section == "ACL":
             current.acls.append(line)
-    return targets
+    if current is not None:
+        yield current
+
+
+def parse_show(text: str) -> dict[int, Target]:
+    """Parse `tgtadm --mode target --op show` (every target, by tid)."""
+    return {t.tid: t for t in iter_targets(_lines(text))}
 
 
 class TgtAdm:
@@ -92,8 +100,29 @@ class TgtAdm:
         """Raise (BackendError) when tgtd does not answer on its control port."""
         self.runner.run(self._argv("--mode", "system", "--op", "show"), timeout=timeout)
 
+    @contextlib.contextmanager
+    def targets(self) -> Iterator[Iterator[Target]]:
+        """tgtd's targets one at a time, parsed as tgtadm prints them: the
+        listing is never held whole (at a cell's 100,000 targets it is
+        hundreds of MB as text, more as objects). Leaving the block early
+        stops the listing; a failed listing raises once read."""
+        with self.runner.lines(self._argv("--mode", "target", "--op", "show")) as lines:
+            yield iter_targets(lines)
+
     def show(self) -> dict[int, Target]:
-        return parse_show(self._run("--mode", "target", "--op", "show").stdout)
+        """Every target by tid (the audit, which reports them all)."""
+        with self.targets() as targets:
+            return {t.tid: t for t in targets}
+
+    def find(self, tid: int) -> Target | None:
+        """Target tid as tgtd lists it (`show --tid` prints its parameters,
+        not its name, LUNs or ACLs): the listing read up to it, a target at
+        a time."""
+        with self.targets() as targets:
+            for target in targets:
+                if target.tid == tid:
+                    return target
+        return None
 
     def has_target(self, tid: int) -> bool:
         """Whether tgtd has target tid (without listing every target)."""
@@ -108,8 +137,7 @@ class TgtAdm:
     def has_lun(self, tid: int, lun: int = 1) -> bool:
         """Whether target tid has a LUN lun with a backing store (lists every
         target: not for the hot path)."""
-        # (`show --tid` prints the target's parameters only, not its LUNs)
-        target = self.show().get(tid)
+        target = self.find(tid)
         return target is not None and lun in target.luns
 
     def reload_lun(self, tid: int, backing_store: str, lun: int = 1, attempts: int = 5) -> None:
@@ -149,7 +177,7 @@ class TgtAdm:
         result = self._run(*new, check=False)
         existing = None
         if result.returncode != 0:
-            existing = self.show().get(tid)
+            existing = self.find(tid)
             if existing is not None and existing.iqn != iqn:
                 raise TidInUse(self._argv(*new), result)
             if existing is None:
@@ -178,12 +206,17 @@ class TgtAdm:
                 self.create_target(tid, iqn, backing_store, user, password)
                 return tid
             except CommandError as exc:
-                present = self.show()
-                mine = [t.tid for t in present.values() if t.iqn == iqn]
-                if mine and mine[0] != tid:
-                    tid = mine[0]
-                elif isinstance(exc, TidInUse) or tid in present:
-                    tid = max(present) + 1  # someone else's tid; another may take this one too
+                mine, taken, highest = None, False, 0
+                with self.targets() as present:  # a target at a time
+                    for target in present:
+                        if target.iqn == iqn:
+                            mine = target.tid
+                        taken = taken or target.tid == tid
+                        highest = max(highest, target.tid)
+                if mine is not None and mine != tid:
+                    tid = mine
+                elif isinstance(exc, TidInUse) or taken:
+                    tid = highest + 1  # someone else's tid; another may take this one too
                 else:
                     raise
         raise CommandError(self._argv("--mode", "target", "--op", "new", "--targetname", iqn),

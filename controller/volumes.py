@@ -293,6 +293,21 @@ def _require_initiator(connector: Connector) -> None:
     require_iscsi_name(connector.initiator, "connector.initiator")
 
 
+# tgtd's targets compared with the database this many at a time (one read each)
+RECONCILE_BATCH = 500
+
+
+def _mark(bits: bytearray, n: int) -> None:
+    """Set bit n of bits, growing it as needed."""
+    if n >> 3 >= len(bits):
+        bits.extend(bytes(max((n >> 3) + 1 - len(bits), len(bits))))
+    bits[n >> 3] |= 1 << (n & 7)
+
+
+def _marked(bits: bytearray, n: int) -> bool:
+    return n >> 3 < len(bits) and bool(bits[n >> 3] & (1 << (n & 7)))
+
+
 def not_found(volume_id: str) -> NotFound:
     return NotFound(f"Volume {volume_id} could not be found.", reason="VOLUME_NOT_FOUND",
                     metadata={"volume_id": volume_id})
@@ -899,46 +914,61 @@ class VolumeManager:
         export owns. Returns the number of targets re-created."""
         return self.reconcile_exports().targets_created
 
-    def _exports_to_repair(self, present: dict[int, Target], tid_of: dict[str, int],
-                           owned: set[int], prune: bool) -> builtins.list[str]:
-        """The volumes whose export may need a change (looked at again under
-        their lock), from one read of every export with the initiators its
-        connections use, against tgtd's listing; the tids of the others, which
-        are as they should be, go into owned. (A run over thousands of exports
-        took a write transaction for each, every reconcile interval.)"""
-        exports: dict[str, tuple[str, int]] = {}
+    def _compare(self, batch: builtins.list[Target], prune: bool,
+                 initiator_of: dict[str, str], repair: dict[str, Target | None],
+                 unowned: builtins.list[Target], listed: bytearray) -> int:
+        """One batch of tgtd's listing against the exports of those names (one
+        read, by IQN): an export whose target is not as it should be goes into
+        repair with that target; a target of our IQN prefix no export names
+        into unowned; each export found is marked in listed (a bit per export
+        id). Returns how many exports were found."""
+        by_iqn = {t.iqn: t for t in batch}
+        exports: dict[str, tuple[int, str, int]] = {}
         used: dict[str, set[str]] = {}
-        rows = (Export.select(Export.volume, Export.target_iqn,
+        rows = (Export.select(Export.volume, Export.tid, Export.target_iqn,
                               peewee.fn.COALESCE(Export.target_tid, Export.tid),
                               VolumeAttachment.connector)
                 .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
                       on=((VolumeAttachment.volume == Export.volume)
-                          & VolumeAttachment.connector.is_null(False))).tuples())
-        # one row at a time (iterator: no cache of every row), and each distinct
-        # connector parsed once (a host's connections share it: 100,000 rows at a
-        # cell's size, every interval)
-        initiator_of: dict[str, str] = {}
-        for volume_id, iqn, tid, connector in rows.iterator():
-            exports[volume_id] = (iqn, tid)
+                          & VolumeAttachment.connector.is_null(False)))
+                .where(Export.target_iqn.in_(builtins.list(by_iqn))).tuples())
+        for volume_id, export_id, iqn, tid, connector in rows:
+            exports[volume_id] = (export_id, iqn, tid)
             users = used.setdefault(volume_id, set())
             if connector:
+                # each distinct connector parsed once (a host's connections share it)
                 initiator = initiator_of.get(connector)
                 if initiator is None:
                     initiator = initiator_of[connector] = Connector.load(connector).initiator
                 users.add(initiator)
-        repair = []
-        for volume_id, (iqn, tid) in exports.items():
-            at = tid_of.get(iqn)
-            target = present.get(at) if at is not None else None
-            users = used[volume_id]
-            fine = (target is not None and at == tid and 1 in target.luns
-                    and users <= set(target.acls)
-                    and not (prune and (not users or set(target.acls) - users)))
-            if fine and at is not None:
-                owned.add(at)
-            else:
-                repair.append(volume_id)
-        return repair
+        named = set()
+        for volume_id, (export_id, iqn, tid) in exports.items():
+            _mark(listed, export_id)
+            named.add(iqn)
+            target, users = by_iqn[iqn], used[volume_id]
+            acls = set(target.acls)
+            fine = (target.tid == tid and 1 in target.luns and users <= acls
+                    and not (prune and (not users or acls - users)))
+            if not fine:
+                repair[volume_id] = target
+        unowned.extend(t for t in batch
+                       if t.iqn not in named and t.iqn.startswith(self.iqn_prefix))
+        return len(exports)
+
+    def _unlisted_exports(self, listed: bytearray, repair: dict[str, Target | None]) -> None:
+        """The exports not marked in listed (tgtd did not list their target)
+        into repair, read a page at a time in id order."""
+        after = 0
+        while True:
+            page = builtins.list(Export.select(Export.tid, Export.volume)
+                                 .where(Export.tid > after).order_by(Export.tid)
+                                 .limit(RECONCILE_BATCH).tuples())
+            for export_id, volume_id in page:
+                if not _marked(listed, export_id):
+                    repair.setdefault(volume_id, None)
+            if len(page) < RECONCILE_BATCH:
+                return
+            after = page[-1][0]
 
     @with_connection
     def reconcile_exports(self, prune: bool = False) -> ExportRepair:
@@ -946,38 +976,55 @@ class VolumeManager:
         exports with no connection. Safe while other Controller processes
         sharing the database publish and unpublish: every change is re-checked
         under the volume's lock. A target of a volume this deployment does
-        not know is never touched."""
-        present = self.tgt.show()
-        tid_of = {t.iqn: tid for tid, t in present.items()}
-        owned: set[int] = set()
+        not know is never touched.
+
+        tgtd's listing is compared with the database as it is read, a batch
+        of targets at a time: neither the listing nor the table is ever held
+        (at a cell's 100,000 exports, every reconcile interval). What is kept
+        is what needs a change (none, mostly) and a bit per export id."""
+        repair: dict[str, Target | None] = {}   # volume id -> its target as listed
+        unowned: builtins.list[Target] = []      # of our IQN prefix, no export names it
+        listed = bytearray()                     # a bit per export id found in the listing
+        initiator_of: dict[str, str] = {}
+        found = 0
+        with self.tgt.targets() as targets:
+            batch: builtins.list[Target] = []
+            for target in targets:
+                batch.append(target)
+                if len(batch) == RECONCILE_BATCH:
+                    found += self._compare(batch, prune, initiator_of, repair, unowned, listed)
+                    batch = []
+            if batch:
+                found += self._compare(batch, prune, initiator_of, repair, unowned, listed)
+        if Export.select().count() > found:  # some export's target was not listed
+            self._unlisted_exports(listed, repair)
         done = ExportRepair()
-        for volume_id in self._exports_to_repair(present, tid_of, owned, prune):
+        for volume_id, listed_target in repair.items():
             with self._volume_lock(volume_id):
                 export = _EXPORT.first(volume_id)
                 if export is None:
                     continue  # removed meanwhile
                 # found by IQN: after a tgtd restart another Controller sharing it
                 # may have taken the tid this one recorded
-                tid = tid_of.get(export.target_iqn)
-                if tid is not None:
-                    owned.add(tid)
+                target = (listed_target if listed_target is not None
+                          and listed_target.iqn == export.target_iqn else None)
                 used = self._connection_initiators(volume_id)
                 if prune and not used:
                     LOG.warning("removing export of volume %s: no connection uses it", volume_id)
                     self._remove_export(Volume.get_by_id(volume_id))
                     done.targets_removed += 1
                     continue
-                if tid is None:
+                if target is None:
                     self._create_target(Volume.get_by_id(volume_id), export)
                     tid = _tid(export)
-                    owned.add(tid)
                     done.targets_created += 1
                     present_acls: builtins.list[str] = []
                 else:
+                    tid = target.tid
                     if tid != _tid(export):  # made at another tid by a publish that rolled back
                         Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
-                    present_acls = present[tid].acls
-                    if 1 not in present[tid].luns:  # an extend stopped half-way
+                    present_acls = target.acls
+                    if 1 not in target.luns:  # an extend stopped half-way
                         self.tgt.reload_lun(tid, Volume.get_by_id(volume_id).path)
                         done.targets_created += 1
                 for initiator in sorted(used - set(present_acls)):
@@ -989,9 +1036,7 @@ class VolumeManager:
                                     initiator, volume_id)
                         self.tgt.disallow(tid, initiator)
                         done.acls_changed += 1
-        for tid, target in present.items():
-            if tid in owned:
-                continue
+        for target in unowned:
             stray_of = self._our_volume(target)
             if stray_of is None:
                 continue  # not this deployment's
@@ -1003,10 +1048,11 @@ class VolumeManager:
                 # and tgtd again: since the listing, that target may have gone with
                 # its volume's unpublish and its tid gone to another volume's new
                 # target (removing a target of the volume whose lock is held is safe)
-                now = self.tgt.show().get(tid)
+                now = self.tgt.find(target.tid)
                 if now is None or now.iqn != target.iqn:
                     continue
-                LOG.warning("removing target %s (tid %d) that no export owns", target.iqn, tid)
-                self.tgt.delete_target(tid, None)
+                LOG.warning("removing target %s (tid %d) that no export owns", target.iqn,
+                            target.tid)
+                self.tgt.delete_target(target.tid, None)
                 done.targets_removed += 1
         return done

@@ -7,8 +7,9 @@ default)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vmattach.common.redact import mask
@@ -63,6 +64,12 @@ class FakeRunner:
         if check and result.returncode != 0:
             raise CommandError(argv, result, secrets)
         return result
+
+    @contextlib.contextmanager
+    def lines(self, argv: Sequence[str], *, timeout: float | None = None
+              ) -> Iterator[Iterator[str]]:
+        """CommandRunner.lines over run(): the scripted output a line at a time."""
+        yield iter(self.run(argv, timeout=timeout).stdout.splitlines())
 
     @property
     def argvs(self) -> list[list[str]]:

@@ -9,7 +9,8 @@ on Debian 12). Never used outside tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vmattach.common.runner import CommandError, Result
@@ -76,6 +77,21 @@ class FakeTgtRunner:
         if check and result.returncode != 0:
             raise CommandError(argv, result, secrets)
         return result
+
+    @contextlib.contextmanager
+    def lines(self, argv: Sequence[str], *, timeout: float | None = None
+              ) -> Iterator[Iterator[str]]:
+        """CommandRunner.lines: the full target listing is made a target at a
+        time as it is read (as tgtd's would come through a pipe); any other
+        command is run() and its output split."""
+        argv = list(argv)
+        o = _options(argv)
+        if (argv[0] == "tgtadm" and (o.get("--mode"), o.get("--op")) == ("target", "show")
+                and "--tid" not in o and ("target", "show") not in self._failures):
+            self.calls.append(Call(argv, []))
+            yield (line for chunk in self._listing() for line in chunk.splitlines())
+            return
+        yield iter(self.run(argv).stdout.splitlines())
 
     def _tgtadm(self, o: dict[str, str]) -> Result:
         mode, op = o.get("--mode"), o.get("--op")
@@ -151,9 +167,11 @@ class FakeTgtRunner:
         return _err("invalid request")
 
     def _show(self) -> str:
-        # one string per target, joined: a list of every line of 100,000
-        # targets (the bench's cell size) would be several times the text
-        chunks = []
+        return "".join(self._listing())
+
+    def _listing(self) -> Iterator[str]:
+        """The listing one target's text at a time (a list of every line of
+        100,000 targets, the bench's cell size, would be several times the text)."""
         for t in sorted(self.targets.values(), key=lambda t: t.tid):
             lines = [f"Target {t.tid}: {t.iqn}", "    System information:",
                      "        Driver: iscsi", "        State: ready",
@@ -165,8 +183,7 @@ class FakeTgtRunner:
                           f"            Backing store path: {path}"]
             lines += ["    Account information:"] + [f"        {a}" for a in t.accounts]
             lines += ["    ACL information:"] + [f"        {a}" for a in t.acls]
-            chunks.append("\n".join(lines) + "\n")
-        return "".join(chunks)
+            yield "\n".join(lines) + "\n"
 
 
 def _options(argv: list[str]) -> dict[str, str]:

@@ -5,6 +5,7 @@ builder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -749,6 +750,12 @@ class SerialRunner:
     def run(self, argv, **kwargs):
         with self._lock:
             return self.fake.run(argv, **kwargs)
+
+    @contextlib.contextmanager
+    def lines(self, argv, **kwargs):
+        with self._lock, self.fake.lines(argv) as lines:
+            read = list(lines)
+        yield iter(read)
 
 
 def test_two_controllers_publishing_one_multiattach_volume_at_once_share_one_export(env):
