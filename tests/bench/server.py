@@ -26,11 +26,13 @@ import os
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 
 import grpc
 
 from tests.bench.common import INITIATOR, node_id
-from tests.bench.fakes import BenchTgtRunner, fake_hypervisor
+from tests.bench.fake_tgtd import fake_tgtd
+from tests.bench.fakes import fake_hypervisor
 from vmattach.clients.serve import start
 from vmattach.common.config import Settings
 
@@ -102,6 +104,11 @@ def memory_log(path: str) -> None:
 
 
 def main(argv=None) -> int:
+    with ExitStack() as stack:
+        return serve(stack, argv)
+
+
+def serve(stack: ExitStack, argv=None) -> int:
     if os.environ.get("VMATTACH_BENCH_MEMLOG"):
         memory_log(os.environ["VMATTACH_BENCH_MEMLOG"])
     p = argparse.ArgumentParser()
@@ -133,9 +140,9 @@ def main(argv=None) -> int:
         args.reconcile_interval = refresh_interval = 3600.0
     runner = None
     if args.tgt == "fake":
-        runner = BenchTgtRunner()
-        if args.prefilled:
-            runner.preload(f"{args.state_dir}/controller.db")
+        # the fake tgtd runs in a process of its own: the figures are vmattach's memory
+        runner = stack.enter_context(fake_tgtd(
+            f"{args.state_dir}/controller.db" if args.prefilled else None))
 
     security: dict = {"auth": "none"}
     if args.secure:
