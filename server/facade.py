@@ -353,9 +353,15 @@ class Facade:
     def reap_vanished(self, node_ids: set[str] | None = None) -> int:
         """Detach what servers that no longer exist on their node had attached
         (the node's own listing decides, never the cache alone); returns how
-        many rows were finished."""
+        many rows were finished. The suspects are the rows whose server the
+        servers cache does not show on their node: with node_ids (the
+        heartbeat saw those nodes' servers go) the cache was refreshed just
+        now; without (the reconciler's periodic check, for events missed) it
+        is refreshed first."""
+        if node_ids is None:
+            self.nodes.refresh()
         by_node: dict[str, list[tuple[int, str]]] = {}
-        for bdm_id, on_node, server_id in self.bdms.attached_on_nodes():
+        for bdm_id, on_node, server_id in self.bdms.attached_off_the_list():
             if node_ids is None or on_node in node_ids:
                 by_node.setdefault(on_node, []).append((bdm_id, server_id))
         done = 0
