@@ -356,10 +356,10 @@ class Facade:
         many rows were finished. The suspects are the rows whose server the
         servers cache does not show on their node: with node_ids (the
         heartbeat saw those nodes' servers go) the cache was refreshed just
-        now; without (the reconciler's periodic check, for events missed) it
-        is refreshed first."""
-        if node_ids is None:
-            self.nodes.refresh()
+        now; without (the reconciler's periodic check) it is as the last
+        periodic refresh found it, which catches what an event missed (a
+        refresh here, every reconcile interval, stored 1,000 nodes' servers
+        again each time at a cell's size)."""
         by_node: dict[str, list[tuple[int, str]]] = {}
         for bdm_id, on_node, server_id in self.bdms.attached_off_the_list():
             if node_ids is None or on_node in node_ids:

@@ -250,6 +250,8 @@ def test_the_periodic_run_finds_a_server_whose_event_was_missed(stack):
     stack.client.attach_volume(server_id, volume_id)
     with stack.hv._lock:
         stack.hv.domains.pop(server_id)  # gone without an event
+    assert reconcile(stack) == 0  # the servers cache still shows it
+    stack.facade.nodes.refresh()  # the periodic server listing
     assert reconcile(stack) == 1
     assert stack.client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
     assert stack.live_bdms(volume_id) == [] and stack.targets_of(volume_id) == []
