@@ -31,6 +31,11 @@ def test_bench_smoke_writes_every_figure(tmp_path):
         assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
     assert set(res["cycles_per_s"]) == {"1", "8", "32"}
     assert all(v > 0 for v in res["cycles_per_s"].values())
-    assert res["calls_per_attach"] >= 7  # counted, not a constant
+    # counted, not a constant: the calls of docs/attach-flow.md, each once
+    from tests.integration.test_call_sequence import ATTACH, DETACH
+    for flow, key in ((ATTACH, "attach_calls_by_method"), (DETACH, "detach_calls_by_method")):
+        assert res[key] == {"/vmattach.v1." + s.call.replace(".", "/"): 1.0
+                            for s in flow if s.call}, key
+    assert res["calls_per_attach"] == len(res["attach_calls_by_method"])
     assert "orchestration ratio" in proc.stdout
     assert "TLS + tokens on / off" in proc.stdout
