@@ -270,13 +270,11 @@ class BdmStore:
             bdm_id = bdm_id.id
         _progress_query(tuple(fields)).execute(bdm_id, step, str(now), *fields.values())
 
-    def published(self, bdm: int | BDM, connector: types_pb2.Connector,
-                  info: types_pb2.ConnectionInfo, **fields) -> None:
-        """After create_attachment: the connector and the sealed connection_info
-        (the reconciler's undo of the node's steps needs them), with fields."""
-        self.progress(bdm, "create_attachment",
-                      connector=json_format.MessageToJson(connector, indent=None),
-                      connection_info=self.seal(info), **fields)
+    def published(self, bdm: int | BDM, info: types_pb2.ConnectionInfo, **fields) -> None:
+        """After create_attachment: the sealed connection_info (the node's steps
+        and the reconciler's undo of them need it), with fields. (The Controller
+        keeps the connector with its attachment: the row no longer needs it.)"""
+        self.progress(bdm, "create_attachment", connection_info=self.seal(info), **fields)
 
     def attached(self, bdm: int | BDM) -> None:
         """The attach is done (or a detach rolled back): `attached`, nobody's."""

@@ -178,7 +178,7 @@ class Facade:
             # (a failure of 3-4 rolls back: delete the attachment, delete the BDM row;
             # until node_publish the reconciler undoes every step, each undo
             # idempotent; the row has its node since bdm_insert)
-            self.bdms.published(bdm, connector, op.info, volume_size=volume.size_gb)
+            self.bdms.published(bdm, op.info, volume_size=volume.size_gb)
             # 5-6. stage and publish on the node
             staged = self.step("node_stage", node.stage, req.volume_id, op.info, deadline,
                                saga=saga)

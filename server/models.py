@@ -44,7 +44,8 @@ class BlockDeviceMapping(BaseModel):
     progress = peewee.CharField(max_length=32, default="")
     request_id = peewee.CharField(max_length=36, null=True)
     node_id = peewee.CharField(max_length=255, null=True)
-    # the node's connector (JSON), needed to terminate the connection
+    # the node's connector (JSON): written by versions whose facade passed it to
+    # ControllerUnpublishVolume; no longer written (the Controller keeps it)
     connector = peewee.TextField(null=True)
     # the facade instance running the attach/detach; NULL: nobody (recover it)
     owner = peewee.CharField(max_length=36, null=True, index=True)
