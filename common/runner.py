@@ -45,6 +45,20 @@ class CommandError(BackendError):
         self.result = result
 
 
+def not_started(argv: Sequence[str], exc: Exception) -> BackendError:
+    """The error of a command that could not be started at all: not found, an
+    argument with a NUL byte (ValueError), arguments over the kernel's limit
+    (E2BIG), no permission, ..."""
+    name = prefix(argv[0] if argv else "", 128)
+    if isinstance(exc, FileNotFoundError):
+        return BackendError(f"command not found: {name}", reason="COMMAND_NOT_FOUND")
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    if isinstance(exc, ValueError):
+        why = "an argument is not a valid command-line string"
+    LOG.warning("cannot start %s: %s", name, why)
+    return BackendError(f"cannot start {name}: {why}", reason="COMMAND_NOT_STARTED")
+
+
 class CommandRunner:
     """Runs commands with subprocess; the production runner."""
 
@@ -59,21 +73,11 @@ class CommandRunner:
         try:
             proc = subprocess.run(list(argv), capture_output=True, text=True, input=input,
                                   timeout=timeout or self.timeout, check=False)
-        except FileNotFoundError:
-            raise BackendError(f"command not found: {prefix(argv[0] if argv else '', 128)}",
-                               reason="COMMAND_NOT_FOUND") from None
         except subprocess.TimeoutExpired:
             raise BackendError(f"command timed out: {shown(argv, secrets)}",
                                reason="COMMAND_TIMEOUT") from None
         except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
-            # could not start it at all: an argument with a NUL byte (ValueError),
-            # arguments over the kernel's limit (E2BIG), no permission, ...
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            if isinstance(exc, ValueError):
-                why = "an argument is not a valid command-line string"
-            LOG.warning("cannot start %s: %s", prefix(argv[0] if argv else "", 128), why)
-            raise BackendError(f"cannot start {prefix(argv[0] if argv else '', 128)}: {why}",
-                               reason="COMMAND_NOT_STARTED") from None
+            raise not_started(argv, exc) from None
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise CommandError(argv, result, secrets)
@@ -93,13 +97,8 @@ class CommandRunner:
             try:
                 proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=err,
                                         stdin=subprocess.DEVNULL, text=True)
-            except FileNotFoundError:
-                raise BackendError(f"command not found: {prefix(argv[0] if argv else '', 128)}",
-                                   reason="COMMAND_NOT_FOUND") from None
             except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-                raise BackendError(f"cannot start {prefix(argv[0] if argv else '', 128)}: {why}",
-                                   reason="COMMAND_NOT_STARTED") from None
+                raise not_started(argv, exc) from None
             expired = threading.Event()
 
             def expire() -> None:

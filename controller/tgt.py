@@ -33,18 +33,6 @@ class Target:
 _TARGET_LINE = re.compile(r"^Target (\d+): (\S+)$")
 
 
-def _lines(text: str) -> Iterator[str]:
-    """The lines of text one at a time (a list of them all would be several
-    times the size of the text)."""
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find("\n", start)
-        if end < 0:
-            end = size
-        yield text[start:end]
-        start = end + 1
-
-
 def iter_targets(lines: Iterable[str]) -> Iterator[Target]:
     """The targets of `tgtadm --mode target --op show`, one at a time as its
     lines come (a listing of 100,000 targets is about two million lines: it
@@ -81,11 +69,6 @@ def iter_targets(lines: Iterable[str]) -> Iterator[Target]:
             current.acls.append(line)
     if current is not None:
         yield current
-
-
-def parse_show(text: str) -> dict[int, Target]:
-    """Parse `tgtadm --mode target --op show` (every target, by tid)."""
-    return {t.tid: t for t in iter_targets(_lines(text))}
 
 
 class TgtAdm:

@@ -26,7 +26,7 @@ from vmattach.common.config import Settings
 from vmattach.common.enums import BUS
 from vmattach.common.errors import FailedPrecondition
 from vmattach.common.grpcutil import call, channel
-from vmattach.controller.tgt import parse_show
+from vmattach.controller.tgt import iter_targets
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
 from vmattach.v1 import node_pb2 as npb
@@ -60,7 +60,7 @@ class Stack:
         out = subprocess.run(["tgtadm", "--control-port", str(self.tgtd.control_port), "--lld",
                               "iscsi", "--mode", "target", "--op", "show"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
-        return next((t.initiators for t in parse_show(out).values() if t.iqn == target_iqn), [])
+        return next((t.initiators for t in iter_targets(out.splitlines()) if t.iqn == target_iqn), [])
 
 
 @pytest.fixture(scope="module")
