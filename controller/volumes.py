@@ -627,8 +627,8 @@ class VolumeManager:
                 reserved = self._reserve(volume_id, server_id, attachment_id, mode, project_id,
                                          connector)
                 if reserved is not None:
-                    volume, export = self._ensure_export(reserved[0], _EXPORT_ROW.one(volume_id))
-                    self.tgt.allow(_tid(export), connector.initiator)
+                    volume, export = self._ensure_export(reserved[0], _EXPORT_ROW.one(volume_id),
+                                                         connector.initiator)
                     return (self._view_of(volume, reserved[1]),
                             self._connection_info(volume, export, mode))
         raise self._not_reserved(volume_id, project_id)
@@ -700,8 +700,7 @@ class VolumeManager:
                     f" {server_id} to another host", reason="CONNECTOR_MISMATCH",
                     metadata={"volume_id": volume_id, "server_id": server_id})
             export = None if tid is None else ExportRow(tid, target_iqn, target_tid)
-            volume, export = self._ensure_export(volume, export)
-            self.tgt.allow(_tid(export), connector.initiator)
+            volume, export = self._ensure_export(volume, export, connector.initiator)
             _SET_CONNECTOR.execute(att_id, connector.to_json(), _now())
             return self._connection_info(volume, export, att_mode)
 
@@ -719,11 +718,12 @@ class VolumeManager:
         password = "".join(secrets.choice(CHAP_ALPHABET) for _ in range(20))
         return {"chap_username": user, "chap_secret": self.secretbox.encrypt(password)}
 
-    def _ensure_export(self, volume: VolumeRow,
-                       export: ExportRow | None) -> tuple[VolumeRow, ExportRow]:
-        """The volume's target on tgtd, created when missing (caller holds
-        _volume_lock: no other process creates the Export row or the target
-        meanwhile); export: the volume's Export row as read under the lock."""
+    def _ensure_export(self, volume: VolumeRow, export: ExportRow | None,
+                       initiator: str) -> tuple[VolumeRow, ExportRow]:
+        """The volume's target on tgtd, created when missing, with initiator
+        allowed (caller holds _volume_lock: no other process creates the
+        Export row or the target meanwhile); export: the volume's Export row
+        as read under the lock."""
         if volume.chap_username is None:  # rows made before volumes got theirs at create
             (Volume.update(**self._new_chap())
              .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
@@ -736,19 +736,21 @@ class VolumeManager:
             (tid,), = _NEW_EXPORT.execute(volume.id, iqn, _now())
             export = ExportRow(tid, iqn, None)
         elif self.tgt.has_target(_tid(export)):  # checked without listing every target
+            self.tgt.allow(_tid(export), initiator)
             return volume, export
-        target_tid = self._create_target(volume, export)
+        target_tid = self._create_target(volume, export, initiator)
         if target_tid != _tid(export):
             export = export._replace(target_tid=target_tid)
         return volume, export
 
-    def _create_target(self, volume: VolumeRow | Volume, export: ExportRow | Export) -> int:
+    def _create_target(self, volume: VolumeRow | Volume, export: ExportRow | Export,
+                       initiator: str = "") -> int:
         """(caller holds _volume_lock) The target at the export's tid, or at a
-        free one when another Controller sharing the tgtd has that tid; the
-        tid it got."""
+        free one when another Controller sharing the tgtd has that tid, with
+        initiator allowed when given; the tid it got."""
         tid = self.tgt.create_target_at_free_tid(
             _tid(export), export.target_iqn, volume.path, volume.chap_username,
-            self.secretbox.decrypt(volume.chap_secret))
+            self.secretbox.decrypt(volume.chap_secret), initiator)
         if tid != _tid(export):
             Export.update(target_tid=tid).where(Export.tid == export.tid).execute()
             if isinstance(export, Export):

@@ -828,6 +828,52 @@ def test_create_target_that_fails_half_way_removes_only_what_it_made():
     assert 2 not in tgt.fake.targets  # its own: removed
 
 
+def test_create_target_runs_the_commands_that_need_not_wait_for_each_other_side_by_side():
+    """The account is made while the target is, then the LUN, the account's
+    binding and the initiator's ACL at once: each of these commands waits
+    here until its partners run too, so that run one after another they
+    would fail (the barrier breaks after its timeout)."""
+    tgt = FakeTgtAdm()
+    pairs, threes = threading.Barrier(2, timeout=10), threading.Barrier(3, timeout=10)
+    run = tgt.fake.run
+
+    def side_by_side(argv, **kw):
+        line = " ".join(argv)
+        if "--op new" in line and ("--mode target" in line or "--mode account" in line):
+            pairs.wait()
+        elif "--mode logicalunit --op new" in line or "--op bind" in line:
+            threes.wait()
+        return run(argv, **kw)
+
+    tgt.fake.run = side_by_side  # type: ignore[method-assign]
+    iqn = IQN_PREFIX + "v1"
+    tgt.create_target(1, iqn, "/vol/v1", "user1", "password1", initiator())
+    target = tgt.fake.targets[1]
+    assert (target.iqn, target.luns, target.accounts, target.acls) == \
+        (iqn, {1: "/vol/v1"}, ["user1"], [initiator()])
+    assert tgt.fake.accounts == {"user1": "password1"}
+
+
+def test_create_target_whose_acl_fails_leaves_nothing_it_made():
+    tgt = FakeTgtAdm()
+    tgt.fake.fail_on("target", "bind")
+    with pytest.raises(BackendError):
+        tgt.create_target(1, IQN_PREFIX + "v1", "/vol/v1", "user1", "password1", initiator())
+    assert (tgt.fake.targets, tgt.fake.accounts) == ({}, {})
+
+
+def test_create_target_at_a_tid_held_by_another_target_removes_the_account_it_made_meanwhile():
+    tgt = FakeTgtAdm()
+    tgt.fake.targets[1] = FakeTarget(1, IQN_PREFIX + "other")
+    tgt.fake.accounts["user0"] = "password0"  # someone's: stays
+    with pytest.raises(BackendError, match="this target already exists"):
+        tgt.create_target(1, IQN_PREFIX + "v1", "/vol/v1", "user1", "password1")
+    with pytest.raises(BackendError, match="this target already exists"):
+        tgt.create_target(1, IQN_PREFIX + "v1", "/vol/v1", "user0", "password0")
+    assert tgt.fake.accounts == {"user0": "password0"}
+    assert list(tgt.fake.targets) == [1] and tgt.fake.targets[1].iqn == IQN_PREFIX + "other"
+
+
 # -- audit and repair (ListExports, ReconcileExports) ------------------------------------------
 
 
