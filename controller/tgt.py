@@ -103,8 +103,7 @@ class TgtAdm:
         except Exception as exc:
             first = exc
         for future in futures:
-            exc = future.exception()
-            first = first or exc
+            first = first or future.exception()
         if first is not None:
             raise first
 
