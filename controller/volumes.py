@@ -195,8 +195,9 @@ _PUBLISH_VIEW = Prepared(lambda v, s: Volume.select(
           on=((VolumeAttachment.volume == Volume.id) & (VolumeAttachment.instance_uuid == s)))
     .switch(Volume).join(Export, peewee.JOIN.LEFT_OUTER, on=(Export.volume == Volume.id))
     .where(Volume.id == v), 2)
+# (no row when the volume has its export already: one statement either way)
 _NEW_EXPORT = Prepared(lambda v, iqn, now: Export.insert(
-    volume=v, target_iqn=iqn, created_at=now).returning(Export.tid), 3)
+    volume=v, target_iqn=iqn, created_at=now).on_conflict_ignore().returning(Export.tid), 3)
 _SET_CONNECTOR = Prepared(lambda a, c, now: VolumeAttachment.update(connector=c, updated_at=now)
                           .where(VolumeAttachment.id == a), 3)
 _DROP_CONNECTOR = Prepared(lambda v, s, now: VolumeAttachment.update(connector=None, updated_at=now)
@@ -212,6 +213,12 @@ _REVOKE_VIEW = Prepared(lambda v: Volume.select(
                              & VolumeAttachment.connector.is_null(False)))
     .where(Volume.id == v), 1)
 _DELETE_EXPORT = Prepared(lambda t: Export.delete().where(Export.tid == t), 1)
+# the export's row, when no attachment of the volume is published any more
+_DROP_UNUSED_EXPORT = Prepared(lambda v: Export.delete().where(
+    (Export.volume == v) & ~InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id)
+                                                  .where((VolumeAttachment.volume == v)
+                                                         & VolumeAttachment.connector.is_null(False)))))
+    .returning(Export.tid, Export.target_tid), 1)
 _EXPORT_ROW = Prepared(lambda v: Export.select(Export.tid, Export.target_iqn, Export.target_tid)
                        .where(Export.volume == v), 1, ExportRow)
 # attachment_delete: the server's attachment in any state, with the connector it had
@@ -627,8 +634,7 @@ class VolumeManager:
                 reserved = self._reserve(volume_id, server_id, attachment_id, mode, project_id,
                                          connector)
                 if reserved is not None:
-                    volume, export = self._ensure_export(reserved[0], _EXPORT_ROW.one(volume_id),
-                                                         connector.initiator)
+                    volume, export = self._ensure_export(reserved[0], None, connector.initiator)
                     return (self._view_of(volume, reserved[1]),
                             self._connection_info(volume, export, mode))
         raise self._not_reserved(volume_id, project_id)
@@ -644,7 +650,8 @@ class VolumeManager:
                 return self.get(volume_id)  # NotFound when there is no such volume
             volume = self._settle(volume_id, _ENDING)
             (recorded,), = ended
-            self._revoke(volume_id, Connector.load(recorded).initiator if recorded else "")
+            self._revoke(volume_id, Connector.load(recorded).initiator if recorded else "",
+                         volume.chap_username if volume is not None else None)
         if volume is not None and volume.status == "available":
             return self._visible(volume, [])  # no attachment left
         return self.get(volume_id)
@@ -723,19 +730,21 @@ class VolumeManager:
         """The volume's target on tgtd, created when missing, with initiator
         allowed (caller holds _volume_lock: no other process creates the
         Export row or the target meanwhile); export: the volume's Export row
-        as read under the lock."""
+        as read under the lock, or None when none was read: then the row is
+        made in one statement, or read when there is one."""
         if volume.chap_username is None:  # rows made before volumes got theirs at create
             (Volume.update(**self._new_chap())
              .where((Volume.id == volume.id) & Volume.chap_username.is_null()).execute())
             volume = _row_view(_VIEW.tuples(volume.id))[0]  # type: ignore[index]
+        made = None
         if export is None:
             # a new export has no target on tgtd yet (its id may be another
             # Controller's tid there); target_tid stays NULL (= its id) unless
             # the target gets another tid
             iqn = self.iqn_prefix + volume.id
-            (tid,), = _NEW_EXPORT.execute(volume.id, iqn, _now())
-            export = ExportRow(tid, iqn, None)
-        elif self.tgt.has_target(_tid(export)):  # checked without listing every target
+            made = _NEW_EXPORT.execute(volume.id, iqn, _now())
+            export = ExportRow(made[0][0], iqn, None) if made else _EXPORT_ROW.one(volume.id)
+        if not made and self.tgt.has_target(_tid(export)):  # without listing every target
             self.tgt.allow(_tid(export), initiator)
             return volume, export
         target_tid = self._create_target(volume, export, initiator)
@@ -778,10 +787,20 @@ class VolumeManager:
             _DROP_CONNECTOR.execute(volume_id, server_id, _now())
             self._revoke(volume_id, connector.initiator)
 
-    def _revoke(self, volume_id: str, initiator: str) -> None:
+    def _revoke(self, volume_id: str, initiator: str, chap_username: str | None = None) -> None:
         """Take initiator off the target unless an attachment still uses it;
         remove the export when no attachment is published any more (caller
-        holds _volume_lock). One read: the export and the initiators in use."""
+        holds _volume_lock). Given the volume's CHAP user (just read), one
+        statement when the export goes (its row deleted, then its target);
+        otherwise, or when it stays, one read: the export and the initiators
+        in use."""
+        if chap_username is not None:
+            dropped = _DROP_UNUSED_EXPORT.execute(volume_id)
+            if dropped:
+                (tid, target_tid), = dropped
+                self.tgt.delete_target(_tid(ExportRow(tid, "", target_tid)), chap_username)
+                LOG.info("removed export of volume %s", volume_id)
+                return
         rows = _REVOKE_VIEW.tuples(volume_id)
         if not rows or rows[0][1] is None:
             return  # no such volume, or no export
