@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -372,12 +373,16 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
                                    details.compression)
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         start = time.perf_counter()
+
+        def observe(done) -> None:  # at once for a blocking call; a future's when it ends
+            try:
+                code = done.code().name
+            except Exception:  # noqa: BLE001 - a call object without a code: count it as UNKNOWN
+                code = "UNKNOWN"
+            obs.observe_client_call(method, code, time.perf_counter() - start)
+
         outcome = continuation(details, request)
-        try:
-            code = outcome.code().name
-        except Exception:  # noqa: BLE001 - a call object without a code: count it as UNKNOWN
-            code = "UNKNOWN"
-        obs.observe_client_call(method, code, time.perf_counter() - start)
+        outcome.add_done_callback(observe)
         return outcome
 
 
@@ -427,5 +432,23 @@ def call(method, request, *, timeout: float | None = None, metadata=None):
         return method(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as err:
         raise error_from_rpc(err) from None
+
+
+def begin(method, request, *, timeout: float | None = None, metadata=None) -> Callable[[], Any]:
+    """Start a unary call now; the function returned waits for its answer (a
+    failure raises the matching VmattachError), so that other work runs
+    while the call is in flight. A method with a begin() of its own (a
+    guarded node stub's) starts itself."""
+    own = getattr(method, "begin", None)
+    if own is not None:
+        return own(request, timeout=timeout, metadata=metadata)
+    future = method.future(request, timeout=timeout, metadata=metadata)
+
+    def answer():
+        try:
+            return future.result()
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+    return answer
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from vmattach.common.enums import ACCESS_MODE
 from vmattach.common.errors import DeadlineExceeded, NotFound, VmattachError
-from vmattach.common.grpcutil import call
+from vmattach.common.grpcutil import begin, call
 from vmattach.v1 import controller_pb2 as cpb
 from vmattach.v1 import controller_pb2_grpc, node_pb2_grpc, types_pb2
 from vmattach.v1 import node_pb2 as npb
@@ -126,9 +127,11 @@ class NodeCalls:
     def __init__(self, stub: node_pb2_grpc.NodeStub):
         self.stub = stub
 
-    def connector(self, timeout: Time) -> types_pb2.Connector:
-        return call(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(),
-                    timeout=_seconds(timeout)).connector
+    def begin_connector(self, timeout: Time) -> Callable[[], types_pb2.Connector]:
+        """NodeGetInfo started now; the function returned waits for the node's
+        connector (other work runs while the call is in flight)."""
+        answer = begin(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=_seconds(timeout))
+        return lambda: answer().connector
 
     def stage(self, volume_id: str, info: types_pb2.ConnectionInfo,
               timeout: Time) -> npb.StagedVolume:

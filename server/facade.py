@@ -151,6 +151,9 @@ class Facade:
         check_server_state("attach_volume", server)
         handle = self.nodes.node(server.node_id)
         node = NodeCalls(handle.stub)
+        # 3 begins now: the node's connector is read while the row is written (the
+        # call changes nothing: an attach that stops at 2 leaves it unread)
+        connector_of_node = node.begin_connector(deadline)
         # 2. pick the device name and insert the BDM row in state attaching
         try:
             bdm = self.step("bdm_insert", lambda: self.bdms.insert(
@@ -165,7 +168,7 @@ class Facade:
         saga = attach_saga(self.controller, op)
         try:
             # 3. the connector of the node that hosts the server
-            connector = self.step("get_connector", node.connector, deadline, saga=saga)
+            connector = self.step("get_connector", connector_of_node, saga=saga)
             # 4. the attachment at the Controller: reserve (one compare-and-swap) and
             # initialize_connection for that connector, one step -> connection_info.
             # The Controller answers the service role: it is told the project the

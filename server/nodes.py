@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import peewee
@@ -112,33 +113,60 @@ def node_unavailable(state: NodeState, why: str) -> Unavailable:
 
 class GuardedStub:
     """A NodeStub whose calls fail at once, naming the node, while the node
-    is down, and that turn a lost node into Unavailable naming it."""
+    is down, and that turn a lost node into Unavailable naming it. Each
+    method can also begin() a call (grpcutil.begin)."""
 
     def __init__(self, directory: NodeDirectory, state: NodeState):
         self._directory, self._state = directory, state
 
     def __getattr__(self, name: str):
-        def guarded(request, timeout=None, metadata=None):
-            d, state = self._directory, self._state
-            method = getattr(d.stub(state.address), name)
-            if not state.reachable and not d.probe(state):
-                raise node_unavailable(state, state.last_error or "no answer")
-            if timeout is not None:
-                timeout = (min(timeout, READ_TIMEOUT) if name in READ_ONLY
-                           else max(timeout - min(ANSWER_MARGIN, timeout / 4), 0.1))
-            try:
-                reply = method(request, timeout=timeout, metadata=metadata)
-            except grpc.RpcError as err:
-                exc = error_from_rpc(err)
-                lost = isinstance(exc, Unavailable | DeadlineExceeded) \
-                    or err.code() == grpc.StatusCode.CANCELLED  # its channel was replaced
-                if lost and not d.probe(state):
-                    raise node_unavailable(state, exc.message) from None
-                raise exc from None
-            d.answered(state)
-            return reply
+        return _GuardedMethod(self._directory, self._state, name)
 
-        return guarded
+
+class _GuardedMethod:
+    def __init__(self, directory: NodeDirectory, state: NodeState, name: str):
+        self._directory, self._state, self._name = directory, state, name
+
+    def _method(self, timeout: float | None):
+        """The stub's method and the call's timeout, once the node is known up."""
+        d, state, name = self._directory, self._state, self._name
+        method = getattr(d.stub(state.address), name)
+        if not state.reachable and not d.probe(state):
+            raise node_unavailable(state, state.last_error or "no answer")
+        if timeout is not None:
+            timeout = (min(timeout, READ_TIMEOUT) if name in READ_ONLY
+                       else max(timeout - min(ANSWER_MARGIN, timeout / 4), 0.1))
+        return method, timeout
+
+    def _failed(self, err: grpc.RpcError) -> VmattachError:
+        exc = error_from_rpc(err)
+        lost = isinstance(exc, Unavailable | DeadlineExceeded) \
+            or err.code() == grpc.StatusCode.CANCELLED  # its channel was replaced
+        if lost and not self._directory.probe(self._state):
+            return node_unavailable(self._state, exc.message)
+        return exc
+
+    def __call__(self, request, timeout=None, metadata=None):
+        method, timeout = self._method(timeout)
+        try:
+            reply = method(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as err:
+            raise self._failed(err) from None
+        self._directory.answered(self._state)
+        return reply
+
+    def begin(self, request, timeout=None, metadata=None) -> Callable[[], Any]:
+        method, timeout = self._method(timeout)
+        future = method.future(request, timeout=timeout, metadata=metadata)
+
+        def answer():
+            try:
+                reply = future.result()
+            except grpc.RpcError as err:
+                raise self._failed(err) from None
+            self._directory.answered(self._state)
+            return reply
+        return answer
 
 
 @dataclass
