@@ -10,6 +10,10 @@ real-stack figure (tests/bench/run.py: real_stack).
     detach  virsh: detach-device (libvirt waits for QEMU's DEVICE_DELETED),
             secret-undefine; tgtadm: target delete --force, account delete
 
+Each operation runs after the one before it. The bench takes turns: a run
+of vmattach's cycles, then a run of these on the same guest (another
+device), and so on, so that both see the machine as it is at that moment.
+
 tgtadm runs as a command per operation, as the Controller runs it. libvirt
 is driven through one long-lived `virsh` shell (commands on its standard
 input), so that each operation is one libvirt call without a process start;
@@ -19,15 +23,15 @@ the project imports the libvirt bindings in one module only
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import string
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from tests.bench.common import time_cycles
 
 MARK = "<vmattach-floor-done>"
 INITIATOR = "iqn.2004-10.org.vmattach:bench-floor"
@@ -98,10 +102,14 @@ def _disk_xml(iqn: str, host: str, port: int, user: str, usage: str, serial: str
     return ET.tostring(disk, encoding="unicode")
 
 
-def real_floor(uri: str, domain: str, portal: str, control_port: int, work: Path,
-               runs: int, cycles: int, tid: int = 900, device: str = "sdb") -> dict:
-    """p50/p99 of the direct attach and detach (per run, then the median of
-    the runs), like tests/bench/run.py's latency()."""
+@contextlib.contextmanager
+def direct_ops(uri: str, domain: str, portal: str, control_port: int, work: Path,
+               tid: int = 900, device: str = "sdc") -> Iterator[tuple[Callable[[], None],
+                                                                   Callable[[], None]]]:
+    """The direct attach() and detach() of one volume of its own (target tid,
+    the guest's device), warmed up; whatever is attached is detached when
+    the block ends. Its device is not vmattach's (sdb), so that the two can
+    take turns on one guest."""
     host, port = portal.rsplit(":", 1)
     backing = work / "floor-volume.img"
     with open(backing, "wb") as fh:
@@ -151,11 +159,10 @@ def real_floor(uri: str, domain: str, portal: str, control_port: int, work: Path
         for _ in range(2):  # warm up
             attach()
             detach()
-        out = time_cycles(lambda _k: attach(), lambda _k: detach(), runs, cycles)
+        yield attach, detach
     finally:
         try:
             if ids:
                 detach()
         finally:
             virsh.close()
-    return {k: out[k] for k in ("attach_p50_ms", "detach_p50_ms", "attach_p99_ms", "detach_p99_ms")}
