@@ -18,11 +18,14 @@ machine, printed as one table and written to bench/results.json.
 4. scale         (2) again with the databases pre-filled (tests/bench/prefill.py)
                  and 99 more fake nodes in a farm process (tests/bench/farm.py)
 
-Every figure is the median over several runs. See bench/README.md."""
+Every figure is the median over several runs. A ratio compares runs made
+in turn, side by side in time (in_turns): the median of each run's figure
+over the one next to it. See bench/README.md."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.bench.common import (
@@ -82,25 +86,59 @@ def log(msg: str) -> None:
 
 # -- 1. the floor ---------------------------------------------------------------------
 
-def measure_floor(cfg, work: Path) -> dict:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with Child("tests.bench.floor_server", [], work / "floor.log") as srv:
-        ch = channel(srv.address)
-        stub = health_pb2_grpc.HealthStub(ch)
-        req = health_pb2.HealthCheckRequest(service="")
+class FloorProbe:
+    """The floor's server (a child of the run, alive until it ends) and a
+    channel to it: block() is one run of no-op calls, their p50 and p99 (ms)."""
+
+    def __init__(self, address: str):
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        self.ch = channel(address)
+        self.check = health_pb2_grpc.HealthStub(self.ch).Check
+        self.request = health_pb2.HealthCheckRequest(service="")
         for _ in range(200):
-            call(stub.Check, req, timeout=10)
-        p50s, p99s = [], []
-        for _ in range(cfg["floor_runs"]):
-            samples = []
-            for _ in range(cfg["floor_calls"]):
-                t0 = time.perf_counter()
-                call(stub.Check, req, timeout=10)
-                samples.append((time.perf_counter() - t0) * 1000)
-            p50s.append(percentile(samples, 50))
-            p99s.append(percentile(samples, 99))
-        ch.close()
-    return {"floor_p50_ms": median(p50s), "floor_p99_ms": median(p99s), "floor_runs_p50_ms": p50s}
+            call(self.check, self.request, timeout=10)
+
+    def block(self, calls: int) -> tuple[float, float]:
+        samples = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call(self.check, self.request, timeout=10)
+            samples.append((time.perf_counter() - t0) * 1000)
+        return percentile(samples, 50), percentile(samples, 99)
+
+
+def measure_floor(cfg, probe: FloorProbe) -> dict:
+    blocks = [probe.block(cfg["floor_calls"]) for _ in range(cfg["floor_runs"])]
+    return {"floor_p50_ms": median([p50 for p50, _ in blocks]),
+            "floor_p99_ms": median([p99 for _, p99 in blocks]),
+            "floor_runs_p50_ms": [p50 for p50, _ in blocks]}
+
+
+def in_turns(runs: int, *measures: Callable[[], object]) -> list[list]:
+    """Each measure once per round, one after another, for `runs` rounds, so
+    that a ratio of two of them compares runs made side by side in time (on
+    a shared machine, a run minutes later can be 30 % slower or faster):
+    per measure, the list of what its runs gave."""
+    got: list[list] = [[] for _ in measures]
+    for _ in range(runs):
+        for out, measure in zip(got, measures, strict=True):
+            out.append(measure())
+    return got
+
+
+def combined(runs: list[dict]) -> dict:
+    """Runs of time_cycles (one run each) as one figure: the median of each
+    p50 and p99, and every run's p50s."""
+    out: dict = {k: median([r[k] for r in runs])
+                 for k in ("attach_p50_ms", "attach_p99_ms", "detach_p50_ms", "detach_p99_ms")}
+    out["runs_attach_p50_ms"] = [r["attach_p50_ms"] for r in runs]
+    out["runs_detach_p50_ms"] = [r["detach_p50_ms"] for r in runs]
+    return out
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of each run's figure over the one measured next to it."""
+    return median([n / d for n, d in zip(numerators, denominators, strict=True)])
 
 
 # -- 2. orchestration -----------------------------------------------------------------
@@ -209,17 +247,18 @@ def count_calls(cfg, work: Path) -> dict:
     return out
 
 
-def orchestration(cfg, work: Path, name: str, server_args: list[str],
-                  domains: int, throughput_too: bool = True,
-                  runs: int | None = None, cycles: int | None = None) -> dict:
-    """Start a bench server, create volumes, warm up, measure c=1 latency and
-    the throughput at each concurrency; read the server's peak RSS. With
-    --secure in server_args the clients speak mutual TLS with a token."""
-    state = work / f"{name}-state"
-    args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
-    t0 = time.monotonic()
-    with Child("tests.bench.server", args, work / f"{name}-server.log", timeout=300) as srv:
-        started = time.monotonic() - t0
+class BenchServer:
+    """A bench server (tests/bench/server.py) with four clients and one
+    server and volume per caller of the highest concurrency, warmed up."""
+
+    def __init__(self, cfg, work: Path, name: str, server_args: list[str], domains: int,
+                 throughput_too: bool, stack: contextlib.ExitStack):
+        state = work / f"{name}-state"
+        args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
+        t0 = time.monotonic()
+        self.srv = stack.enter_context(Child("tests.bench.server", args,
+                                             work / f"{name}-server.log", timeout=300))
+        self.start_s = round(time.monotonic() - t0, 2)
         security: dict = {}
         if "--secure" in server_args:
             from vmattach.common.tls import TlsFiles
@@ -227,28 +266,41 @@ def orchestration(cfg, work: Path, name: str, server_args: list[str],
             security = {"token": (state / "bench.token").read_text(),
                         "tls": TlsFiles(str(certs / "client.crt"), str(certs / "client.key"),
                                         str(certs / "ca.crt"))}
-        clients = [VmattachClient(srv.address, timeout=120, **security) for _ in range(4)]
-        try:
-            pairs = make_pairs(clients[0], max(cfg["conc"]) if throughput_too else 4)
-            t1 = time.monotonic()
-            for k in range(cfg["warmup"]):
-                cycle(clients[0], *pairs[k % len(pairs)])
-            warm = time.monotonic() - t1
-            out = latency(clients[0], pairs, runs or cfg["lat_runs"], cycles or cfg["lat_cycles"])
-            if throughput_too:
-                tput = {}
-                for c in cfg["conc"]:
-                    throughput(clients, pairs, c, min(1.0, cfg["tput_seconds"]))  # warm threads
-                    tput[str(c)] = median([throughput(clients, pairs, c, cfg["tput_seconds"])
-                                           for _ in range(cfg["tput_runs"])])
-                out["cycles_per_s"] = tput
-            out["peak_rss_mb"] = vm_hwm_mb(srv.pid)
-            out["start_s"] = round(started, 2)
-            out["warmup_s"] = round(warm, 2)
-        finally:
-            for c in clients:
-                c.close()
-    return out
+        self.clients = [stack.enter_context(VmattachClient(self.srv.address, timeout=120,
+                                                           **security)) for _ in range(4)]
+        self.pairs = make_pairs(self.clients[0], max(cfg["conc"]) if throughput_too else 4)
+        t1 = time.monotonic()
+        for k in range(cfg["warmup"]):
+            cycle(self.clients[0], *self.pairs[k % len(self.pairs)])
+        self.warmup_s = round(time.monotonic() - t1, 2)
+
+    def run(self, cycles: int) -> dict:
+        """One latency run at c=1 (time_cycles)."""
+        return latency(self.clients[0], self.pairs, 1, cycles)
+
+    def figures(self, cfg, latency_runs: list[dict], throughput_too: bool = True) -> dict:
+        """The latency runs as one figure, the throughput at each concurrency
+        (then), the peak RSS so far and the start-up times."""
+        out = combined(latency_runs)
+        if throughput_too:
+            tput = {}
+            for c in cfg["conc"]:
+                throughput(self.clients, self.pairs, c, min(1.0, cfg["tput_seconds"]))  # warm
+                tput[str(c)] = median([throughput(self.clients, self.pairs, c, cfg["tput_seconds"])
+                                       for _ in range(cfg["tput_runs"])])
+            out["cycles_per_s"] = tput
+        out["peak_rss_mb"] = vm_hwm_mb(self.srv.pid)
+        out["start_s"] = self.start_s
+        out["warmup_s"] = self.warmup_s
+        return out
+
+
+def orchestration(cfg, work: Path, name: str, server_args: list[str], domains: int,
+                  runs: int, cycles: int) -> dict:
+    """A bench server's latency at c=1 alone (no throughput), then stopped."""
+    with contextlib.ExitStack() as stack:
+        bench = BenchServer(cfg, work, name, server_args, domains, False, stack)
+        return bench.figures(cfg, [bench.run(cycles) for _ in range(runs)], throughput_too=False)
 
 
 # -- 3. the real stack ----------------------------------------------------------------
@@ -333,14 +385,14 @@ def table(res: dict) -> str:
          " without BEGIN/COMMIT)", "<= 8", "sql_per_detach"),
         ("orchestration attach p50 / p99 (c=1)", f"{o['attach_p50_ms']:.2f} / {o['attach_p99_ms']:.2f} ms", "", ""),
         ("orchestration detach p50 / p99 (c=1)", f"{o['detach_p50_ms']:.2f} / {o['detach_p99_ms']:.2f} ms", "", ""),
-        ("orchestration ratio attach p50 / (calls x floor p50)", f"{res['orchestration_ratio']:.2f}", "<= 1.3", "orchestration_ratio"),
+        ("orchestration ratio attach p50 / (calls x floor p50), runs in turn", f"{res['orchestration_ratio']:.2f}", "<= 1.3", "orchestration_ratio"),
     ]
     for c, v in res["cycles_per_s"].items():
         rows.append((f"orchestration cycles/s at concurrency {c}", f"{v:.1f}",
                      ">= 150" if c == "32" else "", "cycles_per_s_32" if c == "32" else ""))
     rows.append(("orchestration cycles/s c=32 / c=1", f"{res['cycles_32_over_1']:.2f}", ">= 1",
                  "cycles_32_over_1"))
-    rows.append(("attach p50 (c=1) TLS + tokens on / off, same run",
+    rows.append(("attach p50 (c=1) TLS + tokens on / off, runs in turn",
                  f"{res['secure_attach_p50_ms']:.2f} / {res['insecure_attach_p50_ms']:.2f} ms"
                  f" (x{res['secure_ratio']:.2f})", "", ""))
     rt = res.get("orchestration_real_tgtd", {})
@@ -360,8 +412,8 @@ def table(res: dict) -> str:
         ("scale detach p50 / p99 (c=1)", f"{s['detach_p50_ms']:.2f} / {s['detach_p99_ms']:.2f} ms", "", ""),
         ("scale cycles/s at concurrency " + "/".join(s["cycles_per_s"]),
          " / ".join(f"{v:.1f}" for v in s["cycles_per_s"].values()), "", ""),
-        ("scale ratio attach p50 full / empty", f"{res['scale_ratio']:.2f}", "<= 1.2", "scale_ratio"),
-        ("scale ratio detach p50 full / empty", f"{res['scale_detach_ratio']:.2f}", "", ""),
+        ("scale ratio attach p50 full / empty, runs in turn", f"{res['scale_ratio']:.2f}", "<= 1.2", "scale_ratio"),
+        ("scale ratio detach p50 full / empty, runs in turn", f"{res['scale_detach_ratio']:.2f}", "", ""),
         ("all-in-one peak RSS, empty / full database", f"{res['empty_peak_rss_mb']:.1f} / {res['peak_rss_mb']:.1f} MB", "full <= 200", "peak_rss_mb"),
     ]
     w = max(len(r[0]) for r in rows)
@@ -393,41 +445,60 @@ def main(argv=None) -> int:
     res: dict = {"mode": "smoke" if cfg is SMOKE else "full", "config": cfg,
                  "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     try:
-        log("1/5 floor")
-        res.update(measure_floor(cfg, work))
-        log("2/5 counting the gRPC calls of one attach")
-        res.update(count_calls(cfg, work))
-        log("3/5 orchestration (empty databases, fake hypervisor, fake tgtd)")
-        o = orchestration(cfg, work, "empty", [], cfg["domains"])
-        res["orchestration"] = o
-        log("    orchestration with a real tgtd (c=1)")
-        from tests.support.tgtd import TgtDaemon
-        with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
-            res["orchestration_real_tgtd"] = orchestration(
-                cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,
-                                       "--tgt-control-port", str(tgtd.control_port)],
-                8, throughput_too=False, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
-        log("    security: attach with TLS + tokens on, and off (c=1, same settings)")
-        sec_args = dict(throughput_too=False, runs=cfg["sec_runs"], cycles=cfg["sec_cycles"])
-        res["security_off"] = orchestration(cfg, work, "sec-off", [], 8, **sec_args)
-        res["security_on"] = orchestration(cfg, work, "sec-on", ["--secure"], 8, **sec_args)
-        log("4/5 real stack (tgtd + libvirtd + QEMU)")
-        real = real_stack(cfg, work)
-        res["real_stack"] = real
-        log("5/5 scale: pre-filling the databases")
-        scale_state = work / "scale-state"
-        res["prefill"] = prefill(scale_state, cfg["scale_volumes"], cfg["scale_nodes"],
-                                 cfg["scale_per_node"])
-        log(f"    pre-filled {res['prefill']}; starting {cfg['scale_nodes'] - 1} fake nodes")
-        with Child("tests.bench.farm", ["--state-dir", str(work / "farm"), "--first", "1",
-                                        "--nodes", str(cfg["scale_nodes"] - 1),
-                                        "--domains", str(cfg["scale_per_node"]), "--prefilled"],
-                   work / "farm.log", timeout=300) as farm:
+        stack = contextlib.ExitStack()
+        with stack:
+            log("1/5 floor")
+            probe = FloorProbe(stack.enter_context(
+                Child("tests.bench.floor_server", [], work / "floor.log")).address)
+            stack.callback(probe.ch.close)
+            res.update(measure_floor(cfg, probe))
+            log("2/5 counting the gRPC calls of one attach")
+            res.update(count_calls(cfg, work))
+            log("3/5 orchestration (empty databases, fake hypervisor, fake tgtd), in turn with"
+                " runs of the floor")
+            empty = BenchServer(cfg, work, "empty", [], cfg["domains"], True, stack)
+            runs, floors = in_turns(cfg["lat_runs"], lambda: empty.run(cfg["lat_cycles"]),
+                                    lambda: probe.block(cfg["floor_calls"]))
+            o = empty.figures(cfg, runs)
+            o["floor_runs_p50_ms"] = [p50 for p50, _ in floors]
+            res["orchestration"] = o
+            log("    orchestration with a real tgtd (c=1)")
+            from tests.support.tgtd import TgtDaemon
+            with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
+                res["orchestration_real_tgtd"] = orchestration(
+                    cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,
+                                           "--tgt-control-port", str(tgtd.control_port)],
+                    8, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
+            log("    security: attach with TLS + tokens on, and off (c=1, same settings, in turn)")
+            with contextlib.ExitStack() as sec:
+                off = BenchServer(cfg, work, "sec-off", [], 8, False, sec)
+                on = BenchServer(cfg, work, "sec-on", ["--secure"], 8, False, sec)
+                runs_off, runs_on = in_turns(cfg["sec_runs"], lambda: off.run(cfg["sec_cycles"]),
+                                             lambda: on.run(cfg["sec_cycles"]))
+                res["security_off"] = off.figures(cfg, runs_off, throughput_too=False)
+                res["security_on"] = on.figures(cfg, runs_on, throughput_too=False)
+            log("4/5 real stack (tgtd + libvirtd + QEMU)")
+            real = real_stack(cfg, work)
+            res["real_stack"] = real
+            log("5/5 scale: pre-filling the databases")
+            scale_state = work / "scale-state"
+            res["prefill"] = prefill(scale_state, cfg["scale_volumes"], cfg["scale_nodes"],
+                                     cfg["scale_per_node"])
+            log(f"    pre-filled {res['prefill']}; starting {cfg['scale_nodes'] - 1} fake nodes")
+            farm = stack.enter_context(Child(
+                "tests.bench.farm", ["--state-dir", str(work / "farm"), "--first", "1",
+                                     "--nodes", str(cfg["scale_nodes"] - 1),
+                                     "--domains", str(cfg["scale_per_node"]), "--prefilled"],
+                work / "farm.log", timeout=300))
             farm_addrs = farm.first_line.split(" ", 1)[1]
-            log("    scale: orchestration on the full databases")
-            s = orchestration(cfg, work, "scale", ["--prefilled", "--farm", farm_addrs],
-                              cfg["scale_per_node"])
-        res["scale"] = s
+            log("    scale: orchestration on the full databases, in turn with the empty ones")
+            full = BenchServer(cfg, work, "scale", ["--prefilled", "--farm", farm_addrs],
+                               cfg["scale_per_node"], True, stack)
+            runs_full, runs_empty = in_turns(cfg["lat_runs"], lambda: full.run(cfg["lat_cycles"]),
+                                             lambda: empty.run(cfg["lat_cycles"]))
+            s = full.figures(cfg, runs_full)
+            s["empty_runs"] = combined(runs_empty)
+            res["scale"] = s
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -439,7 +510,9 @@ def main(argv=None) -> int:
         "orchestration_attach_p99_ms": o["attach_p99_ms"],
         "orchestration_detach_p50_ms": o["detach_p50_ms"],
         "orchestration_detach_p99_ms": o["detach_p99_ms"],
-        "orchestration_ratio": o["attach_p50_ms"] / (res["calls_per_attach"] * res["floor_p50_ms"]),
+        "orchestration_ratio": paired_ratio(
+            o["runs_attach_p50_ms"],
+            [res["calls_per_attach"] * f for f in o["floor_runs_p50_ms"]]),
         "cycles_per_s": o["cycles_per_s"],
         "real_attach_p50_ms": real["attach_p50_ms"],
         "real_attach_p99_ms": real["attach_p99_ms"],
@@ -452,14 +525,17 @@ def main(argv=None) -> int:
         "scale_attach_p50_ms": s["attach_p50_ms"],
         "scale_detach_p50_ms": s["detach_p50_ms"],
         "scale_cycles_per_s": s["cycles_per_s"],
-        "scale_ratio": s["attach_p50_ms"] / o["attach_p50_ms"],
-        "scale_detach_ratio": s["detach_p50_ms"] / o["detach_p50_ms"],
+        "scale_ratio": paired_ratio(s["runs_attach_p50_ms"],
+                                    s["empty_runs"]["runs_attach_p50_ms"]),
+        "scale_detach_ratio": paired_ratio(s["runs_detach_p50_ms"],
+                                           s["empty_runs"]["runs_detach_p50_ms"]),
         "scale_cycles_ratio": {c: s["cycles_per_s"][c] / o["cycles_per_s"][c]
                                for c in o["cycles_per_s"]},
         "peak_rss_mb": s["peak_rss_mb"],
         "secure_attach_p50_ms": res["security_on"]["attach_p50_ms"],
         "insecure_attach_p50_ms": res["security_off"]["attach_p50_ms"],
-        "secure_ratio": res["security_on"]["attach_p50_ms"] / res["security_off"]["attach_p50_ms"],
+        "secure_ratio": paired_ratio(res["security_on"]["runs_attach_p50_ms"],
+                                     res["security_off"]["runs_attach_p50_ms"]),
         "empty_peak_rss_mb": o["peak_rss_mb"],
     })
     res["cycles_32_over_1"] = (res["cycles_per_s"].get("32", 0.0)
