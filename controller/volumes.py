@@ -774,10 +774,12 @@ class VolumeManager:
             self._drop_export(volume.id, export, volume.chap_username)
 
     def _drop_export(self, volume_id: str, export: Export | ExportRow,
-                     chap_username: str | None) -> None:
-        """(caller holds _volume_lock) The target goes from tgtd, then its row."""
+                     chap_username: str | None, row_deleted: bool = False) -> None:
+        """(caller holds _volume_lock) The target goes from tgtd, then its row
+        (unless the caller deleted it already)."""
         self.tgt.delete_target(_tid(export), chap_username)
-        _DELETE_EXPORT.execute(export.tid)
+        if not row_deleted:
+            _DELETE_EXPORT.execute(export.tid)
         LOG.info("removed export of volume %s", volume_id)
 
     @with_connection
@@ -798,8 +800,8 @@ class VolumeManager:
             dropped = _DROP_UNUSED_EXPORT.execute(volume_id)
             if dropped:
                 (tid, target_tid), = dropped
-                self.tgt.delete_target(_tid(ExportRow(tid, "", target_tid)), chap_username)
-                LOG.info("removed export of volume %s", volume_id)
+                self._drop_export(volume_id, ExportRow(tid, "", target_tid), chap_username,
+                                  row_deleted=True)
                 return
         rows = _REVOKE_VIEW.tuples(volume_id)
         if not rows or rows[0][1] is None:
