@@ -47,5 +47,5 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
     every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False,
           share=EXPORT_CHECK_SHARE)
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
-                   ControllerServicer(manager), on_stop=[stop.set, lambda: close_database(db)],
+                   ControllerServicer(manager), on_stop=[stop.set, tgt.close, lambda: close_database(db)],
                    probes={"tgtd": tgt.ping, "database": lambda: probe_database(url)})

@@ -91,6 +91,13 @@ class TgtAdm:
                 self._pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="tgtadm")
             return self._pool.submit(fn)
 
+    def close(self) -> None:
+        """Stop the threads of side-by-side commands (after the last call)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def _together(self, *calls: Callable[[], object]) -> None:
         """Run calls side by side (the first in this thread) and wait for every
         one of them; then raise the first failure. None is still running when
