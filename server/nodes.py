@@ -146,27 +146,24 @@ class _GuardedMethod:
             return node_unavailable(self._state, exc.message)
         return exc
 
-    def __call__(self, request, timeout=None, metadata=None):
-        method, timeout = self._method(timeout)
+    def _answer(self, wait: Callable[[], Any]):
+        """The call's reply (wait() gives it), the node marked as answering;
+        a failure mapped as _failed() says."""
         try:
-            reply = method(request, timeout=timeout, metadata=metadata)
+            reply = wait()
         except grpc.RpcError as err:
             raise self._failed(err) from None
         self._directory.answered(self._state)
         return reply
 
+    def __call__(self, request, timeout=None, metadata=None):
+        method, timeout = self._method(timeout)
+        return self._answer(lambda: method(request, timeout=timeout, metadata=metadata))
+
     def begin(self, request, timeout=None, metadata=None) -> Callable[[], Any]:
         method, timeout = self._method(timeout)
         future = method.future(request, timeout=timeout, metadata=metadata)
-
-        def answer():
-            try:
-                reply = future.result()
-            except grpc.RpcError as err:
-                raise self._failed(err) from None
-            self._directory.answered(self._state)
-            return reply
-        return answer
+        return lambda: self._answer(future.result)
 
 
 @dataclass
