@@ -49,6 +49,15 @@ _SOFT_DELETE = Prepared(lambda i, now: BDM.update(
     deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete", owner=None)
     .where(BDM.id == i), 2)
 _PROGRESS: dict[tuple[str, ...], Prepared] = {}
+# AttachVolume's row, `attaching` at its first step, in the order of insert()'s
+# `row`; one statement for each delete_on_termination (a boolean column would
+# turn a placeholder into True)
+_NEW_ROW = {flag: Prepared(
+    lambda name, v, s, a, tag, owner, request, node, now, flag=flag: BDM.insert(
+        device_name=name, volume_id=v, instance_uuid=s, attachment_id=a, tag=tag, owner=owner,
+        request_id=request, node_id=node, created_at=now, state="attaching",
+        progress="bdm_insert", delete_on_termination=flag, deleted=0, source_type="volume",
+        destination_type="volume").returning(BDM.id), 9) for flag in (False, True)}
 
 
 def _progress_query(names: tuple[str, ...]) -> Prepared:
@@ -229,13 +238,13 @@ class BdmStore:
                         f"Maximum number of volumes ({len(live)}) reached for server "
                         f"{server_id}", reason="TOO_MANY_VOLUMES")
                 name = pick_device(device, server, live)
+                row = dict(device_name=name, volume_id=volume_id, instance_uuid=server_id,
+                           attachment_id=str(uuid.uuid4()), tag=tag or None, owner=owner,
+                           request_id=request_id or None, node_id=server.node_id)
+                now = utcnow()
                 try:  # one statement: its own transaction
-                    return BDM.create(
-                        device_name=name, volume_id=volume_id, instance_uuid=server_id,
-                        attachment_id=str(uuid.uuid4()), tag=tag or None,
-                        delete_on_termination=delete_on_termination, state="attaching",
-                        progress="bdm_insert", owner=owner, request_id=request_id or None,
-                        node_id=server.node_id)
+                    (bdm_id,), = _NEW_ROW[bool(delete_on_termination)].execute(
+                        *row.values(), str(now))
                 except peewee.IntegrityError:
                     if device:
                         existing = self.live(server_id, volume_id)
@@ -243,6 +252,8 @@ class BdmStore:
                             self._already_attached(existing, volume_id, request_id)
                         raise device_in_use(device) from None
                     continue  # another process took that name: pick again
+                return BDM(id=bdm_id, created_at=now, state="attaching", progress="bdm_insert",
+                           delete_on_termination=bool(delete_on_termination), **row)
             raise Aborted(f"server {server_id} is busy; try again", reason="SERVER_BUSY")
 
     @staticmethod
