@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from vmattach.common.errors import FailedPrecondition
@@ -35,6 +35,12 @@ class Disk:
     alias: str = ""        # "ua-<volume id>" for vmattach disks; libvirt's own otherwise
 
 
+def disk_of_volume(disks: Iterable[Disk], volume_id: str) -> Disk | None:
+    """The disk of the volume among disks: its serial or its alias names it."""
+    alias = volume_alias(volume_id)
+    return next((d for d in disks if d.serial == volume_id or d.alias == alias), None)
+
+
 @dataclass(frozen=True)
 class Domain:
     """A domain (server): disks are the live ones when it runs, else the
@@ -49,8 +55,7 @@ class Domain:
     project_id: str = ""
 
     def disk_of_volume(self, volume_id: str) -> Disk | None:
-        alias = volume_alias(volume_id)
-        return next((d for d in self.disks if d.serial == volume_id or d.alias == alias), None)
+        return disk_of_volume(self.disks, volume_id)
 
     def disk_named(self, device: str) -> Disk | None:
         return next((d for d in self.disks if d.device == device), None)
@@ -156,6 +161,13 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def list_domains(self, *, with_state: bool = True) -> list[Domain]:
         """Every domain on this host (with_state: as for get_domain)."""
+
+    def users_of_volume(self, volume_id: str) -> list[str]:
+        """The servers on this host with a disk of the volume (the check before
+        a volume's unstage, on every detach). This default reads every domain
+        in full; a hypervisor overrides it with a cheaper read."""
+        return [d.uuid for d in self.list_domains(with_state=False)
+                if d.disk_of_volume(volume_id) is not None]
 
     @abc.abstractmethod
     def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:

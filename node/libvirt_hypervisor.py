@@ -26,6 +26,7 @@ from vmattach.node.hypervisor import (
     IscsiSource,
     PendingDetach,
     SecretSpec,
+    disk_of_volume,
     not_staged,
 )
 
@@ -278,6 +279,23 @@ class LibvirtHypervisor(Hypervisor):
                         raise  # a domain that vanished meanwhile is skipped
             return domains
         return self._call("list domains", _list)
+
+    def users_of_volume(self, volume_id: str) -> list[str]:
+        """One call per domain (its XML), parsed only when the volume's id is
+        in it (a vmattach disk's serial and alias both hold it)."""
+        def _users(conn) -> list[str]:
+            users = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    xml = dom.XMLDesc(0)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise  # a domain that vanished meanwhile is skipped
+                    continue
+                if volume_id in xml and disk_of_volume(read_domain(xml).disks, volume_id):
+                    users.append(dom.UUIDString())
+            return users
+        return self._call("list the users of a volume", _users)
 
     def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
         return self._call("read the domain", lambda conn: self._domain(

@@ -92,11 +92,6 @@ class NodeManager:
         """The usage names of the host's iSCSI secrets (never their values)."""
         return sorted(self.hypervisor.secret_usages())
 
-    def _volume_in_use(self, volume_id: str) -> Domain | None:
-        """A domain on this host that has a disk of the volume."""
-        return next((d for d in self.hypervisor.list_domains(with_state=False)
-                     if d.disk_of_volume(volume_id)),
-                    None)
 
     # -- stage --------------------------------------------------------------------------
 
@@ -110,9 +105,9 @@ class NodeManager:
         host still uses it (another server of a multiattach volume)."""
         connector = self.connectors.get(info.driver_volume_type)
         with self._volume_locks.hold(volume_id):
-            user = self._volume_in_use(volume_id)
-            if user is not None:
-                LOG.info("volume %s stays staged: server %s still uses it", volume_id, user.uuid)
+            users = self.hypervisor.users_of_volume(volume_id)
+            if users:
+                LOG.info("volume %s stays staged: server %s still uses it", volume_id, users[0])
                 return False
             connector.unstage(volume_id, info)
             return True

@@ -25,6 +25,7 @@ from vmattach.node.hypervisor import (
     Hypervisor,
     PendingDetach,
     SecretSpec,
+    disk_of_volume,
     not_staged,
 )
 
@@ -154,6 +155,12 @@ class FakeHypervisor(Hypervisor):
         with self._lock:
             views = [dom.view() for dom in self.domains.values()]
         return views if with_state else [dataclasses.replace(v, state="") for v in views]
+
+    def users_of_volume(self, volume_id: str) -> list[str]:
+        self._enter("users_of_volume", volume_id)
+        with self._lock:
+            return [dom.uuid for dom in self.domains.values()
+                    if disk_of_volume(dom.live if dom.active else dom.config, volume_id)]
 
     def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
         self._enter("get_domain", server_id)
