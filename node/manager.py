@@ -92,7 +92,6 @@ class NodeManager:
         """The usage names of the host's iSCSI secrets (never their values)."""
         return sorted(self.hypervisor.secret_usages())
 
-
     # -- stage --------------------------------------------------------------------------
 
     def stage(self, volume_id: str, info: ConnectionInfo) -> StagedVolume:
