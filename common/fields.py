@@ -233,7 +233,7 @@ FIELD_RULES: dict[str, Rule] = {
     **_rules(node_pb2.NodeStageVolumeRequest, volume_id=ID, connection_info=NESTED),
     **_rules(node_pb2.NodeUnstageVolumeRequest, volume_id=ID, connection_info=NESTED),
     **_rules(node_pb2.NodePublishVolumeRequest, server_id=ID, volume_id=ID, device=DEVICE,
-             connection_info=NESTED, staged=NESTED),
+             connection_info=NESTED, staged=NESTED, stage=BOOL),
     **_rules(node_pb2.NodeUnpublishVolumeRequest, server_id=ID, volume_id=ID),
     **_rules(node_pb2.NodeExtendVolumeRequest, server_id=ID, volume_id=ID,
              new_size_bytes=Int(0, MAX_SIZE_BYTES), connection_info=NESTED),

@@ -114,10 +114,12 @@ class NodeManager:
     # -- publish ------------------------------------------------------------------------
 
     def publish(self, server_id: str, volume_id: str, device: str, info: ConnectionInfo,
-                staged: StagedVolume | None = None) -> Disk:
+                staged: StagedVolume | None = None, *, stage: bool = False) -> Disk:
         """Attach the volume as device; the disk already attached when the
-        volume is there (same serial)."""
+        volume is there (same serial). With stage, stage the volume first."""
         name, bus = parse_device(device)
+        if stage:
+            staged = self.stage(volume_id, info)
         connector = self.connectors.get(info.driver_volume_type)
         # the volume's lock too: an unstage (which checks that no disk uses the
         # volume) cannot run between the stage check and the attach

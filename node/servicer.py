@@ -98,7 +98,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request, context):
         staged = staged_from_pb(request.staged) if request.HasField("staged") else None
         disk = self.m.publish(require_uuid(request.server_id, "server_id"), _volume_id(request),
-                              request.device, _connection_info(request), staged)
+                              request.device, _connection_info(request), staged,
+                              stage=request.stage)
         return pb.NodePublishVolumeResponse(disk=disk_to_pb(disk))
 
     def NodeUnpublishVolume(self, request, context):

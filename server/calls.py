@@ -133,11 +133,6 @@ class NodeCalls:
         answer = begin(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=_seconds(timeout))
         return lambda: answer().connector
 
-    def stage(self, volume_id: str, info: types_pb2.ConnectionInfo,
-              timeout: Time) -> npb.StagedVolume:
-        return call(self.stub.NodeStageVolume, npb.NodeStageVolumeRequest(
-            volume_id=volume_id, connection_info=info), timeout=_seconds(timeout)).staged
-
     def unstage(self, volume_id: str, info: types_pb2.ConnectionInfo,
                 timeout: Time = UNDO_TIMEOUT) -> None:
         # disconnecting needs the target, never the CHAP secret: it does not travel
@@ -147,12 +142,13 @@ class NodeCalls:
         call(self.stub.NodeUnstageVolume, npb.NodeUnstageVolumeRequest(
             volume_id=volume_id, connection_info=bare), timeout=_seconds(timeout))
 
-    def publish(self, server_id: str, volume_id: str, device: str,
-                info: types_pb2.ConnectionInfo, staged: npb.StagedVolume,
-                timeout: Time) -> None:
+    def stage_and_publish(self, server_id: str, volume_id: str, device: str,
+                          info: types_pb2.ConnectionInfo, timeout: Time) -> None:
+        """Connect the node to the volume and attach its disk: one call
+        (NodePublishVolume with stage, as Nova's driver attach_volume)."""
         call(self.stub.NodePublishVolume, npb.NodePublishVolumeRequest(
             server_id=server_id, volume_id=volume_id, device=device,
-            connection_info=info, staged=staged), timeout=_seconds(timeout))
+            connection_info=info, stage=True), timeout=_seconds(timeout))
 
     def unpublish(self, server_id: str, volume_id: str,
                   timeout: Time = UNPUBLISH_TIMEOUT) -> None:

@@ -182,16 +182,14 @@ class Facade:
             # until node_publish the reconciler undoes every step, each undo
             # idempotent; the row has its node since bdm_insert)
             self.bdms.published(bdm, op.info, volume_size=volume.size_gb)
-            # 5-6. stage and publish on the node
-            staged = self.step("node_stage", node.stage, req.volume_id, op.info, deadline,
-                               saga=saga)
-            self.step("node_publish", node.publish, req.server_id, req.volume_id,
-                      bdm.device_name, op.info, staged, deadline, saga=saga)
+            # 5. stage and publish on the node, one call
+            self.step("node_publish", node.stage_and_publish, req.server_id, req.volume_id,
+                      bdm.device_name, op.info, deadline, saga=saga)
             self.bdms.progress(bdm, "node_publish")
-            # 7. mark attached at the Controller (os-attach)
+            # 6. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
-            # 8. save the connection_info (sealed above), state attached
+            # 7. save the connection_info (sealed above), state attached
             self.step("bdm_attached", self.bdms.attached, bdm, saga=saga)
         except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,

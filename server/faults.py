@@ -2,7 +2,7 @@
 (or kill the process) at a step boundary.
 
 Switched on through the `fault_injection` setting ("before:reserve",
-"after:node_publish=kill", "after:node_stage=pause:3", several separated by
+"after:node_publish=kill", "after:create_attachment=pause:3", several separated by
 commas) or at run time with arm()/disarm(). `pause:SECONDS` (at most 60)
 holds the operation at that boundary, so that a test can cut a link or kill
 a service half-way through it. Off unless switched on."""

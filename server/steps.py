@@ -38,14 +38,10 @@ def _delete_attachment(controller: ControllerCalls, op: Attach) -> None:
         pass  # no such volume (the attachment found none): nothing to undo
 
 
-def _node_unstage(controller: ControllerCalls, op: Attach) -> None:
+def _node_unpublish_and_unstage(controller: ControllerCalls, op: Attach) -> None:
     if op.node is not None and op.info is not None:  # the node never saw the volume otherwise
-        op.node.unstage(op.volume_id, op.info)
-
-
-def _node_unpublish(controller: ControllerCalls, op: Attach) -> None:
-    if op.node is not None and op.info is not None:
         op.node.unpublish(op.server_id, op.volume_id)
+        op.node.unstage(op.volume_id, op.info)
 
 
 # AttachVolume, in order: each step with the undo it owes from the moment it
@@ -56,11 +52,12 @@ ATTACH: tuple[tuple[str, Undo | None], ...] = (
     ("bdm_insert", None),                           # 2. device name, BDM row `attaching`
     ("get_connector", None),                        # 3. the node's connector
     ("create_attachment", _delete_attachment),      # 4. reserve + initialize_connection
-    ("node_stage", _node_unstage),                  # 5. connect the host to the volume
-    ("node_publish", _node_unpublish),              # 6. the disk into the domain
+    # 5. connect the host to the volume and the disk into the domain (one Node
+    # call, as Nova's driver attach_volume); undone in the reverse order
+    ("node_publish", _node_unpublish_and_unstage),
     # (its undo is create_attachment's: the attachment ends whatever its state)
-    ("mark_attached", None),                        # 7. os-attach
-    ("bdm_attached", None),                         # 8. BDM row `attached`
+    ("mark_attached", None),                        # 6. os-attach
+    ("bdm_attached", None),                         # 7. BDM row `attached`
 )
 ATTACH_STEPS = tuple(step for step, _ in ATTACH)
 _UNDO = dict(ATTACH)

@@ -39,7 +39,7 @@ CALL_RE = re.compile(r"`((?:Controller|Node)\.\w+)`")
 class Step:
     number: str
     call: str | None       # "Controller.CreateAttachment"
-    undo: str | None
+    undo: tuple[str, ...]  # its undo's calls, in order
     after_failure: str     # "roll back", "roll forward", or an error without a call
 
 
@@ -59,8 +59,8 @@ def flow_table(section: str) -> list[Step]:
     steps = []
     for line in lines[2:]:
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        steps.append(Step(cells["#"], _cell_call(cells["call"]), _cell_call(cells["undo"]),
-                          cells["after a failure"]))
+        steps.append(Step(cells["#"], _cell_call(cells["call"]),
+                          tuple(CALL_RE.findall(cells["undo"])), cells["after a failure"]))
     assert steps, f"the {section} table of {FLOW_DOC} is empty"
     return steps
 
@@ -79,7 +79,7 @@ def rollback_after(steps: list[Step], failing: str) -> list[str]:
     """The documented rule: the failing call, then the undo of it and of every
     step before it, in reverse order."""
     upto = steps[:[s.call for s in steps].index(failing) + 1]
-    return calls_through(steps, failing) + [s.undo for s in reversed(upto) if s.undo]
+    return calls_through(steps, failing) + [call for s in reversed(upto) for call in s.undo]
 
 
 def step_calls(steps: list[Step], rule: str) -> list[str]:
@@ -293,7 +293,8 @@ def test_attach_call_done_but_answered_past_the_deadline_is_undone(split, late):
     eventually(lambda: split.assert_clean(server_id, volume_id))
     undo = next(s.undo for s in ATTACH if s.call == late)
     assert (late, "late") in [(c.name, c.outcome) for c in split.recorder.calls()]
-    assert undo in split.recorded()[split.recorded().index(late):]
+    after = split.recorded()[split.recorded().index(late):]
+    assert all(call in after for call in undo), (undo, after)
     split.client.attach_volume(server_id, volume_id)
     split.assert_attached(server_id, volume_id)
 

@@ -202,8 +202,8 @@ def test_requested_device_in_use_and_limit_per_server(tmp_path, tgtd, serve):
     stack.assert_clean(server_id, v3)
 
 
-ATTACH_STEPS = ["get_connector", "create_attachment", "node_stage", "node_publish",
-                "mark_attached", "bdm_attached"]
+ATTACH_STEPS = ["get_connector", "create_attachment", "node_publish", "mark_attached",
+                "bdm_attached"]
 
 
 @pytest.mark.parametrize("action", ["error", "unavailable"])

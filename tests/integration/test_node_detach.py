@@ -117,3 +117,33 @@ def test_other_disks_of_the_server_come_and_go_while_a_detach_waits(node, guest)
             volume_id=a, connection_info=iscsi_pb(a)), timeout=QUICK)
         assert secrets(node) == {f"volume-{a}", f"volume-{c}"}  # A's disk still uses its secret
     assert time.monotonic() - started < DETACH_TIMEOUT
+
+
+def test_a_publish_with_stage_connects_the_host_and_attaches_the_disk_in_one_call(node):
+    """The facade's one Node call of an attach: NodePublishVolume with stage.
+    A publish refused after its stage leaves the volume staged, for the
+    caller's undo (NodeUnstageVolume)."""
+    node, hv = node
+    dom = hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),))
+    vid, other = new_id(), new_id()
+
+    def publish(volume_id: str) -> None:
+        node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            server_id=dom.uuid, volume_id=volume_id, device="/dev/vdb",
+            connection_info=iscsi_pb(volume_id), stage=True), timeout=QUICK)
+
+    publish(vid)
+    assert disks(node) == [("vda", ""), ("vdb", vid)]
+    assert secrets(node) == {f"volume-{vid}"}
+    publish(vid)  # again: the same disk, nothing new
+    assert disks(node) == [("vda", ""), ("vdb", vid)]
+
+    with pytest.raises(grpc.RpcError) as err:
+        publish(other)  # vdb is taken
+    assert (err.value.code(), error_from_rpc(err.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "DEVICE_IN_USE")
+    assert secrets(node) == {f"volume-{vid}", f"volume-{other}"}
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=other, connection_info=iscsi_pb(other)), timeout=QUICK)
+    detach(node, dom.uuid, vid)
+    assert disks(node) == [("vda", "")] and secrets(node) == set()

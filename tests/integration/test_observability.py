@@ -175,7 +175,7 @@ def test_metrics_after_an_attach_and_a_failed_attach(stack):
                   grpc_method="CreateAttachment", grpc_code="NOT_FOUND") == 1
     assert sample(facade, "grpc_client_handling_seconds_count",
                   grpc_service="vmattach.v1.Node", grpc_method="NodePublishVolume") == 1
-    for step in ("node_stage", "node_publish", "mark_attached"):
+    for step in ("node_publish", "mark_attached"):
         assert sample(facade, "vmattach_attach_step_seconds_count", step=step) == 1
     # the failed attach ended in its create_attachment
     assert sample(facade, "vmattach_attach_step_seconds_count", step="create_attachment") == 2
@@ -189,7 +189,7 @@ def test_metrics_after_an_attach_and_a_failed_attach(stack):
                   grpc_method="CreateAttachment", grpc_code="OK") == 1
     node = scrape(stack.node)
     assert sample(node, "grpc_server_handled_total", grpc_service="vmattach.v1.Node",
-                  grpc_method="NodeStageVolume", grpc_code="OK") == 1
+                  grpc_method="NodePublishVolume", grpc_code="OK") == 1
 
     # the audit's divergence count, for node_exporter's textfile collector
     prom = stack.tmp_path / "audit.prom"

@@ -13,8 +13,8 @@ sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
 in_memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
 export = pytest.importorskip("opentelemetry.sdk.trace.export")
 
-ATTACH_STEPS = ["bdm_insert", "get_connector", "create_attachment", "node_stage",
-                "node_publish", "mark_attached", "bdm_attached"]
+ATTACH_STEPS = ["bdm_insert", "get_connector", "create_attachment", "node_publish",
+                "mark_attached", "bdm_attached"]
 
 
 @pytest.fixture

@@ -128,8 +128,8 @@ def test_cli_reports_errors_with_the_servers_message(real):
     assert proc.returncode == 1 and "is invalid" in proc.stderr
 
 
-@pytest.mark.parametrize("step", ["get_connector", "create_attachment", "node_stage",
-                                  "node_publish", "mark_attached", "bdm_attached"])
+@pytest.mark.parametrize("step", ["get_connector", "create_attachment", "node_publish",
+                                  "mark_attached", "bdm_attached"])
 def test_each_attach_step_failing_leaves_nothing_on_the_real_stack(real, step):
     volume_id = new_volume(real)
     real.facade.faults.arm(f"before:{step}", "unavailable")

@@ -463,10 +463,10 @@ def test_attach_cut_off_half_way_by_bs_link_is_undone_once_b_is_back(dc):
     c1, gb = dc.clients[0], dc.guests[dc.b]
     volume_id = c1.create_volume(f"{dc.tag}-half-attach", 1).volume_id
     try:
-        err = _half_way(dc, "after:node_stage=pause:3",
+        err = _half_way(dc, "after:create_attachment=pause:3",
                         lambda c: c.attach_volume(gb.uuid, volume_id), lambda: dc.topo.cut(dc.b))
         assert isinstance(err, Unavailable) and dc.node_ids[dc.b] in err.message
-        # B kept the staged secret; the row waits for the reconciler
+        # the undo towards B fails too; the row waits for the reconciler
         assert [r[:2] for r in dc.bdms(volume_id)] == [("attaching", "rolling_back")]
         time.sleep(2)  # the reconcilers try (and fail) while B is away
         assert dc.bdms(volume_id)

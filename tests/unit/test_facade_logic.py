@@ -119,10 +119,10 @@ class _Recorder:
 
 
 def test_the_attach_table_lists_every_step_once_in_flow_order():
-    assert ATTACH_STEPS == ("bdm_insert", "get_connector", "create_attachment", "node_stage",
-                            "node_publish", "mark_attached", "bdm_attached")
+    assert ATTACH_STEPS == ("bdm_insert", "get_connector", "create_attachment", "node_publish",
+                            "mark_attached", "bdm_attached")
     assert [step for step, undo in ATTACH if undo is not None] == \
-        ["create_attachment", "node_stage", "node_publish"]
+        ["create_attachment", "node_publish"]
 
 
 def test_reconciler_undo_runs_the_tables_undo_last_step_first():
