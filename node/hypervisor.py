@@ -162,12 +162,10 @@ class Hypervisor(abc.ABC):
     def list_domains(self, *, with_state: bool = True) -> list[Domain]:
         """Every domain on this host (with_state: as for get_domain)."""
 
+    @abc.abstractmethod
     def users_of_volume(self, volume_id: str) -> list[str]:
         """The servers on this host with a disk of the volume (the check before
-        a volume's unstage, on every detach). This default reads every domain
-        in full; a hypervisor overrides it with a cheaper read."""
-        return [d.uuid for d in self.list_domains(with_state=False)
-                if d.disk_of_volume(volume_id) is not None]
+        a volume's unstage, on every detach: cheaper than list_domains)."""
 
     @abc.abstractmethod
     def get_domain(self, server_id: str, *, with_state: bool = True) -> Domain:
