@@ -171,16 +171,35 @@ class NodeManager:
                      server_id, volume_id, size)
             return size
 
-    def unpublish(self, server_id: str, volume_id: str) -> None:
+    def unpublish(self, server_id: str, volume_id: str,
+                  unstage: ConnectionInfo | None = None) -> bool:
         """Detach the volume's disk and wait until the guest released it;
         FailedPrecondition when it never does (the disk stays); Aborted at
         once while a detach of the same disk is still running (it may wait
         for the guest for detach_timeout x detach_retries seconds).
 
+        With unstage (the volume's connection_info), unstage the volume once
+        the disk is gone, as unstage() does; returns whether that finished.
+        The disk has left the guest by then, so a failed unstage is logged,
+        not raised: the caller must learn that the disk is gone.
+
         The server's lock covers reading the domain and sending the detach
         only: while the guest takes its time, the server's other disks can
         be detached and new ones attached (the leaving disk's name stays
         taken until it is gone, so no attach can choose it)."""
+        self._unplug(server_id, volume_id)
+        if unstage is None:
+            return False
+        try:
+            self.unstage(volume_id, unstage)
+        except Exception:  # noqa: BLE001 - the answer must say the disk left the guest
+            LOG.exception("volume %s left server %s; its unstage failed (the caller unstages"
+                          " it later)", volume_id, server_id)
+            return False
+        return True
+
+    def _unplug(self, server_id: str, volume_id: str) -> None:
+        """unpublish() without the unstage."""
         ids = {"server_id": server_id, "volume_id": volume_id}
         with self._detaching.claim(
                 _detach_key(server_id, volume_id),

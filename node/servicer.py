@@ -103,8 +103,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         return pb.NodePublishVolumeResponse(disk=disk_to_pb(disk))
 
     def NodeUnpublishVolume(self, request, context):
-        self.m.unpublish(require_uuid(request.server_id, "server_id"), _volume_id(request))
-        return pb.NodeUnpublishVolumeResponse()
+        unstaged = self.m.unpublish(require_uuid(request.server_id, "server_id"),
+                                    _volume_id(request),
+                                    _connection_info(request) if request.unstage else None)
+        return pb.NodeUnpublishVolumeResponse(unstaged=unstaged)
 
     def NodeExtendVolume(self, request, context):
         size = self.m.extend(require_uuid(request.server_id, "server_id"), _volume_id(request),

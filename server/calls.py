@@ -54,6 +54,14 @@ def _seconds(timeout: Time) -> float:
     return timeout.remaining() if isinstance(timeout, Deadline) else timeout
 
 
+def _without_secret(info: types_pb2.ConnectionInfo) -> types_pb2.ConnectionInfo:
+    """Disconnecting needs the target, never the CHAP secret: it does not travel."""
+    bare = types_pb2.ConnectionInfo()
+    bare.CopyFrom(info)
+    bare.data.ClearField("auth_password")
+    return bare
+
+
 class ControllerCalls:
     """The Controller (Cinder's role) as the facade uses it."""
 
@@ -135,12 +143,9 @@ class NodeCalls:
 
     def unstage(self, volume_id: str, info: types_pb2.ConnectionInfo,
                 timeout: Time = UNDO_TIMEOUT) -> None:
-        # disconnecting needs the target, never the CHAP secret: it does not travel
-        bare = types_pb2.ConnectionInfo()
-        bare.CopyFrom(info)
-        bare.data.ClearField("auth_password")
         call(self.stub.NodeUnstageVolume, npb.NodeUnstageVolumeRequest(
-            volume_id=volume_id, connection_info=bare), timeout=_seconds(timeout))
+            volume_id=volume_id, connection_info=_without_secret(info)),
+            timeout=_seconds(timeout))
 
     def stage_and_publish(self, server_id: str, volume_id: str, device: str,
                           info: types_pb2.ConnectionInfo, timeout: Time) -> None:
@@ -150,18 +155,25 @@ class NodeCalls:
             server_id=server_id, volume_id=volume_id, device=device,
             connection_info=info, stage=True), timeout=_seconds(timeout))
 
-    def unpublish(self, server_id: str, volume_id: str,
-                  timeout: Time = UNPUBLISH_TIMEOUT) -> None:
+    def unpublish(self, server_id: str, volume_id: str, timeout: Time = UNPUBLISH_TIMEOUT,
+                  unstage: types_pb2.ConnectionInfo | None = None) -> bool:
         """Detach the disk and wait for the guest; FailedPrecondition when the
         guest never releases it. A domain that no longer exists has no disk:
-        done."""
+        done. With unstage (the volume's connection_info), the node unstages
+        the volume too, in the same call (as Nova's driver detach_volume);
+        returns whether it did (False: call unstage() later)."""
+        request = npb.NodeUnpublishVolumeRequest(server_id=server_id, volume_id=volume_id)
+        if unstage is not None:
+            request.unstage = True
+            request.connection_info.CopyFrom(_without_secret(unstage))
         try:
-            call(self.stub.NodeUnpublishVolume, npb.NodeUnpublishVolumeRequest(
-                server_id=server_id, volume_id=volume_id), timeout=_seconds(timeout))
+            return call(self.stub.NodeUnpublishVolume, request,
+                        timeout=_seconds(timeout)).unstaged
         except NotFound as exc:
             if exc.reason != "SERVER_NOT_FOUND":
                 raise
             LOG.info("server %s is gone: volume %s has no disk there", server_id, volume_id)
+            return False
 
     def extend(self, server_id: str, volume_id: str, new_size_bytes: int,
                info: types_pb2.ConnectionInfo, timeout: Time) -> int:

@@ -222,6 +222,7 @@ class Facade:
                           reason="OPERATION_IN_PROGRESS")
         try:
             node = self.node(bdm.node_id)
+            info = self.bdms.unseal(bdm.connection_info)
             try:
                 # the server's state allows it (a server that is gone does too: its
                 # disks went with it)
@@ -234,9 +235,13 @@ class Facade:
             except VmattachError:
                 self.controller.roll_detaching(volume_id, server_id)
                 raise
+            unstaged = False
             try:
-                # 3. unpublish on the node: detach from the domain, wait for the guest
-                self.step("node_unpublish", node.unpublish, server_id, volume_id, deadline)
+                # 3. unpublish on the node: detach from the domain, wait for the
+                # guest; then 4. unstage, in the same call (as Nova's driver
+                # detach_volume): the answer says whether the unstage finished
+                unstaged = self.step("node_unpublish", node.unpublish, server_id, volume_id,
+                                     deadline, info)
             except (Unavailable, DeadlineExceeded) as exc:
                 # no answer: the unplug may have been sent and may complete; decide
                 # from what the domain shows
@@ -246,7 +251,7 @@ class Facade:
             except VmattachError:
                 self.controller.roll_detaching(volume_id, server_id)
                 raise
-            self.bdms.progress(bdm.id, "node_unpublish")
+            self.bdms.progress(bdm.id, "node_unstage" if unstaged else "node_unpublish")
         except VmattachError as exc:
             if not getattr(exc, "left_to_reconciler", False):
                 self.bdms.attached(bdm.id)
@@ -254,7 +259,8 @@ class Facade:
         # From here the disk has left the guest: the remaining steps only roll forward.
         try:
             # like an undo, these get their time even when the caller's is up
-            self.finish_detach(bdm, node, lambda: max(deadline.left(), UNDO_TIMEOUT))
+            self.finish_detach(bdm, node, lambda: max(deadline.left(), UNDO_TIMEOUT),
+                               unstaged=unstaged)
         except Exception:
             self.bdms.release(bdm.id)  # the reconciler finishes it
             raise
@@ -279,15 +285,19 @@ class Facade:
                  "still has" if present else "no longer has")
         return not present
 
-    def finish_detach(self, bdm: BDM, node: NodeCalls, timeout: Callable[[], float]) -> None:
+    def finish_detach(self, bdm: BDM, node: NodeCalls, timeout: Callable[[], float],
+                      unstaged: bool = False) -> None:
         """Detach steps 4-6, once the disk has left the guest (the reconciler
-        finishes a dead facade's detach with them too)."""
-        info = self.bdms.unseal(bdm.connection_info)
+        finishes a dead facade's detach with them too); unstaged: step 4 is
+        done already."""
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
         # (no progress records from here: the reconciler repeats all of 4-6, each
-        # idempotent, for a row whose guest released the disk)
+        # idempotent, for a row whose guest released the disk, 4 unless the row
+        # says it was done)
         # 4. unstage on the node
-        self.step("node_unstage", lambda: node.unstage(volume_id, info, timeout()))
+        if not unstaged:
+            info = self.bdms.unseal(bdm.connection_info)
+            self.step("node_unstage", lambda: node.unstage(volume_id, info, timeout()))
         # 5. delete the attachment at the Controller (terminate_connection + os-detach)
         self.step("delete_attachment", lambda: self.controller.delete_attachment(
             volume_id, server_id, timeout()))

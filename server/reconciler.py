@@ -151,7 +151,8 @@ class Reconciler:
                          volume_id, server_id)
                 return "rolled_back"
             self.bdms.progress(bdm.id, "node_unpublish")
-        self.facade.finish_detach(bdm, node, lambda: UNDO_TIMEOUT)
+        self.facade.finish_detach(bdm, node, lambda: UNDO_TIMEOUT,
+                                  unstaged=bdm.progress == "node_unstage")
         LOG.info("detach of %s from %s finished", volume_id, server_id)
         if bdm.delete_on_termination and server_id not in {
                 s.server_id for s in node.servers(UNDO_TIMEOUT)}:

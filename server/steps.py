@@ -40,8 +40,8 @@ def _delete_attachment(controller: ControllerCalls, op: Attach) -> None:
 
 def _node_unpublish_and_unstage(controller: ControllerCalls, op: Attach) -> None:
     if op.node is not None and op.info is not None:  # the node never saw the volume otherwise
-        op.node.unpublish(op.server_id, op.volume_id)
-        op.node.unstage(op.volume_id, op.info)
+        if not op.node.unpublish(op.server_id, op.volume_id, unstage=op.info):
+            op.node.unstage(op.volume_id, op.info)
 
 
 # AttachVolume, in order: each step with the undo it owes from the moment it
@@ -66,7 +66,9 @@ ATTACHED_ON_NODE = ATTACH_STEPS[ATTACH_STEPS.index("node_publish"):]
 
 # DetachVolume, in order. Until node_unpublish the detach can be rolled back
 # (RollDetaching, the BDM back to `attached`); once the disk has left the
-# guest, the remaining steps only roll forward.
+# guest, the remaining steps only roll forward. The node unstages in the same
+# call as it unpublishes (progress node_unstage when its answer says it did);
+# step node_unstage runs on its own only when it did not.
 DETACH_STEPS = ("bdm_detaching", "begin_detaching", "node_unpublish", "node_unstage",
                 "delete_attachment", "bdm_delete")
 GUEST_RELEASED = DETACH_STEPS[DETACH_STEPS.index("node_unpublish"):]

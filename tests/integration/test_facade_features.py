@@ -290,9 +290,9 @@ def test_detach_timing_out_after_the_unplug_rolls_forward_from_what_the_domain_s
         calls = original_unpublish(node_id)
         unpublish = calls.unpublish
 
-        def late(server, volume, timeout):
+        def late(server, volume, timeout, unstage=None):
             try:
-                unpublish(server, volume, timeout)
+                unpublish(server, volume, timeout, unstage)
             finally:
                 time.sleep(2.0)  # the node finishes the unplug meanwhile
         calls.unpublish = late

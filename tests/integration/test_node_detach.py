@@ -18,6 +18,7 @@ from tests.integration.test_node_grpc import iscsi_pb
 from tests.support.fake_hypervisor import FakeHypervisor
 from tests.support.fake_runner import FakeRunner
 from tests.support.node_helpers import new_id
+from vmattach.common.errors import BackendError
 from vmattach.common.grpcutil import create_server, error_from_rpc
 from vmattach.node.app import build_with
 from vmattach.node.hypervisor import Disk
@@ -147,3 +148,36 @@ def test_a_publish_with_stage_connects_the_host_and_attaches_the_disk_in_one_cal
         volume_id=other, connection_info=iscsi_pb(other)), timeout=QUICK)
     detach(node, dom.uuid, vid)
     assert disks(node) == [("vda", "")] and secrets(node) == set()
+
+
+def test_an_unpublish_with_unstage_detaches_and_disconnects_in_one_call(node, caplog):
+    """The facade's one Node call of a detach: NodeUnpublishVolume with
+    unstage. An unstage that fails after the disk left the guest is not the
+    call's error: the answer says unstaged = false (the caller unstages
+    later), and the Node logs why."""
+    node, hv = node
+    dom = hv.add_domain(disks=(Disk("vda", "virtio", "", "virtio-disk0"),))
+    a, b = attach(node, dom.uuid, "/dev/vdb"), attach(node, dom.uuid, "/dev/vdc")
+
+    def unpublish(volume_id: str) -> pb.NodeUnpublishVolumeResponse:
+        return node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+            server_id=dom.uuid, volume_id=volume_id, unstage=True,
+            connection_info=iscsi_pb(volume_id)), timeout=QUICK)
+
+    assert unpublish(a).unstaged is True
+    assert disks(node) == [("vda", ""), ("vdc", b)] and secrets(node) == {f"volume-{b}"}
+    assert unpublish(a).unstaged is True  # again: nothing left to do
+
+    hv.inject_error("undefine_secret", BackendError("libvirt said no", reason="LIBVIRT_ERROR"))
+    assert unpublish(b).unstaged is False
+    assert disks(node) == [("vda", "")] and secrets(node) == {f"volume-{b}"}
+    assert f"volume {b} left server {dom.uuid}; its unstage failed" in caplog.text
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=b, connection_info=iscsi_pb(b)), timeout=QUICK)
+    assert secrets(node) == set()
+
+    with pytest.raises(grpc.RpcError) as err:  # unstage needs the volume's connection_info
+        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+            server_id=dom.uuid, volume_id=a, unstage=True), timeout=QUICK)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "connection_info" in err.value.details()

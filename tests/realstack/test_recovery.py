@@ -30,7 +30,7 @@ pytestmark = pytest.mark.realstack
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
 ATTACH_BOUNDARIES = ["bdm_insert", "get_connector", "create_attachment", "node_publish",
                      "mark_attached", "bdm_attached"]
-DETACH_BOUNDARIES = ["bdm_detaching", "begin_detaching", "node_unpublish", "node_unstage",
+DETACH_BOUNDARIES = ["bdm_detaching", "begin_detaching", "node_unpublish",
                      "delete_attachment", "bdm_delete"]
 
 
