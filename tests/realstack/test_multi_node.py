@@ -486,7 +486,10 @@ def test_detach_cut_off_half_way_by_bs_link_is_finished_once_b_is_back(dc):
     c1.attach_volume(gb.uuid, volume_id)
     gb.wait_disk(volume_id, timeout=60)
     try:
-        err = _half_way(dc, "after:node_unpublish=pause:3",
+        # begun at the Controller, cut off from B before B's one call (unpublish
+        # and unstage): neither the call nor the facade's question what the
+        # domain shows reaches B
+        err = _half_way(dc, "before:node_unpublish=pause:3",
                         lambda c: c.detach_volume(gb.uuid, volume_id), lambda: dc.topo.cut(dc.b))
         assert isinstance(err, Unavailable) and dc.node_ids[dc.b] in err.message
         assert [r[0] for r in dc.bdms(volume_id)] == ["detaching"]
