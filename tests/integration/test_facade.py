@@ -244,6 +244,34 @@ def test_detach_failing_before_the_guest_let_go_keeps_the_attachment(stack, step
     stack.assert_clean(server_id, volume_id)
 
 
+@pytest.mark.parametrize("unstage_failures", [1, 2])
+def test_detach_whose_unstage_fails_in_the_nodes_one_call_unstages_after_it(stack,
+                                                                            unstage_failures):
+    """The node unstages in the detach's one call; when that unstage fails,
+    the disk has left the guest all the same: the facade unstages on its own
+    (NodeUnstageVolume), and when that fails too the reconciler finishes the
+    detach from the row's progress (node_unpublish, not node_unstage)."""
+    from vmattach.common.errors import BackendError
+    from vmattach.server.reconciler import Reconciler
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.client.attach_volume(server_id, volume_id)
+    stack.hv.inject_error("undefine_secret", BackendError("libvirt said no"),
+                          times=unstage_failures)
+    if unstage_failures == 1:
+        stack.client.detach_volume(server_id, volume_id)
+    else:
+        with pytest.raises(BackendError, match="libvirt said no"):
+            stack.client.detach_volume(server_id, volume_id)
+        [row] = stack.live_bdms(volume_id)
+        assert (row.state, row.progress, row.owner) == ("detaching", "node_unpublish", None)
+        assert stack.hv.get_domain(server_id).disk_of_volume(volume_id) is None
+        assert stack.hv.has_secret(f"volume-{volume_id}")
+        assert Reconciler(stack.facade, lease=3600).run_once() == 1
+    assert [c for c in stack.hv.calls if c[0] == "undefine_secret"] == \
+        [("undefine_secret", f"volume-{volume_id}")] * (unstage_failures + 1)
+    stack.assert_clean(server_id, volume_id)
+
+
 def test_guest_that_never_releases_the_disk_keeps_it_attached(stack):
     server_id, volume_id = stack.server(never_releases=True), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id)
