@@ -76,7 +76,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         c = info.connector
         return pb.NodeGetInfoResponse(
             node_id=info.node_id, max_volumes_per_server=info.max_volumes_per_server,
-            version=version(),
+            version=version(), stage_in_publish=True,
             connector=types_pb2.Connector(ip=c.ip, host=c.host, initiator=c.initiator,
                                           platform=c.platform, os_type=c.os_type,
                                           multipath=c.multipath))

@@ -135,11 +135,11 @@ class NodeCalls:
     def __init__(self, stub: node_pb2_grpc.NodeStub):
         self.stub = stub
 
-    def begin_connector(self, timeout: Time) -> Callable[[], types_pb2.Connector]:
+    def begin_info(self, timeout: Time) -> Callable[[], npb.NodeGetInfoResponse]:
         """NodeGetInfo started now; the function returned waits for the node's
-        connector (other work runs while the call is in flight)."""
-        answer = begin(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=_seconds(timeout))
-        return lambda: answer().connector
+        answer, its connector in it (other work runs while the call is in
+        flight)."""
+        return begin(self.stub.NodeGetInfo, npb.NodeGetInfoRequest(), timeout=_seconds(timeout))
 
     def unstage(self, volume_id: str, info: types_pb2.ConnectionInfo,
                 timeout: Time = UNDO_TIMEOUT) -> None:
@@ -148,12 +148,20 @@ class NodeCalls:
             timeout=_seconds(timeout))
 
     def stage_and_publish(self, server_id: str, volume_id: str, device: str,
-                          info: types_pb2.ConnectionInfo, timeout: Time) -> None:
+                          info: types_pb2.ConnectionInfo, timeout: Time,
+                          in_one_call: bool = True) -> None:
         """Connect the node to the volume and attach its disk: one call
-        (NodePublishVolume with stage, as Nova's driver attach_volume)."""
-        call(self.stub.NodePublishVolume, npb.NodePublishVolumeRequest(
-            server_id=server_id, volume_id=volume_id, device=device,
-            connection_info=info, stage=True), timeout=_seconds(timeout))
+        (NodePublishVolume with stage, as Nova's driver attach_volume), or
+        NodeStageVolume then NodePublishVolume for a node that cannot
+        (NodeGetInfo's stage_in_publish false: an older Node)."""
+        request = npb.NodePublishVolumeRequest(server_id=server_id, volume_id=volume_id,
+                                               device=device, connection_info=info)
+        if in_one_call:
+            request.stage = True
+        else:
+            request.staged.CopyFrom(call(self.stub.NodeStageVolume, npb.NodeStageVolumeRequest(
+                volume_id=volume_id, connection_info=info), timeout=_seconds(timeout)).staged)
+        call(self.stub.NodePublishVolume, request, timeout=_seconds(timeout))
 
     def unpublish(self, server_id: str, volume_id: str, timeout: Time = UNPUBLISH_TIMEOUT,
                   unstage: types_pb2.ConnectionInfo | None = None) -> bool:

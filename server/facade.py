@@ -153,7 +153,7 @@ class Facade:
         node = NodeCalls(handle.stub)
         # 3 begins now: the node's connector is read while the row is written (the
         # call changes nothing: an attach that stops at 2 leaves it unread)
-        connector_of_node = node.begin_connector(deadline)
+        info_of_node = node.begin_info(deadline)
         # 2. pick the device name and insert the BDM row in state attaching
         try:
             bdm = self.step("bdm_insert", lambda: self.bdms.insert(
@@ -168,7 +168,7 @@ class Facade:
         saga = attach_saga(self.controller, op)
         try:
             # 3. the connector of the node that hosts the server
-            connector = self.step("get_connector", connector_of_node, saga=saga)
+            node_info = self.step("get_connector", info_of_node, saga=saga)
             # 4. the attachment at the Controller: reserve (one compare-and-swap) and
             # initialize_connection for that connector, one step -> connection_info.
             # The Controller answers the service role: it is told the project the
@@ -176,15 +176,16 @@ class Facade:
             # its attachment takes the BDM's attachment id and the mode
             volume, op.info = self.step(
                 "create_attachment", self.controller.create_attachment, req.volume_id,
-                req.server_id, connector, deadline, bdm.attachment_id, req.mode,
+                req.server_id, node_info.connector, deadline, bdm.attachment_id, req.mode,
                 caller_project(req.volume_id), saga=saga)
             # (a failure of 3-4 rolls back: delete the attachment, delete the BDM row;
             # until node_publish the reconciler undoes every step, each undo
             # idempotent; the row has its node since bdm_insert)
             self.bdms.published(bdm, op.info, volume_size=volume.size_gb)
-            # 5. stage and publish on the node, one call
+            # 5. stage and publish on the node, one call (two for an older node)
             self.step("node_publish", node.stage_and_publish, req.server_id, req.volume_id,
-                      bdm.device_name, op.info, deadline, saga=saga)
+                      bdm.device_name, op.info, deadline, node_info.stage_in_publish,
+                      saga=saga)
             self.bdms.progress(bdm, "node_publish")
             # 6. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,

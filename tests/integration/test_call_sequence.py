@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.support.call_recorder import CallRecorder
 from tests.support.fake_hypervisor import FakeHypervisor
+from tests.support.older_node import OlderNode
 from vmattach.clients.client import VmattachClient
 from vmattach.common.errors import VmattachError
 from vmattach.common.runner import CommandRunner
@@ -99,14 +100,14 @@ def test_the_flow_tables_name_the_calls():
 class Split:
     """Controller + Node in one server (recorded), the facade in another."""
 
-    def __init__(self, tmp_path, tgtd, serve):
+    def __init__(self, tmp_path, tgtd, serve, older_node: bool = False):
         self.recorder = CallRecorder()
         self.hv = FakeHypervisor()
         backend = serve(make_settings(
             tmp_path / "backend", services="controller,node", tgt_portal=tgtd.portal,
             tgt_control_port=tgtd.control_port, node_id="node-1", initiator_iqn=INITIATOR,
             detach_timeout=0.5, detach_retries=1, reconcile_interval=3600),
-            hypervisor=self.hv, interceptors=[self.recorder])
+            hypervisor=self.hv, interceptors=[self.recorder, *([OlderNode()] * older_node)])
         backend_address = f"127.0.0.1:{backend.port}"
         self.facade_running = serve(make_settings(
             tmp_path / "facade", services="servers", controller_address=backend_address,
@@ -196,6 +197,28 @@ def test_attach_and_detach_make_the_documented_calls_in_order(split):
     split.client.detach_volume(server_id, volume_id)
     assert split.recorded() == [s.call for s in DETACH if s.call]
     split.assert_clean(server_id, volume_id)
+
+
+def test_an_older_node_is_staged_and_unstaged_in_calls_of_their_own(tmp_path, tgtd, serve):
+    """A Node from before NodeGetInfo's stage_in_publish (a fleet half-way
+    through an upgrade) ignores `stage` and `unstage`: the facade stages
+    before the publish and unstages after the unpublish, one call each."""
+    split = Split(tmp_path, tgtd, serve, older_node=True)
+    try:
+        server_id, volume_id = split.server(), split.volume()
+        split.start_recording()
+        split.client.attach_volume(server_id, volume_id)
+        assert split.recorded() == ["Node.NodeGetInfo", "Controller.CreateAttachment",
+                                    "Node.NodeStageVolume", "Node.NodePublishVolume",
+                                    "Controller.MarkAttached"]
+        split.assert_attached(server_id, volume_id)
+        split.start_recording()
+        split.client.detach_volume(server_id, volume_id)
+        assert split.recorded() == ["Controller.BeginDetaching", "Node.NodeUnpublishVolume",
+                                    "Node.NodeUnstageVolume", "Controller.DeleteAttachment"]
+        split.assert_clean(server_id, volume_id)
+    finally:
+        split.client.close()
 
 
 # -- every rollback -------------------------------------------------------------------------
