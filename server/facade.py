@@ -223,7 +223,9 @@ class Facade:
                           reason="OPERATION_IN_PROGRESS")
         try:
             node = self.node(bdm.node_id)
-            info = self.bdms.unseal(bdm.connection_info)
+            # (a row without its connection_info cannot tell the node what to
+            # unstage: the node then only unpublishes, and step 4 says why)
+            info = self.bdms.unseal(bdm.connection_info) if bdm.connection_info else None
             try:
                 # the server's state allows it (a server that is gone does too: its
                 # disks went with it)

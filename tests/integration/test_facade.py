@@ -272,6 +272,21 @@ def test_detach_whose_unstage_fails_in_the_nodes_one_call_unstages_after_it(stac
     stack.assert_clean(server_id, volume_id)
 
 
+def test_detach_of_a_row_without_connection_info_still_takes_the_disk_out(stack):
+    """A row that lost its connection_info cannot say what to unstage: the
+    node's one call only unpublishes (the disk leaves the guest), and the
+    unstage after it fails with the reason; the row waits, `detaching`."""
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.client.attach_volume(server_id, volume_id)
+    with stack.facade.db.connection_context():
+        BDM.update(connection_info=None).where(BDM.volume_id == volume_id).execute()
+    with pytest.raises(InvalidArgument, match="connection_info"):
+        stack.client.detach_volume(server_id, volume_id)
+    assert stack.hv.get_domain(server_id).disk_of_volume(volume_id) is None
+    [row] = stack.live_bdms(volume_id)
+    assert (row.state, row.progress, row.owner) == ("detaching", "node_unpublish", None)
+
+
 def test_guest_that_never_releases_the_disk_keeps_it_attached(stack):
     server_id, volume_id = stack.server(never_releases=True), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id)
