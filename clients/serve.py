@@ -28,6 +28,7 @@ from vmattach.common.version import version
 from vmattach.controller import app as controller_app
 from vmattach.controller import models as controller_models
 from vmattach.controller.servicer import SERVICE_NAME as CONTROLLER_SERVICE
+from vmattach.controller.tgtd_socket import TgtdSocketRunner
 from vmattach.node import app as node_app
 from vmattach.node.servicer import SERVICE_NAME as NODE_SERVICE
 from vmattach.server import app as servers_app
@@ -132,7 +133,10 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     names = settings.service_list()
     health = Health(settings.health_interval)
     tls.check_listen(settings)
-    runner = runner or CommandRunner()
+    if runner is None:
+        runner = CommandRunner()
+        if settings.tgt_control == "socket":  # tgtadm's requests, without its process
+            runner = TgtdSocketRunner(runner)
     private_state_dir(settings)
     authn, closers = authenticator(settings, names)
     files = tls.TlsFiles.of(settings)

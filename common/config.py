@@ -35,6 +35,8 @@ def flag(value) -> bool:
 flag.__name__ = "boolean"
 
 AUTH_MODES = ("token", "none")
+TGT_CONTROLS = ("socket", "tgtadm")
+CHOICES = {"auth": AUTH_MODES, "tgt_control": TGT_CONTROLS}
 
 
 @dataclass
@@ -83,6 +85,9 @@ class Settings:
     volume_dir: str = _opt("", "directory of the volume files (default: STATE_DIR/volumes)")
     tgt_portal: str = _opt("127.0.0.1:3260", "HOST:PORT of the tgtd iSCSI portal")
     tgt_control_port: int = _opt(0, "tgtd control port (tgtadm --control-port)", int)
+    tgt_control: str = _opt("socket", "how the Controller sends tgtd its requests: socket (tgtd's"
+                            " control socket, what tgtadm writes, without a process per"
+                            " request) or tgtadm (a tgtadm command each time)")
     max_volume_gb: int = _opt(1024, "largest volume CreateVolume accepts, in GiB", int)
     iqn_prefix: str = _opt("iqn.2010-10.org.openstack:volume-", "prefix of the target IQNs"
                            " (the volume id follows); targets are only ever removed when this"
@@ -191,6 +196,8 @@ def load(args: argparse.Namespace | None = None, environ=None) -> Settings:
         except ValueError:
             raise InvalidArgument(f"setting {name}: {value!r} is not a valid {typ.__name__}") from None
     settings = dataclasses.replace(Settings(), **values)
-    if settings.auth not in AUTH_MODES:
-        raise InvalidArgument(f"setting auth: {settings.auth!r} is not one of {', '.join(AUTH_MODES)}")
+    for name, choices in CHOICES.items():
+        if getattr(settings, name) not in choices:
+            raise InvalidArgument(f"setting {name}: {getattr(settings, name)!r} is not one of"
+                                  f" {', '.join(choices)}")
     return settings

@@ -14,7 +14,10 @@ Each operation runs after the one before it. The bench takes turns: a run
 of vmattach's cycles, then a run of these on the same guest (another
 device), and so on, so that both see the machine as it is at that moment.
 
-tgtadm runs as a command per operation, as the Controller runs it. libvirt
+tgtd's requests go either as a tgtadm command each (tgt="tgtadm", what an
+operator runs by hand, and the Controller with `tgt_control = "tgtadm"`) or
+written to tgtd's control socket (tgt="socket", what the Controller does by
+default: controller/tgtd_socket.py, the same bytes tgtadm writes). libvirt
 is driven through one long-lived `virsh` shell (commands on its standard
 input), so that each operation is one libvirt call without a process start;
 the project imports the libvirt bindings in one module only
@@ -80,11 +83,16 @@ def _quote(word: str) -> str:
     return word if word and all(c.isalnum() or c in "-_./:=@" for c in word) else f"'{word}'"
 
 
-def _tgtadm(control_port: int, *args: str) -> None:
-    argv = ["tgtadm", "--control-port", str(control_port), "--lld", "iscsi", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
+def _tgt_requests(tgt: str, control_port: int) -> Callable[..., None]:
+    """tgtadm(*args): one request to tgtd, by a tgtadm command or on its socket."""
+    from vmattach.common.runner import CommandRunner
+    from vmattach.controller.tgtd_socket import TgtdSocketRunner
+    runner = TgtdSocketRunner(CommandRunner()) if tgt == "socket" else CommandRunner()
+
+    def tgtadm(*args: str) -> None:
+        runner.run(["tgtadm", "--control-port", str(control_port), "--lld", "iscsi", *args],
+                   timeout=30)
+    return tgtadm
 
 
 def _disk_xml(iqn: str, host: str, port: int, user: str, usage: str, serial: str,
@@ -104,14 +112,15 @@ def _disk_xml(iqn: str, host: str, port: int, user: str, usage: str, serial: str
 
 @contextlib.contextmanager
 def direct_ops(uri: str, domain: str, portal: str, control_port: int, work: Path,
-               tid: int = 900, device: str = "sdc") -> Iterator[tuple[Callable[[], None],
-                                                                   Callable[[], None]]]:
+               tid: int = 900, device: str = "sdc", tgt: str = "tgtadm",
+               ) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
     """The direct attach() and detach() of one volume of its own (target tid,
     the guest's device), warmed up; whatever is attached is detached when
     the block ends. Its device is not vmattach's (sdb), so that the two can
     take turns on one guest."""
     host, port = portal.rsplit(":", 1)
-    backing = work / "floor-volume.img"
+    backing = work / f"floor-volume-{tid}.img"
+    tgtadm = _tgt_requests(tgt, control_port)
     with open(backing, "wb") as fh:
         fh.truncate(1 << 30)  # sparse, 1 GiB like a vmattach volume of size_gb 1
     serial = str(uuid.uuid4())
@@ -120,28 +129,28 @@ def direct_ops(uri: str, domain: str, portal: str, control_port: int, work: Path
     alphabet = string.ascii_letters + string.digits
     user = "".join(secrets.choice(alphabet) for _ in range(20))
     password = "".join(secrets.choice(alphabet) for _ in range(20))
-    secret_file = work / "floor-secret.xml"
+    secret_file = work / f"floor-secret-{tid}.xml"
     secret_uuid = str(uuid.uuid4())
     secret = ET.Element("secret", ephemeral="no", private="yes")
     ET.SubElement(secret, "uuid").text = secret_uuid
     ET.SubElement(ET.SubElement(secret, "usage", type="iscsi"), "target").text = usage
     secret_file.write_text(ET.tostring(secret, encoding="unicode"))
-    disk_file = work / "floor-disk.xml"
+    disk_file = work / f"floor-disk-{tid}.xml"
     disk_file.write_text(_disk_xml(iqn, host, int(port), user, usage, serial, device))
-    value_file = work / "floor-secret.b64"  # virsh refuses a secret on its command line
+    value_file = work / f"floor-secret-{tid}.b64"  # virsh refuses a secret on its command line
     value_file.write_text(base64.b64encode(password.encode()).decode())
     virsh = VirshShell(uri)
 
     def attach() -> None:
-        _tgtadm(control_port, "--mode", "target", "--op", "new", "--tid", str(tid),
+        tgtadm("--mode", "target", "--op", "new", "--tid", str(tid),
                 "--targetname", iqn)
-        _tgtadm(control_port, "--mode", "logicalunit", "--op", "new", "--tid", str(tid),
+        tgtadm("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
                 "--lun", "1", "--backing-store", str(backing))
-        _tgtadm(control_port, "--mode", "account", "--op", "new", "--user", user,
+        tgtadm("--mode", "account", "--op", "new", "--user", user,
                 "--password", password)
-        _tgtadm(control_port, "--mode", "account", "--op", "bind", "--tid", str(tid),
+        tgtadm("--mode", "account", "--op", "bind", "--tid", str(tid),
                 "--user", user)
-        _tgtadm(control_port, "--mode", "target", "--op", "bind", "--tid", str(tid),
+        tgtadm("--mode", "target", "--op", "bind", "--tid", str(tid),
                 "--initiator-name", INITIATOR)
         virsh.run("secret-define", str(secret_file))
         virsh.run("secret-set-value", secret_uuid, "--file", str(value_file))
@@ -151,8 +160,8 @@ def direct_ops(uri: str, domain: str, portal: str, control_port: int, work: Path
     def detach() -> None:
         virsh.run("detach-device", domain, str(disk_file), "--live")
         virsh.run("secret-undefine", ids.pop())
-        _tgtadm(control_port, "--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
-        _tgtadm(control_port, "--mode", "account", "--op", "delete", "--user", user)
+        tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+        tgtadm("--mode", "account", "--op", "delete", "--user", user)
 
     ids: list[str] = []
     try:

@@ -334,9 +334,13 @@ def real_stack(cfg, work: Path) -> dict:
         # guest (its own device), same tgtd; its runs and vmattach's take turns
         from tests.bench.real_floor import direct_ops
         out: dict = {}
+        # two floors: tgtd's requests as tgtadm commands, and on its control socket
+        # (as the Controller sends them by default)
         with VmattachClient(serve.address, timeout=120) as client, \
                 direct_ops(guest.uri, guest.uuid, tgtd.portal, tgtd.control_port,
-                           work) as (floor_attach, floor_detach):
+                           work) as floor, \
+                direct_ops(guest.uri, guest.uuid, tgtd.portal, tgtd.control_port,
+                           work, tid=901, device="sdd", tgt="socket") as socket_floor:
             volume = client.create_volume(f"bench-real-{uuid.uuid4().hex[:6]}", 1).volume_id
             pairs = [(guest.uuid, volume)]
             assert client.get_server(guest.uuid).device_prefix == "sd"
@@ -345,17 +349,18 @@ def real_stack(cfg, work: Path) -> dict:
                 client.detach_volume(guest.uuid, volume)
             runs = []
             for _ in range(cfg["real_runs"]):
-                runs.append((latency(client, pairs, 1, cfg["real_cycles"], device="/dev/sdb"),
-                             time_cycles(lambda _k: floor_attach(), lambda _k: floor_detach(),
-                                         1, cfg["real_cycles"])))
+                runs.append([latency(client, pairs, 1, cfg["real_cycles"], device="/dev/sdb")]
+                            + [time_cycles(lambda _k, a=a: a(), lambda _k, d=d: d(), 1,
+                                           cfg["real_cycles"]) for a, d in (floor, socket_floor)])
             out["server_rss_mb"] = vm_hwm_mb(serve.proc.pid)
         keys = ("attach_p50_ms", "detach_p50_ms", "attach_p99_ms", "detach_p99_ms")
-        out.update({k: median([mine[k] for mine, _ in runs]) for k in keys})
-        out["floor"] = {k: median([floor[k] for _, floor in runs]) for k in keys}
-        # each run against the floor's run next to it; the median of those ratios
-        for op in ("attach", "detach"):
-            out[f"paired_ratios_{op}"] = [mine[f"{op}_p50_ms"] / floor[f"{op}_p50_ms"]
-                                          for mine, floor in runs]
+        out.update({k: median([mine[k] for mine, *_ in runs]) for k in keys})
+        # each run against each floor's run next to it; the median of those ratios
+        for n, name in enumerate(("floor", "socket_floor"), 1):
+            out[name] = {k: median([run[n][k] for run in runs]) for k in keys}
+            for op in ("attach", "detach"):
+                out[f"{name}_ratios_{op}"] = [run[0][f"{op}_p50_ms"] / run[n][f"{op}_p50_ms"]
+                                              for run in runs]
     finally:
         if guest is not None:
             guest.destroy()
@@ -408,6 +413,10 @@ def table(res: dict) -> str:
          "real_floor_ratio_attach"),
         ("real stack / its floor, detach p50 (runs in turn)", f"{res['real_floor_ratio_detach']:.2f}", "<= 1.3",
          "real_floor_ratio_detach"),
+        ("real floor with tgtd's socket (as the Controller) attach / detach p50",
+         f"{res['real_socket_floor_attach_p50_ms']:.1f} / {res['real_socket_floor_detach_p50_ms']:.1f} ms", "", ""),
+        ("real stack / that floor, attach / detach p50 (runs in turn)",
+         f"{res['real_socket_floor_ratio_attach']:.2f} / {res['real_socket_floor_ratio_detach']:.2f}", "", ""),
         ("scale attach p50 / p99 (c=1)", f"{s['attach_p50_ms']:.2f} / {s['attach_p99_ms']:.2f} ms", "", ""),
         ("scale detach p50 / p99 (c=1)", f"{s['detach_p50_ms']:.2f} / {s['detach_p99_ms']:.2f} ms", "", ""),
         ("scale cycles/s at concurrency " + "/".join(s["cycles_per_s"]),
@@ -520,8 +529,12 @@ def main(argv=None) -> int:
         "real_detach_p99_ms": real["detach_p99_ms"],
         "real_floor_attach_p50_ms": real["floor"]["attach_p50_ms"],
         "real_floor_detach_p50_ms": real["floor"]["detach_p50_ms"],
-        "real_floor_ratio_attach": median(real["paired_ratios_attach"]),
-        "real_floor_ratio_detach": median(real["paired_ratios_detach"]),
+        "real_floor_ratio_attach": median(real["floor_ratios_attach"]),
+        "real_floor_ratio_detach": median(real["floor_ratios_detach"]),
+        "real_socket_floor_attach_p50_ms": real["socket_floor"]["attach_p50_ms"],
+        "real_socket_floor_detach_p50_ms": real["socket_floor"]["detach_p50_ms"],
+        "real_socket_floor_ratio_attach": median(real["socket_floor_ratios_attach"]),
+        "real_socket_floor_ratio_detach": median(real["socket_floor_ratios_detach"]),
         "scale_attach_p50_ms": s["attach_p50_ms"],
         "scale_detach_p50_ms": s["detach_p50_ms"],
         "scale_cycles_per_s": s["cycles_per_s"],

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.realstack
 KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "orchestration_ratio", "real_attach_p50_ms", "real_detach_p50_ms", "scale_ratio",
         "peak_rss_mb", "secure_attach_p50_ms", "insecure_attach_p50_ms", "secure_ratio",
-        "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach"]
+        "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach",
+        "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach"]
 
 
 @pytest.mark.timeout(240)
