@@ -11,7 +11,7 @@ status 22 and `tgtadm: <reason>` on stderr.
 
 The wire format (tgt 1.0.x, the Debian package): a 120-byte request header
 (mode, op, lld, total length, tid, sid, lun, cid, host_no, device_type,
-ac_dir, pack, force; little-endian, native alignment), then the parameters
+ac_dir, pack, force; little-endian, no padding), then the parameters
 as `key=value,key=value` and a NUL; the answer is an 8-byte header (error
 code, total length) and the daemon's text. tgtd answers only root."""
 
@@ -36,12 +36,14 @@ _ANSWER = struct.Struct("<II")
 _NO_LUN = 2**64 - 1  # tgtadm's "no --lun"
 _MAX_ANSWER = 1 << 34  # a length beyond this is not tgtd talking
 
+# what TgtAdm asks for, and nothing else: tgtd 1.0.85 exits on a parameter it
+# does not know, so no other option is ever sent
 MODES = {"system": 0, "target": 1, "logicalunit": 2, "account": 7}
-OPS = {"new": 0, "delete": 1, "show": 2, "bind": 3, "unbind": 4, "update": 5}
+OPS = {"new": 0, "delete": 1, "show": 2, "bind": 3, "unbind": 4}
+HEADER = ("--control-port", "--lld", "--mode", "--op", "--tid", "--lun")
 # the options that become parameters, by the name tgtd knows them
 PARAMS = {"--targetname": "targetname", "--backing-store": "path", "--user": "user",
-          "--password": "password", "--initiator-name": "initiator-name",
-          "--initiator-address": "initiator-address"}
+          "--password": "password", "--initiator-name": "initiator-name"}
 # tgtd's error codes (tgt 1.0.85, each one seen answered), as tgtadm words them
 REASONS = ("success", "unknown error", "out of memory", "can't find the driver",
            "can't find the target", "can't find the logical unit", "can't find the session",
@@ -67,7 +69,7 @@ class Request:
             if option == "--force":
                 force = True
                 continue
-            if not words or option not in (*fields, *PARAMS, "--mode", "--op", "--tid", "--lun"):
+            if not words or option not in (*HEADER, *PARAMS):
                 raise BackendError(f"tgtd socket: unsupported tgtadm argument {option!r}")
             value = words.pop(0)
             if option in PARAMS:
@@ -76,18 +78,18 @@ class Request:
                 params.append(f"{PARAMS[option]}={value}")
             else:
                 fields[option] = value
+        body = ",".join(params).encode() + b"\0" if params else b""
         try:
             mode, op = MODES[fields["--mode"]], OPS[fields["--op"]]
             tid = int(fields.get("--tid", "-1"))
             lun = int(fields["--lun"]) if "--lun" in fields else _NO_LUN
             port = int(fields["--control-port"])
-        except (KeyError, ValueError) as exc:
+            self.data = _REQUEST.pack(mode, op, fields["--lld"].encode(),
+                                      _REQUEST.size + len(body), tid, 0, lun, 0, 0, 0, 0, 0,
+                                      int(force)) + body
+        except (KeyError, ValueError, struct.error) as exc:
             raise BackendError(f"tgtd socket: unsupported tgtadm command ({exc})") from None
-        body = ",".join(params).encode() + b"\0" if params else b""
-        lld = fields["--lld"].encode()
         self.path = f"{socket_dir}/socket.{port}"
-        self.data = _REQUEST.pack(mode, op, lld, _REQUEST.size + len(body), tid, 0, lun,
-                                  0, 0, 0, 0, 0, int(force)) + body
 
 
 class TgtdSocketRunner:

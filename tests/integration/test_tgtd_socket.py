@@ -120,6 +120,9 @@ def test_values_tgtd_would_misread_are_refused_before_sending(both):
     for bad in ("user,password=x", "user\0x"):
         with pytest.raises(BackendError, match="--user may not hold"):
             direct.ensure_account(bad, "secret-x")
+    for args in (("--tid", "x"), ("--tid", str(2**31)), ("--lun", "-1")):
+        with pytest.raises(BackendError, match="unsupported tgtadm command"):
+            direct.runner.run(direct._argv("--mode", "logicalunit", "--op", "delete", *args))
     with pytest.raises(BackendError, match="unsupported tgtadm argument '--name'"):
         direct.runner.run(direct._argv("--mode", "target", "--op", "update", "--tid", "1",
                                        "--name", "x", "--value", "y"))
