@@ -109,8 +109,7 @@ class TgtdSocketRunner:
                                      input=input)
         with self._answer(argv, secrets, timeout) as (err, chunks):
             text = b"".join(chunks).decode(errors="replace")
-        result = (Result(0, text, "") if err == 0 else
-                  Result(EINVAL, "", f"tgtadm: {_reason(err)}\n"))
+        result = Result(0, text, "") if err == 0 else _refused(err)
         if check and result.returncode != 0:
             raise CommandError(argv, result, secrets)
         return result
@@ -126,7 +125,7 @@ class TgtdSocketRunner:
             return
         with self._answer(argv, (), timeout) as (err, chunks):
             if err != 0:
-                raise CommandError(argv, Result(EINVAL, "", f"tgtadm: {_reason(err)}\n"))
+                raise CommandError(argv, _refused(err))
             yield _split_lines(chunks)
 
     @contextlib.contextmanager
@@ -152,8 +151,10 @@ class TgtdSocketRunner:
             yield err, _chunks(sock, length - _ANSWER.size, argv, secrets)
 
 
-def _reason(err: int) -> str:
-    return REASONS[err] if 0 <= err < len(REASONS) else f"tgtd error {err}"
+def _refused(err: int) -> Result:
+    """What tgtadm answers when tgtd refused its request."""
+    reason = REASONS[err] if 0 <= err < len(REASONS) else f"tgtd error {err}"
+    return Result(EINVAL, "", f"tgtadm: {reason}\n")
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
