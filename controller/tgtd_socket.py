@@ -141,8 +141,7 @@ class TgtdSocketRunner:
                 sock.sendall(request.data)
                 err, length = _ANSWER.unpack(_read_exactly(sock, _ANSWER.size))
             except TimeoutError:
-                raise BackendError(f"tgtd did not answer in time: {shown(argv, secrets)}",
-                                   reason="COMMAND_TIMEOUT") from None
+                raise _timed_out(argv, secrets) from None
             except OSError as exc:
                 raise BackendError(f"cannot reach tgtd at {request.path}: {exc.strerror or exc}"
                                    ) from None
@@ -155,6 +154,11 @@ def _refused(err: int) -> Result:
     """What tgtadm answers when tgtd refused its request."""
     reason = REASONS[err] if 0 <= err < len(REASONS) else f"tgtd error {err}"
     return Result(EINVAL, "", f"tgtadm: {reason}\n")
+
+
+def _timed_out(argv: Sequence[str], secrets: Sequence[str]) -> BackendError:
+    return BackendError(f"tgtd did not answer in time: {shown(argv, secrets)}",
+                        reason="COMMAND_TIMEOUT")
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -172,8 +176,7 @@ def _chunks(sock: socket.socket, left: int, argv, secrets) -> Iterator[bytes]:
         try:
             chunk = sock.recv(min(left, 1 << 16))
         except TimeoutError:
-            raise BackendError(f"tgtd did not answer in time: {shown(argv, secrets)}",
-                               reason="COMMAND_TIMEOUT") from None
+            raise _timed_out(argv, secrets) from None
         except OSError as exc:
             raise BackendError(f"tgtd's answer broke off: {exc.strerror or exc}") from None
         if not chunk:
