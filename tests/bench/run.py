@@ -8,7 +8,9 @@ machine, printed as one table and written to bench/results.json.
 2. orchestration attach+detach cycles through the facade of the bench
                  server process (tests/bench/server.py: all three services,
                  fake hypervisor, Controller on SQLite and a fake tgtd);
-                 the gRPC calls of one attach counted by an interceptor
+                 the gRPC calls of one attach counted by an interceptor;
+                 then the same with the three services apart, a process
+                 each (--role), as a deployment runs them
 3. real stack    the same through `vmattach serve` on a real tgtd,
                  libvirtd and QEMU (a diskless guest with a SCSI root disk);
                  and its floor, in turns of a run each: the same tgtadm and
@@ -69,6 +71,8 @@ TARGETS = {
     "orchestration_ratio": ("<=", 1.3),
     "cycles_per_s_32": (">=", 150.0),
     "cycles_32_over_1": (">=", 1.0),
+    "apart_cycles_per_s_32": (">=", 150.0),
+    "apart_cycles_32_over_1": (">=", 1.0),
     "sql_per_attach": ("<=", 10.0),
     "sql_per_detach": ("<=", 8.0),
     "real_attach_p50_ms": ("<=", 100.0),
@@ -247,17 +251,43 @@ def count_calls(cfg, work: Path) -> dict:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class BenchServer:
     """A bench server (tests/bench/server.py) with four clients and one
-    server and volume per caller of the highest concurrency, warmed up."""
+    server and volume per caller of the highest concurrency, warmed up.
+    apart=True: the Node, the Controller and the servers facade in three
+    processes (--role), the facade's `controller_address` and `nodes` naming
+    the other two, as a deployment runs them; the clients call the facade
+    and make their volumes at the Controller."""
 
     def __init__(self, cfg, work: Path, name: str, server_args: list[str], domains: int,
-                 throughput_too: bool, stack: contextlib.ExitStack):
+                 throughput_too: bool, stack: contextlib.ExitStack, apart: bool = False):
         state = work / f"{name}-state"
         args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
         t0 = time.monotonic()
-        self.srv = stack.enter_context(Child("tests.bench.server", args,
-                                             work / f"{name}-server.log", timeout=300))
+
+        def child(role: str, *more: str) -> Child:
+            return stack.enter_context(Child(
+                "tests.bench.server", [*args, "--role", role, *more],
+                work / f"{name}-{role}.log", timeout=300))
+        if apart:
+            args[1] = str(state / "node")
+            node = child("node")
+            args[1] = str(state / "controller")
+            controller = child("controller")
+            args[1] = str(state / "servers")
+            self.srv = child("servers", "--controller", controller.address,
+                             "--farm", node.address)
+            self.processes = [self.srv, controller, node]
+        else:
+            self.srv = child("all")
+            self.processes = [self.srv]
         self.start_s = round(time.monotonic() - t0, 2)
         security: dict = {}
         if "--secure" in server_args:
@@ -268,7 +298,10 @@ class BenchServer:
                                         str(certs / "ca.crt"))}
         self.clients = [stack.enter_context(VmattachClient(self.srv.address, timeout=120,
                                                            **security)) for _ in range(4)]
-        self.pairs = make_pairs(self.clients[0], max(cfg["conc"]) if throughput_too else 4)
+        volumes = self.clients[0]
+        if apart:
+            volumes = stack.enter_context(VmattachClient(controller.address, timeout=120))
+        self.pairs = make_pairs(volumes, max(cfg["conc"]) if throughput_too else 4)
         t1 = time.monotonic()
         for k in range(cfg["warmup"]):
             cycle(self.clients[0], *self.pairs[k % len(self.pairs)])
@@ -283,12 +316,23 @@ class BenchServer:
         (then), the peak RSS so far and the start-up times."""
         out = combined(latency_runs)
         if throughput_too:
-            tput = {}
+            tput, cpu = {}, {}
             for c in cfg["conc"]:
                 throughput(self.clients, self.pairs, c, min(1.0, cfg["tput_seconds"]))  # warm
-                tput[str(c)] = median([throughput(self.clients, self.pairs, c, cfg["tput_seconds"])
-                                       for _ in range(cfg["tput_runs"])])
+                runs = []
+                for _ in range(cfg["tput_runs"]):
+                    before = [cpu_seconds(p.pid) for p in self.processes]
+                    t0 = time.perf_counter()
+                    rate = throughput(self.clients, self.pairs, c, cfg["tput_seconds"])
+                    cycles = rate * (time.perf_counter() - t0)
+                    runs.append((rate, [(cpu_seconds(p.pid) - b) * 1000 / cycles
+                                        for p, b in zip(self.processes, before, strict=True)]))
+                rate, per_process = sorted(runs)[len(runs) // 2]  # the median run
+                tput[str(c)] = rate
+                cpu[str(c)] = [round(v, 2) for v in per_process]
             out["cycles_per_s"] = tput
+            # the servers' CPU time per cycle, each process (the facade's first)
+            out["cpu_ms_per_cycle"] = cpu
         out["peak_rss_mb"] = vm_hwm_mb(self.srv.pid)
         out["start_s"] = self.start_s
         out["warmup_s"] = self.warmup_s
@@ -397,6 +441,19 @@ def table(res: dict) -> str:
                      ">= 150" if c == "32" else "", "cycles_per_s_32" if c == "32" else ""))
     rows.append(("orchestration cycles/s c=32 / c=1", f"{res['cycles_32_over_1']:.2f}", ">= 1",
                  "cycles_32_over_1"))
+    rows.append(("  server CPU per cycle at c=" + "/".join(o["cpu_ms_per_cycle"]),
+                 " / ".join(f"{v[0]:.2f}" for v in o["cpu_ms_per_cycle"].values()) + " ms", "", ""))
+    ap = res["orchestration_apart"]
+    rows.append(("services apart (3 processes): attach / detach p50 (c=1)",
+                 f"{ap['attach_p50_ms']:.2f} / {ap['detach_p50_ms']:.2f} ms", "", ""))
+    for c, v in ap["cycles_per_s"].items():
+        rows.append((f"services apart: cycles/s at concurrency {c}", f"{v:.1f}",
+                     ">= 150" if c == "32" else "", "apart_cycles_per_s_32" if c == "32" else ""))
+    rows.append(("services apart: cycles/s c=32 / c=1", f"{res['apart_cycles_32_over_1']:.2f}",
+                 ">= 1", "apart_cycles_32_over_1"))
+    rows.append(("  CPU per cycle (facade + Controller + Node) at c=" + "/".join(ap["cpu_ms_per_cycle"]),
+                 " / ".join("+".join(f"{x:.1f}" for x in v) for v in ap["cpu_ms_per_cycle"].values())
+                 + " ms", "", ""))
     rows.append(("attach p50 (c=1) TLS + tokens on / off, runs in turn",
                  f"{res['secure_attach_p50_ms']:.2f} / {res['insecure_attach_p50_ms']:.2f} ms"
                  f" (x{res['secure_ratio']:.2f})", "", ""))
@@ -471,6 +528,12 @@ def main(argv=None) -> int:
             o = empty.figures(cfg, runs)
             o["floor_runs_p50_ms"] = [p50 for p50, _ in floors]
             res["orchestration"] = o
+            log("    orchestration with the three services apart (three processes)")
+            with contextlib.ExitStack() as apart_stack:
+                apart = BenchServer(cfg, work, "apart", [], cfg["domains"], True, apart_stack,
+                                    apart=True)
+                res["orchestration_apart"] = apart.figures(
+                    cfg, [apart.run(cfg["lat_cycles"]) for _ in range(cfg["lat_runs"])])
             log("    orchestration with a real tgtd (c=1)")
             from tests.support.tgtd import TgtDaemon
             with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
@@ -551,9 +614,14 @@ def main(argv=None) -> int:
                                      res["security_off"]["runs_attach_p50_ms"]),
         "empty_peak_rss_mb": o["peak_rss_mb"],
     })
-    res["cycles_32_over_1"] = (res["cycles_per_s"].get("32", 0.0)
-                               / max(res["cycles_per_s"].get("1", 0.0), 1e-9))
-    values = {**res, "cycles_per_s_32": res["cycles_per_s"].get("32", 0.0)}
+    ap = res["orchestration_apart"]
+    res.update({"apart_attach_p50_ms": ap["attach_p50_ms"],
+                "apart_detach_p50_ms": ap["detach_p50_ms"],
+                "apart_cycles_per_s": ap["cycles_per_s"]})
+    for prefix, tput in (("", res["cycles_per_s"]), ("apart_", res["apart_cycles_per_s"])):
+        res[prefix + "cycles_32_over_1"] = tput.get("32", 0.0) / max(tput.get("1", 0.0), 1e-9)
+    values = {**res, "cycles_per_s_32": res["cycles_per_s"].get("32", 0.0),
+              "apart_cycles_per_s_32": res["apart_cycles_per_s"].get("32", 0.0)}
     res["targets"] = {k: {"value": values[k], "rule": f"{op} {b}", "met": met(values[k], (op, b))}
                       for k, (op, b) in TARGETS.items()}
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)

@@ -8,7 +8,10 @@ with N fake domains, the Controller on SQLite with a fake or a real tgtd.
 Two start() calls in this one process: the Node alone (its own loopback
 port, like the internal server of the all-in-one) and then the Controller
 and the servers facade, whose `nodes` setting lists that Node and the fake
-nodes of the farm process (tests/bench/farm.py), if any. Prints
+nodes of the farm process (tests/bench/farm.py), if any. With `--role node`,
+`--role controller` or `--role servers --controller HOST:PORT --farm
+NODE_ADDRESSES`, one service only: the services apart, one process each, as
+a deployment runs them. Prints
 `listening on 127.0.0.1:PORT` (the Controller + Servers port) and serves
 until SIGTERM. With --count-calls, every gRPC call the facade makes goes
 through a counting client interceptor and SIGUSR1 writes the counts (JSON)
@@ -120,6 +123,9 @@ def serve(stack: ExitStack, argv=None) -> int:
     p.add_argument("--farm", default="", help="addresses of the farm's fake nodes")
     p.add_argument("--prefilled", action="store_true")
     p.add_argument("--count-calls", default="")
+    p.add_argument("--role", choices=["all", "node", "controller", "servers"], default="all",
+                   help="all three services (the all-in-one) or one of them")
+    p.add_argument("--controller", default="", help="the Controller's address (--role servers)")
     p.add_argument("--secure", action="store_true",
                    help="the secure default: mutual TLS (certificates of vmattach pki init in"
                         " STATE/pki) and tokens (an admin token written to STATE/bench.token);"
@@ -128,6 +134,8 @@ def serve(stack: ExitStack, argv=None) -> int:
     # default interval during the measured runs, as in production
     p.add_argument("--reconcile-interval", type=float, default=10.0)
     args = p.parse_args(argv)
+    if args.role != "all" and (args.secure or args.count_calls or args.prefilled):
+        p.error("--secure, --count-calls and --prefilled are for --role all")
     logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -154,18 +162,27 @@ def serve(stack: ExitStack, argv=None) -> int:
             pki.init(certs, ["127.0.0.1"])
         security = {"auth": "token", "tls_cert": str(certs / "service.crt"),
                     "tls_key": str(certs / "service.key"), "tls_ca": str(certs / "ca.crt")}
-    node_settings = Settings(services="node", listen="127.0.0.1:0", state_dir=args.state_dir,
-                             node_id=node_id(0), initiator_iqn=INITIATOR, log_level="WARNING",
-                             shutdown_delay=0, **security)
-    node = start(node_settings, runner=runner,
-                 hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
-    nodes = [f"127.0.0.1:{node.port}"] + [a for a in args.farm.split(",") if a]
-    settings = Settings(services="controller,servers", listen="127.0.0.1:0", **security,
-                        state_dir=args.state_dir, tgt_portal=args.tgt_portal,
-                        tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
-                        log_level="WARNING", reconcile_interval=args.reconcile_interval,
-                        server_refresh_interval=refresh_interval, shutdown_delay=0)
-    running = start(settings, runner=runner)
+    node = None
+    nodes = [a for a in args.farm.split(",") if a]
+    if args.role in ("all", "node"):
+        node_settings = Settings(services="node", listen="127.0.0.1:0",
+                                 state_dir=args.state_dir, node_id=node_id(0),
+                                 initiator_iqn=INITIATOR, log_level="WARNING",
+                                 shutdown_delay=0, **security)
+        node = start(node_settings, runner=runner,
+                     hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
+        nodes.insert(0, f"127.0.0.1:{node.port}")
+    services = {"all": "controller,servers", "node": "", "controller": "controller",
+                "servers": "servers"}[args.role]
+    running = node
+    if services:
+        settings = Settings(services=services, listen="127.0.0.1:0", **security,
+                            state_dir=args.state_dir, tgt_portal=args.tgt_portal,
+                            tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
+                            controller_address=args.controller,
+                            log_level="WARNING", reconcile_interval=args.reconcile_interval,
+                            server_refresh_interval=refresh_interval, shutdown_delay=0)
+        running = start(settings, runner=runner)
     if args.secure and running.authenticator is not None and running.authenticator.tokens:
         token, _ = running.authenticator.tokens.create("bench", "admin")
         fd = os.open(f"{args.state_dir}/bench.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -188,7 +205,8 @@ def serve(stack: ExitStack, argv=None) -> int:
     while not stopped.wait(0.2):
         pass
     running.stop(1)
-    node.stop(1)
+    if node is not None and node is not running:
+        node.stop(1)
     return 0
 
 

@@ -17,7 +17,8 @@ KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "orchestration_ratio", "real_attach_p50_ms", "real_detach_p50_ms", "scale_ratio",
         "peak_rss_mb", "secure_attach_p50_ms", "insecure_attach_p50_ms", "secure_ratio",
         "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach",
-        "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach"]
+        "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach",
+        "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1"]
 
 
 @pytest.mark.timeout(240)
@@ -30,8 +31,13 @@ def test_bench_smoke_writes_every_figure(tmp_path):
     res = json.loads(out.read_text())
     for key in KEYS:
         assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
-    assert set(res["cycles_per_s"]) == {"1", "8", "32"}
-    assert all(v > 0 for v in res["cycles_per_s"].values())
+    for part, processes in (("orchestration", 1), ("orchestration_apart", 3)):
+        assert set(res[part]["cycles_per_s"]) == {"1", "8", "32"}, part
+        assert all(v > 0 for v in res[part]["cycles_per_s"].values()), part
+        # every server process measured in every throughput run; the facade was busy
+        assert all(len(v) == processes and v[0] > 0 and min(v) >= 0
+                   for v in res[part]["cpu_ms_per_cycle"].values()), part
+    assert res["cycles_per_s"] == res["orchestration"]["cycles_per_s"]
     # counted, not a constant: the calls of docs/attach-flow.md, each once
     from tests.integration.test_call_sequence import ATTACH, DETACH
     for flow, key in ((ATTACH, "attach_calls_by_method"), (DETACH, "detach_calls_by_method")):
