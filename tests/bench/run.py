@@ -311,28 +311,35 @@ class BenchServer:
         """One latency run at c=1 (time_cycles)."""
         return latency(self.clients[0], self.pairs, 1, cycles)
 
-    def figures(self, cfg, latency_runs: list[dict], throughput_too: bool = True) -> dict:
+    def warm(self, cfg, concurrency: int) -> None:
+        throughput(self.clients, self.pairs, concurrency, min(1.0, cfg["tput_seconds"]))
+
+    def rate(self, cfg, concurrency: int) -> tuple[float, list[float]]:
+        """One throughput run: cycles/s, and each server process's CPU time
+        per cycle in it (ms; the facade's first)."""
+        before = [cpu_seconds(p.pid) for p in self.processes]
+        t0 = time.perf_counter()
+        rate = throughput(self.clients, self.pairs, concurrency, cfg["tput_seconds"])
+        cycles = rate * (time.perf_counter() - t0)
+        return rate, [round((cpu_seconds(p.pid) - b) * 1000 / cycles, 2)
+                      for p, b in zip(self.processes, before, strict=True)]
+
+    def figures(self, cfg, latency_runs: list[dict], throughput_too: bool = True,
+                rates: dict[int, list[tuple[float, list[float]]]] | None = None) -> dict:
         """The latency runs as one figure, the throughput at each concurrency
-        (then), the peak RSS so far and the start-up times."""
+        (measured then, unless its runs are given: rates), the peak RSS so
+        far and the start-up times."""
         out = combined(latency_runs)
         if throughput_too:
-            tput, cpu = {}, {}
-            for c in cfg["conc"]:
-                throughput(self.clients, self.pairs, c, min(1.0, cfg["tput_seconds"]))  # warm
-                runs = []
-                for _ in range(cfg["tput_runs"]):
-                    before = [cpu_seconds(p.pid) for p in self.processes]
-                    t0 = time.perf_counter()
-                    rate = throughput(self.clients, self.pairs, c, cfg["tput_seconds"])
-                    cycles = rate * (time.perf_counter() - t0)
-                    runs.append((rate, [(cpu_seconds(p.pid) - b) * 1000 / cycles
-                                        for p, b in zip(self.processes, before, strict=True)]))
-                rate, per_process = sorted(runs)[len(runs) // 2]  # the median run
-                tput[str(c)] = rate
-                cpu[str(c)] = [round(v, 2) for v in per_process]
-            out["cycles_per_s"] = tput
-            # the servers' CPU time per cycle, each process (the facade's first)
-            out["cpu_ms_per_cycle"] = cpu
+            if rates is None:
+                rates = {}
+                for c in cfg["conc"]:
+                    self.warm(cfg, c)
+                    rates[c] = [self.rate(cfg, c) for _ in range(cfg["tput_runs"])]
+            # the median run of each concurrency: its cycles/s and its servers' CPU per cycle
+            median_runs = {str(c): sorted(runs)[len(runs) // 2] for c, runs in rates.items()}
+            out["cycles_per_s"] = {c: run[0] for c, run in median_runs.items()}
+            out["cpu_ms_per_cycle"] = {c: run[1] for c, run in median_runs.items()}
         out["peak_rss_mb"] = vm_hwm_mb(self.srv.pid)
         out["start_s"] = self.start_s
         out["warmup_s"] = self.warmup_s
@@ -443,6 +450,10 @@ def table(res: dict) -> str:
                  "cycles_32_over_1"))
     rows.append(("  server CPU per cycle at c=" + "/".join(o["cpu_ms_per_cycle"]),
                  " / ".join(f"{v[0]:.2f}" for v in o["cpu_ms_per_cycle"].values()) + " ms", "", ""))
+    rt = res.get("orchestration_real_tgtd", {})
+    if rt:
+        rows.append(("  the all-in-one with a real tgtd: attach / detach p50 (c=1)",
+                     f"{rt['attach_p50_ms']:.2f} / {rt['detach_p50_ms']:.2f} ms", "", ""))
     ap = res["orchestration_apart"]
     rows.append(("services apart (3 processes): attach / detach p50 (c=1)",
                  f"{ap['attach_p50_ms']:.2f} / {ap['detach_p50_ms']:.2f} ms", "", ""))
@@ -457,10 +468,11 @@ def table(res: dict) -> str:
     rows.append(("attach p50 (c=1) TLS + tokens on / off, runs in turn",
                  f"{res['secure_attach_p50_ms']:.2f} / {res['insecure_attach_p50_ms']:.2f} ms"
                  f" (x{res['secure_ratio']:.2f})", "", ""))
-    rt = res.get("orchestration_real_tgtd", {})
-    if rt:
-        rows.append(("  same with a real tgtd: attach / detach p50 (c=1)",
-                     f"{rt['attach_p50_ms']:.2f} / {rt['detach_p50_ms']:.2f} ms", "", ""))
+    rows.append(("detach p50 (c=1) TLS + tokens on / off",
+                 f"{res['secure_detach_p50_ms']:.2f} / {res['insecure_detach_p50_ms']:.2f} ms", "", ""))
+    for word, key in (("on", "secure_cycles_per_s"), ("off", "insecure_cycles_per_s")):
+        rows.append((f"cycles/s at c={'/'.join(res[key])}, TLS + tokens {word} (in turn)",
+                     " / ".join(f"{v:.1f}" for v in res[key].values()), "", ""))
     rows += [
         ("real stack attach p50 / p99", f"{res['real_attach_p50_ms']:.1f} / {res['real_attach_p99_ms']:.1f} ms", "p50 <= 100", "real_attach_p50_ms"),
         ("real stack detach p50 / p99", f"{res['real_detach_p50_ms']:.1f} / {res['real_detach_p99_ms']:.1f} ms", "p50 <= 150", "real_detach_p50_ms"),
@@ -541,14 +553,20 @@ def main(argv=None) -> int:
                     cfg, work, "realtgt", ["--tgt", "real", "--tgt-portal", tgtd.portal,
                                            "--tgt-control-port", str(tgtd.control_port)],
                     8, runs=cfg["realtgt_runs"], cycles=cfg["realtgt_cycles"])
-            log("    security: attach with TLS + tokens on, and off (c=1, same settings, in turn)")
+            log("    security: TLS + tokens on, and off (same settings, runs in turn)")
             with contextlib.ExitStack() as sec:
-                off = BenchServer(cfg, work, "sec-off", [], 8, False, sec)
-                on = BenchServer(cfg, work, "sec-on", ["--secure"], 8, False, sec)
+                off = BenchServer(cfg, work, "sec-off", [], cfg["domains"], True, sec)
+                on = BenchServer(cfg, work, "sec-on", ["--secure"], cfg["domains"], True, sec)
                 runs_off, runs_on = in_turns(cfg["sec_runs"], lambda: off.run(cfg["sec_cycles"]),
                                              lambda: on.run(cfg["sec_cycles"]))
-                res["security_off"] = off.figures(cfg, runs_off, throughput_too=False)
-                res["security_on"] = on.figures(cfg, runs_on, throughput_too=False)
+                rates_off, rates_on = {}, {}
+                for c in cfg["conc"]:
+                    off.warm(cfg, c)
+                    on.warm(cfg, c)
+                    rates_off[c], rates_on[c] = in_turns(
+                        cfg["tput_runs"], lambda c=c: off.rate(cfg, c), lambda c=c: on.rate(cfg, c))
+                res["security_off"] = off.figures(cfg, runs_off, rates=rates_off)
+                res["security_on"] = on.figures(cfg, runs_on, rates=rates_on)
             log("4/5 real stack (tgtd + libvirtd + QEMU)")
             real = real_stack(cfg, work)
             res["real_stack"] = real
@@ -612,6 +630,10 @@ def main(argv=None) -> int:
         "insecure_attach_p50_ms": res["security_off"]["attach_p50_ms"],
         "secure_ratio": paired_ratio(res["security_on"]["runs_attach_p50_ms"],
                                      res["security_off"]["runs_attach_p50_ms"]),
+        "secure_detach_p50_ms": res["security_on"]["detach_p50_ms"],
+        "insecure_detach_p50_ms": res["security_off"]["detach_p50_ms"],
+        "secure_cycles_per_s": res["security_on"]["cycles_per_s"],
+        "insecure_cycles_per_s": res["security_off"]["cycles_per_s"],
         "empty_peak_rss_mb": o["peak_rss_mb"],
     })
     ap = res["orchestration_apart"]

@@ -18,7 +18,8 @@ KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "peak_rss_mb", "secure_attach_p50_ms", "insecure_attach_p50_ms", "secure_ratio",
         "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach",
         "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach",
-        "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1"]
+        "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1",
+        "secure_detach_p50_ms", "insecure_detach_p50_ms"]
 
 
 @pytest.mark.timeout(240)
@@ -31,7 +32,8 @@ def test_bench_smoke_writes_every_figure(tmp_path):
     res = json.loads(out.read_text())
     for key in KEYS:
         assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
-    for part, processes in (("orchestration", 1), ("orchestration_apart", 3)):
+    for part, processes in (("orchestration", 1), ("orchestration_apart", 3),
+                            ("security_on", 1), ("security_off", 1)):
         assert set(res[part]["cycles_per_s"]) == {"1", "8", "32"}, part
         assert all(v > 0 for v in res[part]["cycles_per_s"].values()), part
         # every server process measured in every throughput run; the facade was busy
