@@ -160,13 +160,21 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                  limits: CallLimits | None = None):
         self.authenticator = authenticator
         self.limits = limits
+        # method -> its wrapped handler: the wrapping depends on nothing but the method
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            wrapped = self._handlers[method] = self._wrap(handler, method)
+        return wrapped
+
+    def _wrap(self, handler, method: str):
+        inner = handler.unary_unary
         deserialize = handler.request_deserializer
 
         authenticator = self.authenticator

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -143,16 +144,32 @@ def split_method(full: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
+# (side, method, code) -> the two metrics of such calls: looked up once each. The
+# methods are the served ones and the ones this process calls, the codes gRPC's.
+_CALL_METRICS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
+def _call_metrics(side: str, full_method: str, code: str) -> tuple[Any, Any]:
+    key = (side, full_method, code)
+    found = _CALL_METRICS.get(key)
+    if found is None:
+        handled, seconds = ((SERVER_HANDLED, SERVER_SECONDS) if side == "server"
+                            else (CLIENT_HANDLED, CLIENT_SECONDS))
+        labels = ("unary", *split_method(full_method), code)
+        found = _CALL_METRICS[key] = (handled.labels(*labels), seconds.labels(*labels))
+    return found
+
+
 def observe_server_call(full_method: str, code: str, seconds: float) -> None:
-    service, method = split_method(full_method)
-    SERVER_HANDLED.labels("unary", service, method, code).inc()
-    SERVER_SECONDS.labels("unary", service, method, code).observe(seconds)
+    handled, took = _call_metrics("server", full_method, code)
+    handled.inc()
+    took.observe(seconds)
 
 
 def observe_client_call(full_method: str, code: str, seconds: float) -> None:
-    service, method = split_method(full_method)
-    CLIENT_HANDLED.labels("unary", service, method, code).inc()
-    CLIENT_SECONDS.labels("unary", service, method, code).observe(seconds)
+    handled, took = _call_metrics("client", full_method, code)
+    handled.inc()
+    took.observe(seconds)
 
 
 @contextlib.contextmanager
