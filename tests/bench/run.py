@@ -269,24 +269,21 @@ class BenchServer:
     def __init__(self, cfg, work: Path, name: str, server_args: list[str], domains: int,
                  throughput_too: bool, stack: contextlib.ExitStack, apart: bool = False):
         state = work / f"{name}-state"
-        args = ["--state-dir", str(state), "--domains", str(domains), *server_args]
         t0 = time.monotonic()
 
-        def child(role: str, *more: str) -> Child:
+        def child(role: str, state_dir: Path, *more: str) -> Child:
             return stack.enter_context(Child(
-                "tests.bench.server", [*args, "--role", role, *more],
+                "tests.bench.server", ["--state-dir", str(state_dir), "--domains", str(domains),
+                                       *server_args, "--role", role, *more],
                 work / f"{name}-{role}.log", timeout=300))
         if apart:
-            args[1] = str(state / "node")
-            node = child("node")
-            args[1] = str(state / "controller")
-            controller = child("controller")
-            args[1] = str(state / "servers")
-            self.srv = child("servers", "--controller", controller.address,
+            node = child("node", state / "node")
+            controller = child("controller", state / "controller")
+            self.srv = child("servers", state / "servers", "--controller", controller.address,
                              "--farm", node.address)
             self.processes = [self.srv, controller, node]
         else:
-            self.srv = child("all")
+            self.srv = child("all", state)
             self.processes = [self.srv]
         self.start_s = round(time.monotonic() - t0, 2)
         security: dict = {}

@@ -120,7 +120,9 @@ def serve(stack: ExitStack, argv=None) -> int:
     p.add_argument("--tgt", choices=["fake", "real"], default="fake")
     p.add_argument("--tgt-portal", default="127.0.0.1:3260")
     p.add_argument("--tgt-control-port", type=int, default=0)
-    p.add_argument("--farm", default="", help="addresses of the farm's fake nodes")
+    p.add_argument("--farm", default="",
+                   help="addresses of more Nodes: the farm's fake nodes (with --role servers, the"
+                        " Node of --role node)")
     p.add_argument("--prefilled", action="store_true")
     p.add_argument("--count-calls", default="")
     p.add_argument("--role", choices=["all", "node", "controller", "servers"], default="all",
