@@ -18,24 +18,19 @@ def _failure(exc: Exception) -> str:
 
 
 def every(interval: float, fn: Callable[[], object], stop: threading.Event, name: str,
-          now: bool = True, share: float = 0.0) -> threading.Thread:
+          now: bool = True) -> threading.Thread:
     """Run fn now (unless now=False) and then every interval seconds until
     stop is set; a failing round does not stop the loop. A failure is logged
     once, as one warning line (with the traceback only when it is not one of
     vmattach's own errors), and the same failure again in the next rounds
     only at DEBUG, until a round succeeds (one INFO line) or fails otherwise:
-    a backend that stays down (tgtd gone) does not fill the log.
-
-    With share (0 < share < 1), a round that took long is followed by a
-    longer pause: at least its own time x (1 / share - 1), so that the rounds
-    take at most that share of the time (a round over a cell's 100,000
-    exports takes seconds of CPU, which the requests need too)."""
+    a backend that stays down (tgtd gone) does not fill the log. (A round
+    that must not crowd out the requests paces itself: Pacer.)"""
     def loop():
         failing = ""
         if not now and stop.wait(interval):
             return
         while True:
-            started = time.monotonic()
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - the loop must survive a bad round
@@ -52,12 +47,37 @@ def every(interval: float, fn: Callable[[], object], stop: threading.Event, name
                 if failing:
                     LOG.info("%s round works again", name)
                 failing = ""
-            pause = interval
-            if share > 0:
-                pause = max(interval, (time.monotonic() - started) * (1 / share - 1))
-            if stop.wait(pause):
+            if stop.wait(interval):
                 return
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
+
+
+class Pacer:
+    """Keeps a long background round (the Controller's export check: at a
+    cell's 100,000 targets, seconds of CPU) to `share` of one core while it
+    runs, so that the requests, which need the same interpreter lock, are
+    not crowded out: the round calls it between two small pieces of work,
+    and once the round has used `slice_s` of CPU time since its last pause,
+    it sleeps that long x (1 / share - 1). The round takes 1 / share times
+    its CPU time, in slices of a few milliseconds."""
+
+    def __init__(self, share: float, slice_s: float = 0.002,
+                 clock: Callable[[], float] = time.thread_time,
+                 sleep: Callable[[float], object] = time.sleep):
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], not {share}")
+        self.factor = 1 / share - 1
+        self.slice_s = slice_s
+        self.clock = clock
+        self.sleep = sleep
+        self._since = clock()
+
+    def __call__(self) -> None:
+        worked = self.clock() - self._since
+        if worked >= self.slice_s:
+            if self.factor:
+                self.sleep(worked * self.factor)
+            self._since = self.clock()

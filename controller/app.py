@@ -9,7 +9,7 @@ import threading
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database, probe_database
 from vmattach.common.grpcutil import Service
-from vmattach.common.periodic import every
+from vmattach.common.periodic import Pacer, every
 from vmattach.common.rules import check_iqn_prefix
 from vmattach.common.runner import CommandRunner
 from vmattach.common.secretbox import SecretBox
@@ -20,7 +20,7 @@ from vmattach.controller.volumes import VolumeManager
 from vmattach.v1 import controller_pb2_grpc
 
 LOG = logging.getLogger(__name__)
-EXPORT_CHECK_SHARE = 0.1  # of the time, at most, that the periodic export check takes
+EXPORT_CHECK_SHARE = 0.1  # of a core, at most, that the periodic export check takes
 
 
 def build(settings: Settings, runner: CommandRunner) -> Service:
@@ -35,17 +35,16 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
                             quota_gigabytes=settings.quota_gigabytes)
 
     def ensure_exports() -> None:
-        restored = manager.ensure_exports()
+        restored = manager.ensure_exports(Pacer(EXPORT_CHECK_SHARE))
         if restored:
             LOG.warning("re-created %d tgt exports", restored)
 
-    # at start, and every interval: a restarted tgtd has no targets. At most a tenth
-    # of the time: at a cell's 100,000 exports a round takes seconds of CPU, and
-    # the pause after it grows to nine times that (~30 s between rounds instead of 10)
+    # at start (at full speed: nothing is served yet), and every interval: a
+    # restarted tgtd has no targets. A round paces itself to a tenth of a core: at
+    # a cell's 100,000 exports it takes seconds of CPU, which the attaches need too
     manager.ensure_exports()
     stop = threading.Event()
-    every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False,
-          share=EXPORT_CHECK_SHARE)
+    every(settings.reconcile_interval, ensure_exports, stop, "ensure-exports", now=False)
     return Service(SERVICE_NAME, controller_pb2_grpc.add_ControllerServicer_to_server,
                    ControllerServicer(manager), on_stop=[stop.set, tgt.close, lambda: close_database(db)],
                    probes={"tgtd": tgt.ping, "database": lambda: probe_database(url)})

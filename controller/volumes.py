@@ -21,7 +21,7 @@ import re
 import secrets
 import string
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -283,6 +283,10 @@ def _row_view(rows: list) -> tuple[VolumeRow, list[AttachmentRow]] | None:
             [AttachmentRow(*r[_NV:]) for r in rows if r[_NV] is not None])
 
 
+def _no_pause() -> None:
+    """The pace of a reconcile an operator asked for: as fast as it goes."""
+
+
 def _tid(export: Export | ExportRow) -> int:
     """The export's tid on tgtd (NULL: the export id; rows from before version 2,
     and new exports whose target got that tid)."""
@@ -304,16 +308,17 @@ def _require_initiator(connector: Connector) -> None:
 RECONCILE_BATCH = 500
 
 
-# the exports of a batch of target names with the initiators their connections use
-# (built once: peewee building a query of 500 names was a third of a reconcile's time;
-# a short batch is padded with "", which names no export)
-_EXPORTS_NAMED = Prepared(lambda *iqns: Export.select(
+# the exports made before a time of a batch of target names, with the initiators
+# their connections use (built once: peewee building a query of 500 names was a
+# third of a reconcile's time; a short batch is padded with "", which names no export)
+_EXPORTS_NAMED = Prepared(lambda before, *iqns: Export.select(
     Export.volume, Export.tid, Export.target_iqn, peewee.fn.COALESCE(Export.target_tid, Export.tid),
     VolumeAttachment.connector)
     .join(VolumeAttachment, peewee.JOIN.LEFT_OUTER,
           on=((VolumeAttachment.volume == Export.volume)
               & VolumeAttachment.connector.is_null(False)))
-    .where(Export.target_iqn.in_(builtins.list(iqns))), RECONCILE_BATCH)
+    .where(Export.target_iqn.in_(builtins.list(iqns)) & (Export.created_at < before)),
+    RECONCILE_BATCH + 1)
 
 
 def _mark(bits: bytearray, n: int) -> None:
@@ -943,17 +948,19 @@ class VolumeManager:
                 strays.append(StrayTarget(tid, target.iqn, volume_id))
         return states, strays
 
-    def ensure_exports(self) -> int:
+    def ensure_exports(self, pace: Callable[[], None] = _no_pause) -> int:
         """Re-create the targets the database says exist (a restarted tgtd has
         none) with their ACLs, and remove this deployment's targets that no
-        export owns. Returns the number of targets re-created."""
-        return self.reconcile_exports().targets_created
+        export owns. Returns the number of targets re-created. pace: as
+        reconcile_exports."""
+        return self.reconcile_exports(pace=pace).targets_created
 
     def _compare(self, batch: builtins.list[Target], prune: bool,
                  initiator_of: dict[str, str], repair: dict[str, Target | None],
-                 unowned: builtins.list[Target], listed: bytearray) -> int:
-        """One batch of tgtd's listing against the exports of those names (one
-        read, by IQN): an export whose target is not as it should be goes into
+                 unowned: builtins.list[Target], listed: bytearray, before: str) -> int:
+        """One batch of tgtd's listing against the exports of those names made
+        before the listing (one read, by IQN): an export whose target is not as
+        it should be goes into
         repair with that target; a target of our IQN prefix no export names
         into unowned; each export found is marked in listed (a bit per export
         id). Returns how many exports were found."""
@@ -961,7 +968,7 @@ class VolumeManager:
         exports: dict[str, tuple[int, str, int]] = {}
         used: dict[str, set[str]] = {}
         names = builtins.list(by_iqn)
-        rows = _EXPORTS_NAMED.tuples(*names, *[""] * (RECONCILE_BATCH - len(names)))
+        rows = _EXPORTS_NAMED.tuples(before, *names, *[""] * (RECONCILE_BATCH - len(names)))
         for volume_id, export_id, iqn, tid, connector in rows:
             exports[volume_id] = (export_id, iqn, tid)
             users = used.setdefault(volume_id, set())
@@ -985,13 +992,16 @@ class VolumeManager:
                        if t.iqn not in named and t.iqn.startswith(self.iqn_prefix))
         return len(exports)
 
-    def _unlisted_exports(self, listed: bytearray, repair: dict[str, Target | None]) -> None:
-        """The exports not marked in listed (tgtd did not list their target)
-        into repair, read a page at a time in id order."""
+    def _unlisted_exports(self, listed: bytearray, repair: dict[str, Target | None],
+                          pace: Callable[[], None], before: str) -> None:
+        """The exports made before the listing and not marked in listed (tgtd
+        did not list their target) into repair, read a page at a time in id
+        order."""
         after = 0
         while True:
             page = builtins.list(Export.select(Export.tid, Export.volume)
-                                 .where(Export.tid > after).order_by(Export.tid)
+                                 .where((Export.tid > after) & (Export.created_at < before))
+                                 .order_by(Export.tid)
                                  .limit(RECONCILE_BATCH).tuples())
             for export_id, volume_id in page:
                 if not _marked(listed, export_id):
@@ -999,9 +1009,11 @@ class VolumeManager:
             if len(page) < RECONCILE_BATCH:
                 return
             after = page[-1][0]
+            pace()
 
     @with_connection
-    def reconcile_exports(self, prune: bool = False) -> ExportRepair:
+    def reconcile_exports(self, prune: bool = False,
+                          pace: Callable[[], None] = _no_pause) -> ExportRepair:
         """ensure_exports; with prune also remove ACLs no connection uses and
         exports with no connection. Safe while other Controller processes
         sharing the database publish and unpublish: every change is re-checked
@@ -1011,29 +1023,47 @@ class VolumeManager:
         tgtd's listing is compared with the database as it is read, a batch
         of targets at a time: neither the listing nor the table is ever held
         (at a cell's 100,000 exports, every reconcile interval). What is kept
-        is what needs a change (none, mostly) and a bit per export id."""
+        is what needs a change (none, mostly) and a bit per export id.
+
+        pace is called after each target listed and each page of exports read
+        (the periodic check passes a common.periodic.Pacer, which keeps the
+        comparison to a share of the CPU); the repairs that follow are not
+        paced: a target missing is a volume its server cannot reach."""
         repair: dict[str, Target | None] = {}   # volume id -> its target as listed
         unowned: builtins.list[Target] = []      # of our IQN prefix, no export names it
         listed = bytearray()                     # a bit per export id found in the listing
         initiator_of: dict[str, str] = {}
         found = 0
+        # Only the exports made before the listing was asked for are judged by it.
+        # Attaches and detaches go on meanwhile: an export made since may be
+        # missing from the listing though its target is on tgtd, and a volume
+        # detached and attached again since has a new export while the listing
+        # shows its old target. Judged by the listing, both would be "repaired",
+        # the second one wrongly (the old target's tid written on the new export),
+        # and a repair that finds the target there lists every target again, under
+        # the volume's lock (at c=32 and 10,000 exports, a dozen a round stalled
+        # the attaches for seconds). The next round checks them.
+        before = _now()
         with self.tgt.targets() as targets:
             batch: builtins.list[Target] = []
             for target in targets:
                 batch.append(target)
+                pace()
                 if len(batch) == RECONCILE_BATCH:
-                    found += self._compare(batch, prune, initiator_of, repair, unowned, listed)
+                    found += self._compare(batch, prune, initiator_of, repair, unowned, listed,
+                                           before)
                     batch = []
             if batch:
-                found += self._compare(batch, prune, initiator_of, repair, unowned, listed)
+                found += self._compare(batch, prune, initiator_of, repair, unowned, listed,
+                                       before)
         if Export.select().count() > found:  # some export's target was not listed
-            self._unlisted_exports(listed, repair)
+            self._unlisted_exports(listed, repair, pace, before)
         done = ExportRepair()
         for volume_id, listed_target in repair.items():
             with self._volume_lock(volume_id):
                 export = _EXPORT.first(volume_id)
-                if export is None:
-                    continue  # removed meanwhile
+                if export is None or str(export.created_at) >= before:
+                    continue  # removed meanwhile, or made again since the listing
                 # found by IQN: after a tgtd restart another Controller sharing it
                 # may have taken the tid this one recorded
                 target = (listed_target if listed_target is not None
@@ -1076,8 +1106,11 @@ class VolumeManager:
                 if _EXPORT.first(stray_of) is not None:
                     continue
                 # and tgtd again: since the listing, that target may have gone with
-                # its volume's unpublish and its tid gone to another volume's new
+                # its volume's unpublish (one request says so: mostly it has, under
+                # attach and detach traffic), or its tid gone to another volume's new
                 # target (removing a target of the volume whose lock is held is safe)
+                if not self.tgt.has_target(target.tid):
+                    continue
                 now = self.tgt.find(target.tid)
                 if now is None or now.iqn != target.iqn:
                     continue

@@ -695,6 +695,95 @@ def test_ensure_exports_recreates_targets_and_acls_after_a_tgtd_restart(env):
     assert env.m.publish(volume_id, srv, connector()) == info
 
 
+def test_the_periodic_check_paces_itself_after_each_target_listed_not_its_repairs(env):
+    """The periodic export check calls its pace (a common.periodic.Pacer)
+    after each target of tgtd's listing; the targets it re-creates do not
+    wait for it."""
+    for k in range(3):
+        attached(env, f"vol-{k}")
+    paces: list[int] = []
+    assert env.m.ensure_exports(lambda: paces.append(len(env.tgt.targets))) == 0
+    assert paces == [3, 3, 3]
+    env.tgt.restart()
+    paces.clear()
+    assert env.m.ensure_exports(lambda: paces.append(len(env.tgt.targets))) == 3
+    assert paces == []  # nothing listed: the three were re-created without a pause
+    assert len(env.tgt.targets) == 3
+
+
+def _listings(env: Env) -> int:
+    """How many times tgtd's whole listing was asked for."""
+    return sum("--tid" not in argv for argv in env.tgt.commands("target", "show"))
+
+
+def test_an_export_made_while_the_check_reads_the_listing_waits_for_the_next_round(env):
+    """Attaches go on while the periodic check reads tgtd's listing: an export
+    made meanwhile is missing from it though its target is there. It is not
+    repaired (which would list every target again, under its volume's lock)."""
+    attached(env, "before")
+    made: list = []
+
+    def attach_meanwhile():
+        if not made:
+            made.append(attached(env, "meanwhile"))
+
+    assert env.m.ensure_exports(attach_meanwhile) == 0
+    assert _listings(env) == 1
+    volume_id, srv, info = made[0]
+    [target] = [t for t in env.tgt.targets.values() if t.iqn == info.target_iqn]
+    assert target.acls == [initiator()]
+    assert env.m.ensure_exports() == 0  # the next round: listed, as it should be
+    env.tgt.restart()
+    assert env.m.ensure_exports() == 2  # a missing target is repaired at once
+
+
+def test_a_target_gone_with_its_detach_while_the_check_ran_costs_one_request(env):
+    """A target in the listing whose volume was detached meanwhile (its export
+    and target gone) is looked up by tid, not by listing every target again."""
+    volume_id, srv, _ = attached(env, "leaving")
+    attached(env, "staying")
+
+    def detach_meanwhile():
+        if env.m.get(volume_id)[1]:
+            env.m.delete_attachment(volume_id, srv)
+
+    assert env.m.ensure_exports(detach_meanwhile) == 0
+    assert _listings(env) == 1
+    assert len(env.tgt.targets) == 1
+
+
+def test_a_volume_attached_again_while_the_check_ran_keeps_its_new_export(env):
+    """Detached and attached again while the check reads tgtd's listing, a
+    volume has a new export (at another tid) while the listing shows its old
+    target. The check leaves it to the next round: it must not write the old
+    target's tid on the new export, nor allow its initiator on the target now
+    at that tid (another volume's)."""
+    attached(env, "first")
+    volume_id, srv, info = attached(env, "again")
+    other: list = []
+
+    def detach_and_attach_again():
+        if other:
+            return
+        env.m.delete_attachment(volume_id, srv)
+        other.append(attached(env, "other"))  # may take the tid the volume had
+        srv2 = server()
+        env.m.reserve(volume_id, srv2)
+        env.m.publish(volume_id, srv2, connector("b"))
+        env.m.mark_attached(volume_id, srv2, "/dev/vdb", "rw")
+
+    env.m.ensure_exports(detach_and_attach_again)
+    assert _listings(env) == 1
+    with env.m.db.connection_context():
+        export = Export.get(Export.volume == volume_id)
+    [(tid, target)] = [(t, v) for t, v in env.tgt.targets.items() if v.iqn == info.target_iqn]
+    assert (export.target_tid or export.tid) == tid
+    assert target.acls == [initiator("b")]
+    other_iqn = other[0][2].target_iqn
+    assert [v.acls for v in env.tgt.targets.values() if v.iqn == other_iqn] == [[initiator()]]
+    assert env.m.ensure_exports() == 0  # the next round finds all three as they should be
+
+
 def test_a_tid_taken_by_another_controller_moves_the_export_to_a_free_tid(env):
     """Two Controllers with their own databases share one tgtd: both number
     their exports from 1. The second one's export goes to a free tid (kept in
