@@ -21,9 +21,10 @@ def _kind(sql: str) -> str:
     if verb in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "PRAGMA"):
         return verb
     upper = [w.upper() for w in words]
-    for marker in ("FROM", "INTO", "UPDATE"):
-        if marker in upper[:-1]:
-            return f"{verb} {words[upper.index(marker) + 1]}"
+    # the table the statement is about: an UPDATE's own, not one of its subqueries'
+    marker = {"UPDATE": "UPDATE", "INSERT": "INTO"}.get(verb, "FROM")
+    if marker in upper[:-1]:
+        return f"{verb} {words[upper.index(marker) + 1]}"
     return verb
 
 
