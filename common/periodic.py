@@ -4,6 +4,7 @@ in one place."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,9 +63,11 @@ class Pacer:
     not crowded out: the round calls it between two small pieces of work,
     and once the round has used `slice_s` of CPU time since its last pause,
     it sleeps that long x (1 / share - 1). The round takes 1 / share times
-    its CPU time, in slices of a few milliseconds."""
+    its CPU time. A slice is the interpreter's switch interval: no longer
+    than CPython lets any thread keep the lock from another that waits
+    (shorter slices cost more CPU in pauses and wake-ups)."""
 
-    def __init__(self, share: float, slice_s: float = 0.002,
+    def __init__(self, share: float, slice_s: float = sys.getswitchinterval(),
                  clock: Callable[[], float] = time.thread_time,
                  sleep: Callable[[float], object] = time.sleep):
         if not 0 < share <= 1:

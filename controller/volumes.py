@@ -959,11 +959,12 @@ class VolumeManager:
                  initiator_of: dict[str, str], repair: dict[str, Target | None],
                  unowned: builtins.list[Target], listed: bytearray, before: str) -> int:
         """One batch of tgtd's listing against the exports of those names made
-        before the listing (one read, by IQN): an export whose target is not as
-        it should be goes into
-        repair with that target; a target of our IQN prefix no export names
-        into unowned; each export found is marked in listed (a bit per export
-        id). Returns how many exports were found."""
+        before the listing (one read, by IQN): an export whose target is not
+        as it should be goes into repair with that target; a target of our
+        IQN prefix no such export names into unowned (the unowned loop then
+        skips those whose export was made since); each export found is
+        marked in listed (a bit per export id). Returns how many exports were
+        found."""
         by_iqn = {t.iqn: t for t in batch}
         exports: dict[str, tuple[int, str, int]] = {}
         used: dict[str, set[str]] = {}
