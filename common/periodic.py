@@ -13,6 +13,11 @@ from vmattach.common.errors import VmattachError
 
 LOG = logging.getLogger(__name__)
 
+# Of one core, at most, what a background round takes while it runs when it
+# paces itself (the Controller's export check, the facade's servers refresh):
+# at a cell's size each is seconds of CPU, which the requests need too.
+BACKGROUND_SHARE = 0.1
+
 
 def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
@@ -84,3 +89,7 @@ class Pacer:
             if self.factor:
                 self.sleep(worked * self.factor)
             self._since = self.clock()
+
+
+def no_pause() -> None:
+    """The pace of a round a request or an operator waits for: full speed."""

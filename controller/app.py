@@ -9,7 +9,7 @@ import threading
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database, probe_database
 from vmattach.common.grpcutil import Service
-from vmattach.common.periodic import Pacer, every
+from vmattach.common.periodic import BACKGROUND_SHARE, Pacer, every
 from vmattach.common.rules import check_iqn_prefix
 from vmattach.common.runner import CommandRunner
 from vmattach.common.secretbox import SecretBox
@@ -20,7 +20,6 @@ from vmattach.controller.volumes import VolumeManager
 from vmattach.v1 import controller_pb2_grpc
 
 LOG = logging.getLogger(__name__)
-EXPORT_CHECK_SHARE = 0.1  # of a core, at most, that the periodic export check takes
 
 
 def build(settings: Settings, runner: CommandRunner) -> Service:
@@ -35,7 +34,7 @@ def build(settings: Settings, runner: CommandRunner) -> Service:
                             quota_gigabytes=settings.quota_gigabytes)
 
     def ensure_exports() -> None:
-        restored = manager.ensure_exports(Pacer(EXPORT_CHECK_SHARE))
+        restored = manager.ensure_exports(Pacer(BACKGROUND_SHARE))
         if restored:
             LOG.warning("re-created %d tgt exports", restored)
 

@@ -39,6 +39,7 @@ from vmattach.common.errors import (
     VmattachError,
 )
 from vmattach.common.locks import KeyedLocks
+from vmattach.common.periodic import no_pause
 from vmattach.common.rules import require_iscsi_name
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller.models import Export, Volume, VolumeAttachment, utcnow
@@ -281,10 +282,6 @@ def _row_view(rows: list) -> tuple[VolumeRow, list[AttachmentRow]] | None:
         return None
     return (VolumeRow(*rows[0][:_NV]),
             [AttachmentRow(*r[_NV:]) for r in rows if r[_NV] is not None])
-
-
-def _no_pause() -> None:
-    """The pace of a reconcile an operator asked for: as fast as it goes."""
 
 
 def _tid(export: Export | ExportRow) -> int:
@@ -948,7 +945,7 @@ class VolumeManager:
                 strays.append(StrayTarget(tid, target.iqn, volume_id))
         return states, strays
 
-    def ensure_exports(self, pace: Callable[[], None] = _no_pause) -> int:
+    def ensure_exports(self, pace: Callable[[], None] = no_pause) -> int:
         """Re-create the targets the database says exist (a restarted tgtd has
         none) with their ACLs, and remove this deployment's targets that no
         export owns. Returns the number of targets re-created. pace: as
@@ -1014,7 +1011,7 @@ class VolumeManager:
 
     @with_connection
     def reconcile_exports(self, prune: bool = False,
-                          pace: Callable[[], None] = _no_pause) -> ExportRepair:
+                          pace: Callable[[], None] = no_pause) -> ExportRepair:
         """ensure_exports; with prune also remove ACLs no connection uses and
         exports with no connection. Safe while other Controller processes
         sharing the database publish and unpublish: every change is re-checked

@@ -45,7 +45,7 @@ from vmattach.common.errors import (
     VmattachError,
 )
 from vmattach.common.grpcutil import call, channel, error_from_rpc
-from vmattach.common.periodic import every
+from vmattach.common.periodic import BACKGROUND_SHARE, Pacer, every, no_pause
 from vmattach.common.rules import MAX_VOLUMES_PER_SERVER
 from vmattach.server.models import BlockDeviceMapping, ServerRecord
 from vmattach.v1 import node_pb2 as npb
@@ -195,6 +195,9 @@ class NodeDirectory:
         self._nodes: dict[str, NodeHandle] = {}
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0
+        # requests waiting for a refresh: while there is one, none is paced
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._stop = threading.Event()
         self._ask_timeout = NODE_CALL_TIMEOUT
         self._on_change: Callable[[set[str]], object] | None = None
@@ -264,30 +267,45 @@ class NodeDirectory:
     # -- refreshing the cache -----------------------------------------------------------
 
     @with_connection
-    def refresh(self, if_older_than: float | None = None) -> None:
+    def refresh(self, if_older_than: float | None = None,
+                pace: Callable[[], None] = no_pause) -> None:
         """Ask every node for its servers, all at once. With if_older_than
         (a request looking for a server it does not know), skip when a
         refresh that started after that moment has finished, and skip the
-        nodes known to be down (the periodic refresh keeps asking them)."""
-        with self._refresh_lock:
-            if if_older_than is not None and self._refreshed_at > if_older_than:
-                return
-            started = time.monotonic()
-            wanted = [s for s in self._states.values()
-                      if if_older_than is None or s.reachable or not s.checked_at]
-            asked: collections.deque = collections.deque()
-            for state in wanted:
-                asked.append((state, self._pool.submit(self._ask, state)))
-                if len(asked) >= REFRESH_AHEAD:
-                    self._stored(*asked.popleft())
-            while asked:
-                self._stored(*asked.popleft())
-            self._refreshed_at = started
+        nodes known to be down (the periodic refresh keeps asking them).
+        pace is called after each node's answer is stored (the periodic and
+        the heartbeat's refreshes pass a common.periodic.Pacer: at a cell's
+        1,000 nodes a refresh is seconds of CPU), except while a request
+        waits for a refresh: then it runs at full speed."""
+        if if_older_than is not None:
+            with self._waiting_lock:
+                self._waiting += 1
+        try:
+            with self._refresh_lock:
+                if if_older_than is not None and self._refreshed_at > if_older_than:
+                    return
+                started = time.monotonic()
+                wanted = [s for s in self._states.values()
+                          if if_older_than is None or s.reachable or not s.checked_at]
+                asked: collections.deque = collections.deque()
+                for state in wanted:
+                    asked.append((state, self._pool.submit(self._ask, state)))
+                    if len(asked) >= REFRESH_AHEAD:
+                        self._stored(*asked.popleft(), pace)
+                while asked:
+                    self._stored(*asked.popleft(), pace)
+                self._refreshed_at = started
+        finally:
+            if if_older_than is not None:
+                with self._waiting_lock:
+                    self._waiting -= 1
 
-    def _stored(self, state: NodeState, asked) -> None:
+    def _stored(self, state: NodeState, asked, pace: Callable[[], None]) -> None:
         answer = asked.result()
         if answer is not None:
             self._store(state, *answer)
+        if not self._waiting:
+            pace()
 
     def _ask(self, state: NodeState):
         if not state.reachable and state.checked_at and not self.probe(state):
@@ -393,7 +411,7 @@ class NodeDirectory:
         if not changed or self._on_change is None or self._stop.is_set():
             return
         try:
-            self.refresh()
+            self.refresh(pace=Pacer(BACKGROUND_SHARE))
             self._on_change({h.node_id for h in self._nodes.values() if h.address in changed})
         except Exception:  # noqa: BLE001 - the heartbeat must go on; the periodic run retries
             LOG.exception("reacting to the events of nodes %s failed",
@@ -406,7 +424,8 @@ class NodeDirectory:
         self._ask_timeout = min(NODE_CALL_TIMEOUT, max(interval, PROBE_TIMEOUT))
         every(interval / 4, lambda: self.heartbeat(interval), self._stop, "node-heartbeat",
               now=False)
-        return every(interval, self.refresh, self._stop, "server-refresh")
+        return every(interval, lambda: self.refresh(pace=Pacer(BACKGROUND_SHARE)), self._stop,
+                     "server-refresh")
 
     # -- lookups ----------------------------------------------------------------------
 
