@@ -62,8 +62,9 @@ def every(interval: float, fn: Callable[[], object], stop: threading.Event, name
 
 
 class Pacer:
-    """Keeps a long background round (the Controller's export check: at a
-    cell's 100,000 targets, seconds of CPU) to `share` of one core while it
+    """Keeps a long background round (the Controller's export check, the
+    facade's servers refresh: at a cell's size, seconds of CPU) to `share`
+    of one core while it
     runs, so that the requests, which need the same interpreter lock, are
     not crowded out: the round calls it between two small pieces of work,
     and once the round has used `slice_s` of CPU time since its last pause,

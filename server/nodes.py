@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +195,7 @@ class NodeDirectory:
         self._nodes: dict[str, NodeHandle] = {}
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0
-        # requests waiting for a refresh: while there is one, none is paced
+        # unpaced refreshes waiting or running: while there is one, none is paced
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._stop = threading.Event()
@@ -268,16 +268,18 @@ class NodeDirectory:
 
     @with_connection
     def refresh(self, if_older_than: float | None = None,
-                pace: Callable[[], None] = no_pause) -> None:
-        """Ask every node for its servers, all at once. With if_older_than
-        (a request looking for a server it does not know), skip when a
-        refresh that started after that moment has finished, and skip the
-        nodes known to be down (the periodic refresh keeps asking them).
-        pace is called after each node's answer is stored (the periodic and
-        the heartbeat's refreshes pass a common.periodic.Pacer: at a cell's
-        1,000 nodes a refresh is seconds of CPU), except while a request
-        waits for a refresh: then it runs at full speed."""
-        if if_older_than is not None:
+                pace: Callable[[], None] = no_pause, only: set[str] | None = None) -> None:
+        """Ask every node for its servers, all at once (or only the nodes at
+        the addresses `only`). With if_older_than (a request looking for a
+        server it does not know), skip when a refresh of every node that
+        started after that moment has finished, and skip the nodes known to
+        be down (the periodic refresh keeps asking them). pace is called
+        after each node's answer is stored (the periodic refresh passes a
+        common.periodic.Pacer: at a cell's 1,000 nodes a refresh is seconds
+        of CPU), except while an unpaced refresh waits for it (a request's,
+        or the heartbeat's): then it runs at full speed."""
+        urgent = pace is no_pause
+        if urgent:
             with self._waiting_lock:
                 self._waiting += 1
         try:
@@ -286,22 +288,25 @@ class NodeDirectory:
                     return
                 started = time.monotonic()
                 wanted = [s for s in self._states.values()
-                          if if_older_than is None or s.reachable or not s.checked_at]
+                          if (if_older_than is None or s.reachable or not s.checked_at)
+                          and (only is None or s.address in only)]
                 asked: collections.deque = collections.deque()
                 for state in wanted:
                     asked.append((state, self._pool.submit(self._ask, state)))
                     if len(asked) >= REFRESH_AHEAD:
-                        self._stored(*asked.popleft(), pace)
+                        self._stored(asked.popleft(), pace)
                 while asked:
-                    self._stored(*asked.popleft(), pace)
-                self._refreshed_at = started
+                    self._stored(asked.popleft(), pace)
+                if only is None:
+                    self._refreshed_at = started
         finally:
-            if if_older_than is not None:
+            if urgent:
                 with self._waiting_lock:
                     self._waiting -= 1
 
-    def _stored(self, state: NodeState, asked, pace: Callable[[], None]) -> None:
-        answer = asked.result()
+    def _stored(self, asked: tuple[NodeState, Future], pace: Callable[[], None]) -> None:
+        state, future = asked
+        answer = future.result()
         if answer is not None:
             self._store(state, *answer)
         if not self._waiting:
@@ -411,7 +416,7 @@ class NodeDirectory:
         if not changed or self._on_change is None or self._stop.is_set():
             return
         try:
-            self.refresh(pace=Pacer(BACKGROUND_SHARE))
+            self.refresh(only=changed)  # a few nodes: no pace
             self._on_change({h.node_id for h in self._nodes.values() if h.address in changed})
         except Exception:  # noqa: BLE001 - the heartbeat must go on; the periodic run retries
             LOG.exception("reacting to the events of nodes %s failed",

@@ -66,3 +66,18 @@ def test_a_request_waiting_for_a_refresh_turns_the_pace_off(tmp_path, serve):
         assert found[0].node_id == "node-2"
     finally:
         nodes.close()
+
+
+def test_a_refresh_of_some_nodes_asks_only_them_and_leaves_the_full_one_due(tmp_path, serve):
+    """The heartbeat refreshes only the nodes that reported a change: a
+    request that needs every node still gets a full refresh."""
+    nodes, hvs = _directory(tmp_path, serve)
+    try:
+        nodes.refresh(only={nodes.addresses[0]})
+        [first] = hvs[0].domains
+        assert nodes.known_server(first).node_id == "node-0"
+        assert all(nodes.known_server(uuid) is None for hv in hvs[1:] for uuid in hv.domains)
+        [last] = hvs[2].domains
+        assert nodes.server(last).node_id == "node-2"  # a refresh of every node
+    finally:
+        nodes.close()
