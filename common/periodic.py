@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmattach.common import observability as obs
 from vmattach.common.errors import VmattachError
 
 LOG = logging.getLogger(__name__)
@@ -30,13 +31,17 @@ def every(interval: float, fn: Callable[[], object], stop: threading.Event, name
     once, as one warning line (with the traceback only when it is not one of
     vmattach's own errors), and the same failure again in the next rounds
     only at DEBUG, until a round succeeds (one INFO line) or fails otherwise:
-    a backend that stays down (tgtd gone) does not fill the log. (A round
-    that must not crowd out the requests paces itself: Pacer.)"""
+    a backend that stays down (tgtd gone) does not fill the log. Each
+    round's time goes to vmattach_background_round_seconds{round=name}. (A
+    round that must not crowd out the requests paces itself: Pacer.)"""
+    took = obs.ROUND_SECONDS.labels(name)
+
     def loop():
         failing = ""
         if not now and stop.wait(interval):
             return
         while True:
+            started = time.monotonic()
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - the loop must survive a bad round
@@ -53,6 +58,7 @@ def every(interval: float, fn: Callable[[], object], stop: threading.Event, name
                 if failing:
                     LOG.info("%s round works again", name)
                 failing = ""
+            took.observe(time.monotonic() - started)
             if stop.wait(interval):
                 return
 

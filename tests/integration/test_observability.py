@@ -183,6 +183,8 @@ def test_metrics_after_an_attach_and_a_failed_attach(stack):
     assert sample(facade, "vmattach_operations_total", operation="attach",
                   result="NOT_FOUND") == 1
     assert "# TYPE vmattach_reconciler_recovered_total counter" in facade
+    # the background loops' rounds: the servers refresh runs once as the facade starts
+    assert sample(facade, "vmattach_background_round_seconds_count", round="server-refresh") >= 1
 
     controller = scrape(stack.controller)
     assert sample(controller, "grpc_server_handled_total", grpc_service="vmattach.v1.Controller",

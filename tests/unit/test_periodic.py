@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from vmattach.common.periodic import Pacer, every
 
@@ -29,6 +30,19 @@ def test_rounds_follow_the_interval():
     starts = _starts(0.01, 0.02)
     assert len(starts) == 3
     assert all(0.02 <= b - a < 0.5 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_each_round_s_time_is_in_the_metrics():
+    def count() -> float:
+        return REGISTRY.get_sample_value("vmattach_background_round_seconds_count",
+                                         {"round": "metered"}) or 0.0
+
+    before = count()
+    stop = threading.Event()
+    every(0.01, lambda: stop.set() if count() - before >= 2 else None, stop, "metered").join(10)
+    assert count() - before == 3  # the round that stopped it is counted too
+    assert REGISTRY.get_sample_value("vmattach_background_round_seconds_sum",
+                                     {"round": "metered"}) > 0
 
 
 def test_the_interval_counts_from_the_end_of_a_round():
