@@ -70,14 +70,14 @@ def every(interval: float, fn: Callable[[], object], stop: threading.Event, name
 class Pacer:
     """Keeps a long background round (the Controller's export check, the
     facade's servers refresh: at a cell's size, seconds of CPU) to `share`
-    of one core while it
-    runs, so that the requests, which need the same interpreter lock, are
-    not crowded out: the round calls it between two small pieces of work,
-    and once the round has used `slice_s` of CPU time since its last pause,
-    it sleeps that long x (1 / share - 1). The round takes 1 / share times
-    its CPU time. A slice is the interpreter's switch interval: no longer
-    than CPython lets any thread keep the lock from another that waits
-    (shorter slices cost more CPU in pauses and wake-ups)."""
+    of one core while it runs, so that the requests, which need the same
+    interpreter lock, are not crowded out: the round calls it between two
+    small pieces of work, and once the round has used `slice_s` of CPU time
+    since its last pause, it sleeps that long x (1 / share - 1). The round
+    takes 1 / share times its CPU time. A slice is the interpreter's switch
+    interval: no longer than CPython lets any thread keep the lock from
+    another that waits (shorter slices cost more CPU in pauses and
+    wake-ups)."""
 
     def __init__(self, share: float, slice_s: float = sys.getswitchinterval(),
                  clock: Callable[[], float] = time.thread_time,
