@@ -21,8 +21,15 @@ from vmattach.common import auth, tls
 from vmattach.common import observability as obs
 from vmattach.common.config import Settings
 from vmattach.common.db import probe_database
-from vmattach.common.grpcutil import CallLimits, Service, new_server, start_server
+from vmattach.common.grpcutil import (
+    CallLimits,
+    ErrorInterceptor,
+    Service,
+    new_server,
+    start_server,
+)
 from vmattach.common.health import Health
+from vmattach.common.inprocess import Dispatcher, InProcessChannel
 from vmattach.common.runner import CommandRunner
 from vmattach.common.version import version
 from vmattach.controller import app as controller_app
@@ -65,6 +72,8 @@ class Running:
         self.server, self.port, self.services, self.internal = server, port, services, internal
         self.on_stop = list(on_stop)
         self.authenticator: auth.Authenticator | None = None
+        # the facade's channel to the services of this process (common/inprocess.py)
+        self.local: grpc.Channel | None = None
         self.health = health or Health()
         self.shutdown_delay = shutdown_delay
         self._stopping = threading.Lock()
@@ -152,18 +161,23 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
         services.append(node_app.build(settings, runner) if hypervisor is None
                         else node_app.build_with(settings, runner, hypervisor))
     internal = None
+    local: grpc.Channel | None = None
     if "servers" in names:
         own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
         internal_address = None
         if services:
             # loopback only, plain text: the facade's calls carry the service token
+            internal_limits = call_limits(settings, [n for n in names if n != "servers"])
             internal, internal_port = new_server(
                 "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
-                limits=call_limits(settings, [n for n in names if n != "servers"]))
+                limits=internal_limits)
             start_server(internal, services, health)
             own_address = internal_address = f"127.0.0.1:{internal_port}"
+            if settings.internal_calls == "in-process":
+                local = InProcessChannel(Dispatcher(
+                    services, [*interceptors, ErrorInterceptor(authn, internal_limits)]))
         services.append(servers_app.build(settings, own_address, internal_address,
-                                          authn.service_secret))
+                                          authn.service_secret, local))
     if authn.tokens is not None:  # the public calls of these services need the user tokens
         tokens = settings.database_url_for("auth")
         for svc in services:
@@ -174,6 +188,7 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     running = Running(server, port, services, internal, closers, health,
                       settings.shutdown_delay)
     running.authenticator = authn
+    running.local = local
     return running
 
 

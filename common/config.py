@@ -36,7 +36,8 @@ flag.__name__ = "boolean"
 
 AUTH_MODES = ("token", "none")
 TGT_CONTROLS = ("socket", "tgtadm")
-CHOICES = {"auth": AUTH_MODES, "tgt_control": TGT_CONTROLS}
+INTERNAL_CALLS = ("in-process", "grpc")
+CHOICES = {"auth": AUTH_MODES, "tgt_control": TGT_CONTROLS, "internal_calls": INTERNAL_CALLS}
 
 
 @dataclass
@@ -108,6 +109,10 @@ class Settings:
     # Servers facade
     controller_address: str = _opt("", "HOST:PORT of the Controller (default: this process)")
     nodes: str = _opt("", "NODE_ID=HOST:PORT,... of the Nodes (default: this process's node)")
+    internal_calls: str = _opt("in-process", "how the facade calls the Controller and the Node of"
+                               " its own process: in-process (in the calling thread, through"
+                               " the same interceptors and handlers) or grpc (through a loopback"
+                               " gRPC server)")
     server_refresh_interval: float = _opt(30.0, "seconds between refreshes of the server list", float)
     reconcile_interval: float = _opt(10.0, "seconds between two runs of the reconcilers", float)
     owner_lease: float = _opt(15.0, "seconds after which an operation whose facade stopped"

@@ -406,6 +406,12 @@ def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
         ch = grpc.secure_channel(address, tls.channel_credentials(), options=options)
     else:
         ch = grpc.insecure_channel(address, options=options)
+    return intercepted(ch, metadata)
+
+
+def intercepted(ch: grpc.Channel, metadata=()) -> grpc.Channel:
+    """ch with vmattach's client interceptors: metadata (e.g. the
+    authorization header) on every call, request ids and call metrics."""
     if metadata:
         ch = grpc.intercept_channel(ch, MetadataInterceptor(metadata))
     return grpc.intercept_channel(ch, ClientInterceptor())

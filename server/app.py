@@ -10,7 +10,7 @@ import grpc
 from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database, probe_database
-from vmattach.common.grpcutil import Service, channel
+from vmattach.common.grpcutil import Service, channel, intercepted
 from vmattach.common.secretbox import SecretBox
 from vmattach.common.tls import TlsFiles
 from vmattach.server.calls import ControllerCalls
@@ -32,7 +32,8 @@ def service_secret(settings: Settings) -> str:
 
 
 def connector(settings: Settings, internal_address: str | None,
-              service_secret: str) -> Callable[..., grpc.Channel]:
+              service_secret: str, local: grpc.Channel | None = None,
+              ) -> Callable[..., grpc.Channel]:
     """How the facade opens its channels to the Controller and the Nodes:
     with the service certificate over TLS when TLS is configured; in plain
     text (the process's own loopback server, or a deployment without TLS)
@@ -42,6 +43,8 @@ def connector(settings: Settings, internal_address: str | None,
 
     def connect(address: str, **options) -> grpc.Channel:
         """options: more of common.grpcutil.channel's (retries, options)."""
+        if local is not None and address == internal_address:
+            return intercepted(local, token)
         if files.enabled and address != internal_address:
             return channel(address, tls=files, **options)
         return channel(address, metadata=token, **options)
@@ -50,12 +53,13 @@ def connector(settings: Settings, internal_address: str | None,
 
 
 def build_facade(settings: Settings, own_address: str, internal_address: str | None = None,
-                 service_secret: str = "") -> tuple[Facade, Callable[[], None]]:
+                 service_secret: str = "", local: grpc.Channel | None = None,
+                 ) -> tuple[Facade, Callable[[], None]]:
     """The Facade with its database, its Controller channel and its nodes;
     returns it with the function that closes them."""
     db = open_database(settings.database_url_for("servers"), MODELS, SCHEMA,
                        upgrade=settings.db_upgrade)
-    connect = connector(settings, internal_address, service_secret)
+    connect = connector(settings, internal_address, service_secret, local)
     nodes = NodeDirectory(db, parse_nodes(settings.nodes) or [("", own_address)], connect)
     controller_channel = connect(settings.controller_address or own_address)
     facade = Facade(db, ControllerCalls(controller_pb2_grpc.ControllerStub(controller_channel)),
@@ -74,8 +78,8 @@ def build_facade(settings: Settings, own_address: str, internal_address: str | N
 
 
 def build(settings: Settings, own_address: str, internal_address: str | None = None,
-          service_secret: str = "") -> Service:
-    facade, close = build_facade(settings, own_address, internal_address, service_secret)
+          service_secret: str = "", local: grpc.Channel | None = None) -> Service:
+    facade, close = build_facade(settings, own_address, internal_address, service_secret, local)
     facade.nodes.run_periodic(settings.server_refresh_interval)
     reconciler = Reconciler(facade, settings.owner_lease)
     reconciler.run_periodic(settings.reconcile_interval)
