@@ -73,7 +73,7 @@ class Running:
         self.on_stop = list(on_stop)
         self.authenticator: auth.Authenticator | None = None
         # the facade's channel to the services of this process (common/inprocess.py)
-        self.local: grpc.Channel | None = None
+        self.local: InProcessChannel | None = None
         self.health = health or Health()
         self.shutdown_delay = shutdown_delay
         self._stopping = threading.Lock()
@@ -161,7 +161,7 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
         services.append(node_app.build(settings, runner) if hypervisor is None
                         else node_app.build_with(settings, runner, hypervisor))
     internal = None
-    local: grpc.Channel | None = None
+    local: InProcessChannel | None = None
     if "servers" in names:
         own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
         internal_address = None
@@ -172,10 +172,12 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
                 "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
                 limits=internal_limits)
             start_server(internal, services, health)
-            own_address = internal_address = f"127.0.0.1:{internal_port}"
             if settings.internal_calls == "in-process":
+                # for the loopback server and this process's public port alike
                 local = InProcessChannel(Dispatcher(
-                    services, [*interceptors, ErrorInterceptor(authn, internal_limits)]))
+                    services, [*interceptors, ErrorInterceptor(authn, internal_limits)]),
+                    [f"127.0.0.1:{internal_port}", own_address])
+            own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,
                                           authn.service_secret, local))
     if authn.tokens is not None:  # the public calls of these services need the user tokens

@@ -245,22 +245,25 @@ class Dispatcher:
         handler = self.handler(method, md)
         if handler is None or handler.unary_unary is None:
             return _Failed(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        failure, aborted, response = None, False, None
         try:
             message = (handler.request_deserializer(request)
                        if handler.request_deserializer is not None else request)
             response = handler.unary_unary(message, context)
         except _Aborted:
-            pass
+            aborted = True
         except Exception as exc:  # noqa: BLE001 - as grpcio: UNKNOWN, the exception's text
-            if context._code is None:
-                return _Failed(grpc.StatusCode.UNKNOWN, f"Exception calling application: {exc}")
-        else:
-            if context._code in (None, grpc.StatusCode.OK):
-                if not context.is_active() and context._deadline is not None:
-                    return _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-                answer = (handler.response_serializer(response)
-                          if handler.response_serializer is not None else response)
-                return _Outcome(answer, trailing=context._trailing)
+            failure = f"Exception calling application: {exc}"
+        if context._deadline is not None and time.monotonic() >= context._deadline:
+            # over the network the caller's deadline would have ended the call first,
+            # whatever the handler answered after it
+            return _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        if failure is not None and context._code is None:
+            return _Failed(grpc.StatusCode.UNKNOWN, failure)
+        if failure is None and not aborted and context._code in (None, grpc.StatusCode.OK):
+            answer = (handler.response_serializer(response)
+                      if handler.response_serializer is not None else response)
+            return _Outcome(answer, trailing=context._trailing)
         code = context._code or grpc.StatusCode.UNKNOWN
         if code is grpc.StatusCode.OK:
             code = grpc.StatusCode.UNKNOWN  # aborted with OK: grpcio answers UNKNOWN too
@@ -308,10 +311,13 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):
 
 
 class InProcessChannel(grpc.Channel):
-    """A channel whose unary calls a Dispatcher answers in the caller's thread."""
+    """A channel whose unary calls a Dispatcher answers in the caller's
+    thread; addresses: the HOST:PORTs of this process's servers of the same
+    services, which it stands for."""
 
-    def __init__(self, dispatcher: Dispatcher):
+    def __init__(self, dispatcher: Dispatcher, addresses: Iterable[str] = ()):
         self._dispatcher = dispatcher
+        self.addresses = frozenset(addresses)
 
     def unary_unary(self, method, request_serializer=None, response_deserializer=None,
                     _registered_method=False):

@@ -11,6 +11,7 @@ from vmattach.common.auth import SERVICE_HEADER
 from vmattach.common.config import Settings
 from vmattach.common.db import close_database, open_database, probe_database
 from vmattach.common.grpcutil import Service, channel, intercepted
+from vmattach.common.inprocess import InProcessChannel
 from vmattach.common.secretbox import SecretBox
 from vmattach.common.tls import TlsFiles
 from vmattach.server.calls import ControllerCalls
@@ -32,18 +33,20 @@ def service_secret(settings: Settings) -> str:
 
 
 def connector(settings: Settings, internal_address: str | None,
-              service_secret: str, local: grpc.Channel | None = None,
+              service_secret: str, local: InProcessChannel | None = None,
               ) -> Callable[..., grpc.Channel]:
     """How the facade opens its channels to the Controller and the Nodes:
-    with the service certificate over TLS when TLS is configured; in plain
-    text (the process's own loopback server, or a deployment without TLS)
-    with the service token."""
+    to the services of its own process (an address local stands for), the
+    in-process channel with the service token; otherwise with the service
+    certificate over TLS when TLS is configured, in plain text (the
+    process's own loopback server, or a deployment without TLS) with the
+    service token."""
     files = TlsFiles.of(settings)
     token = [(SERVICE_HEADER, service_secret)] if service_secret else []
 
     def connect(address: str, **options) -> grpc.Channel:
         """options: more of common.grpcutil.channel's (retries, options)."""
-        if local is not None and address == internal_address:
+        if local is not None and address in local.addresses:
             return intercepted(local, token)
         if files.enabled and address != internal_address:
             return channel(address, tls=files, **options)
@@ -53,7 +56,7 @@ def connector(settings: Settings, internal_address: str | None,
 
 
 def build_facade(settings: Settings, own_address: str, internal_address: str | None = None,
-                 service_secret: str = "", local: grpc.Channel | None = None,
+                 service_secret: str = "", local: InProcessChannel | None = None,
                  ) -> tuple[Facade, Callable[[], None]]:
     """The Facade with its database, its Controller channel and its nodes;
     returns it with the function that closes them."""
@@ -78,7 +81,7 @@ def build_facade(settings: Settings, own_address: str, internal_address: str | N
 
 
 def build(settings: Settings, own_address: str, internal_address: str | None = None,
-          service_secret: str = "", local: grpc.Channel | None = None) -> Service:
+          service_secret: str = "", local: InProcessChannel | None = None) -> Service:
     facade, close = build_facade(settings, own_address, internal_address, service_secret, local)
     facade.nodes.run_periodic(settings.server_refresh_interval)
     reconciler = Reconciler(facade, settings.owner_lease)

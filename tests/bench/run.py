@@ -235,7 +235,7 @@ def count_calls(cfg, work: Path) -> dict:
             after = snapshot(srv)
     n = len(pairs)
     out: dict = {}
-    for what, key in (("grpc", "calls"), ("sql", "sql")):
+    for what, key in (("grpc", "calls"), ("in_process", "in_process_calls"), ("sql", "sql")):
         attach = diff(mid[what], before[what], n)
         detach = diff(after[what], mid[what], n)
         out.update({f"{key}_per_attach": sum(attach.values()),
@@ -244,6 +244,8 @@ def count_calls(cfg, work: Path) -> dict:
     # the keys of before (calls by gRPC method)
     out["attach_calls_by_method"] = out.pop("attach_calls_by_kind")
     out["detach_calls_by_method"] = out.pop("detach_calls_by_kind")
+    for key in ("attach", "detach"):
+        del out[f"{key}_in_process_calls_by_kind"]
     for key in ("attach", "detach"):
         by_kind = out[f"{key}_sql_by_kind"]
         out[f"sql_per_{key}_without_transaction_control"] = sum(
@@ -429,7 +431,9 @@ def table(res: dict) -> str:
     o, s, cpa = res["orchestration"], res["scale"], res["calls_per_attach"]
     rows = [
         ("floor: no-op unary call p50 / p99", f"{res['floor_p50_ms']:.3f} / {res['floor_p99_ms']:.3f} ms", "", ""),
-        ("gRPC calls per attach / per detach (counted)", f"{cpa:g} / {res['calls_per_detach']:g}", "", ""),
+        ("gRPC calls per attach / per detach (counted)", f"{cpa:g} / {res['calls_per_detach']:g}"
+         f" (in-process: {res['in_process_calls_per_attach']:g} /"
+         f" {res['in_process_calls_per_detach']:g})", "", ""),
         ("SQL statements per attach (all services, BEGIN/COMMIT too)",
          f"{res['sql_per_attach']:g} ({res['sql_per_attach_without_transaction_control']:g}"
          " without BEGIN/COMMIT)", "<= 10", "sql_per_attach"),
@@ -451,6 +455,18 @@ def table(res: dict) -> str:
     if rt:
         rows.append(("  the all-in-one with a real tgtd: attach / detach p50 (c=1)",
                      f"{rt['attach_p50_ms']:.2f} / {rt['detach_p50_ms']:.2f} ms", "", ""))
+    ip, ig = res["internal_in_process"], res["internal_grpc"]
+    rows.append(("all-in-one attach / detach p50 (c=1), internal calls in-process / grpc, in turn",
+                 f"{ip['attach_p50_ms']:.2f} / {ip['detach_p50_ms']:.2f} against"
+                 f" {ig['attach_p50_ms']:.2f} / {ig['detach_p50_ms']:.2f} ms", "", ""))
+    rows.append(("all-in-one cycles/s at c=" + "/".join(ip["cycles_per_s"])
+                 + ", internal calls in-process / grpc",
+                 " / ".join(f"{v:.1f}" for v in ip["cycles_per_s"].values()) + " against "
+                 + " / ".join(f"{v:.1f}" for v in ig["cycles_per_s"].values()), "", ""))
+    rows.append(("  server CPU per cycle, in-process / grpc",
+                 " / ".join(f"{v[0]:.2f}" for v in ip["cpu_ms_per_cycle"].values()) + " against "
+                 + " / ".join(f"{v[0]:.2f}" for v in ig["cpu_ms_per_cycle"].values()) + " ms",
+                 "", ""))
     ap = res["orchestration_apart"]
     rows.append(("services apart (3 processes): attach / detach p50 (c=1)",
                  f"{ap['attach_p50_ms']:.2f} / {ap['detach_p50_ms']:.2f} ms", "", ""))
@@ -543,6 +559,21 @@ def main(argv=None) -> int:
                                     apart=True)
                 res["orchestration_apart"] = apart.figures(
                     cfg, [apart.run(cfg["lat_cycles"]) for _ in range(cfg["lat_runs"])])
+            log("    the all-in-one with internal_calls = grpc, in turn with the default")
+            with contextlib.ExitStack() as grpc_stack:
+                loopback = BenchServer(cfg, work, "grpc-internal", ["--internal-calls", "grpc"],
+                                       cfg["domains"], True, grpc_stack)
+                runs_in, runs_grpc = in_turns(cfg["lat_runs"], lambda: empty.run(cfg["lat_cycles"]),
+                                              lambda: loopback.run(cfg["lat_cycles"]))
+                rates_in, rates_grpc = {}, {}
+                for c in cfg["conc"]:
+                    empty.warm(cfg, c)
+                    loopback.warm(cfg, c)
+                    rates_in[c], rates_grpc[c] = in_turns(
+                        cfg["tput_runs"], lambda c=c: empty.rate(cfg, c),
+                        lambda c=c: loopback.rate(cfg, c))
+                res["internal_in_process"] = empty.figures(cfg, runs_in, rates=rates_in)
+                res["internal_grpc"] = loopback.figures(cfg, runs_grpc, rates=rates_grpc)
             log("    orchestration with a real tgtd (c=1)")
             from tests.support.tgtd import TgtDaemon
             with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:

@@ -4,11 +4,13 @@ with N fake domains, the Controller on SQLite with a fake or a real tgtd.
 
     python -m tests.bench.server --state-dir D --domains 64 [--tgt fake|real]
         [--farm HOST:PORT,...] [--prefilled] [--count-calls FILE]
+        [--internal-calls in-process|grpc]
 
-Two start() calls in this one process: the Node alone (its own loopback
-port, like the internal server of the all-in-one) and then the Controller
-and the servers facade, whose `nodes` setting lists that Node and the fake
-nodes of the farm process (tests/bench/farm.py), if any. With `--role node`,
+One start() of the three services, as `vmattach serve` runs them; with
+--farm, the facade's `nodes` setting lists this process's own port first
+(its Node, called as the facade calls its own process's services:
+`internal_calls`) and then the fake nodes of the farm process
+(tests/bench/farm.py). With `--role node`,
 `--role controller` or `--role servers --controller HOST:PORT --farm
 NODE_ADDRESSES`, one service only: the services apart, one process each, as
 a deployment runs them. Prints
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from contextlib import ExitStack
@@ -51,19 +54,25 @@ class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
         return continuation(details, request)
 
 
-def install_counter() -> CountingInterceptor:
-    """Wrap every channel the facade opens (to the Controller and the Nodes)."""
+def install_counter() -> tuple[CountingInterceptor, CountingInterceptor]:
+    """Wrap every channel the facade opens (to the Controller and the Nodes):
+    the counts of all its calls, and of those made in-process."""
     import vmattach.server.app
     import vmattach.server.nodes
     from vmattach.common.grpcutil import channel as plain_channel
-    counter = CountingInterceptor()
+    from vmattach.common.grpcutil import intercepted as plain_intercepted
+    counter, in_process = CountingInterceptor(), CountingInterceptor()
 
     def counting_channel(address: str, retries: bool = True, **kw):
         return grpc.intercept_channel(plain_channel(address, retries, **kw), counter)
 
+    def counting_intercepted(ch, metadata=()):
+        return grpc.intercept_channel(plain_intercepted(ch, metadata), counter, in_process)
+
     vmattach.server.app.channel = counting_channel
+    vmattach.server.app.intercepted = counting_intercepted
     vmattach.server.nodes.channel = counting_channel
-    return counter
+    return counter, in_process
 
 
 def memory_log(path: str) -> None:
@@ -135,13 +144,15 @@ def serve(stack: ExitStack, argv=None) -> int:
     # the Controller's periodic re-export and the facade's reconciler run at the
     # default interval during the measured runs, as in production
     p.add_argument("--reconcile-interval", type=float, default=10.0)
+    p.add_argument("--internal-calls", choices=["in-process", "grpc"], default="in-process",
+                   help="how the all-in-one's facade calls its own Controller and Node")
     args = p.parse_args(argv)
     if args.role != "all" and (args.secure or args.count_calls or args.prefilled):
         p.error("--secure, --count-calls and --prefilled are for --role all")
     logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    counter = install_counter() if args.count_calls else None
+    counter, in_process = install_counter() if args.count_calls else (None, None)
     sql = None
     refresh_interval = 30.0
     if args.count_calls:
@@ -164,27 +175,24 @@ def serve(stack: ExitStack, argv=None) -> int:
             pki.init(certs, ["127.0.0.1"])
         security = {"auth": "token", "tls_cert": str(certs / "service.crt"),
                     "tls_key": str(certs / "service.key"), "tls_ca": str(certs / "ca.crt")}
-    node = None
     nodes = [a for a in args.farm.split(",") if a]
-    if args.role in ("all", "node"):
-        node_settings = Settings(services="node", listen="127.0.0.1:0",
-                                 state_dir=args.state_dir, node_id=node_id(0),
-                                 initiator_iqn=INITIATOR, log_level="WARNING",
-                                 shutdown_delay=0, **security)
-        node = start(node_settings, runner=runner,
-                     hypervisor=fake_hypervisor(0, args.domains, args.prefilled))
-        nodes.insert(0, f"127.0.0.1:{node.port}")
-    services = {"all": "controller,servers", "node": "", "controller": "controller",
+    listen = "127.0.0.1:0"
+    if args.role == "all" and nodes:
+        listen = f"127.0.0.1:{free_port()}"
+        nodes.insert(0, listen)  # its own Node first
+    services = {"all": "controller,node,servers", "node": "node", "controller": "controller",
                 "servers": "servers"}[args.role]
-    running = node
-    if services:
-        settings = Settings(services=services, listen="127.0.0.1:0", **security,
-                            state_dir=args.state_dir, tgt_portal=args.tgt_portal,
-                            tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
-                            controller_address=args.controller,
-                            log_level="WARNING", reconcile_interval=args.reconcile_interval,
-                            server_refresh_interval=refresh_interval, shutdown_delay=0)
-        running = start(settings, runner=runner)
+    settings = Settings(services=services, listen=listen, **security,
+                        state_dir=args.state_dir, tgt_portal=args.tgt_portal,
+                        tgt_control_port=args.tgt_control_port, nodes=",".join(nodes),
+                        controller_address=args.controller, node_id=node_id(0),
+                        initiator_iqn=INITIATOR, internal_calls=args.internal_calls,
+                        log_level="WARNING", reconcile_interval=args.reconcile_interval,
+                        server_refresh_interval=refresh_interval, shutdown_delay=0)
+    hypervisor = None
+    if args.role in ("all", "node"):
+        hypervisor = fake_hypervisor(0, args.domains, args.prefilled)
+    running = start(settings, runner=runner, hypervisor=hypervisor)
     if args.secure and running.authenticator is not None and running.authenticator.tokens:
         token, _ = running.authenticator.tokens.create("bench", "admin")
         fd = os.open(f"{args.state_dir}/bench.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -197,7 +205,7 @@ def serve(stack: ExitStack, argv=None) -> int:
     def dump(*_):
         if counter is not None:
             with open(args.count_calls + ".tmp", "w") as fh:
-                json.dump({"grpc": dict(counter.counts),
+                json.dump({"grpc": dict(counter.counts), "in_process": dict(in_process.counts),
                            "sql": sql.snapshot() if sql is not None else {}}, fh)
             os.replace(args.count_calls + ".tmp", args.count_calls)
 
@@ -207,9 +215,13 @@ def serve(stack: ExitStack, argv=None) -> int:
     while not stopped.wait(0.2):
         pass
     running.stop(1)
-    if node is not None and node is not running:
-        node.stop(1)
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach",
         "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach",
         "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1",
-        "secure_detach_p50_ms", "insecure_detach_p50_ms"]
+        "secure_detach_p50_ms", "insecure_detach_p50_ms", "in_process_calls_per_attach",
+        "in_process_calls_per_detach"]
 
 
 @pytest.mark.timeout(240)
@@ -33,7 +34,8 @@ def test_bench_smoke_writes_every_figure(tmp_path):
     for key in KEYS:
         assert isinstance(res[key], (int, float)) and res[key] > 0, (key, res.get(key))
     for part, processes in (("orchestration", 1), ("orchestration_apart", 3),
-                            ("security_on", 1), ("security_off", 1)):
+                            ("security_on", 1), ("security_off", 1),
+                            ("internal_in_process", 1), ("internal_grpc", 1)):
         assert set(res[part]["cycles_per_s"]) == {"1", "8", "32"}, part
         assert all(v > 0 for v in res[part]["cycles_per_s"].values()), part
         # every server process measured in every throughput run; the facade was busy
@@ -46,5 +48,8 @@ def test_bench_smoke_writes_every_figure(tmp_path):
         assert res[key] == {"/vmattach.v1." + s.call.replace(".", "/"): 1.0
                             for s in flow if s.call}, key
     assert res["calls_per_attach"] == len(res["attach_calls_by_method"])
+    # the all-in-one makes every one of them in-process (internal_calls' default)
+    assert (res["in_process_calls_per_attach"], res["in_process_calls_per_detach"]) == \
+        (res["calls_per_attach"], res["calls_per_detach"])
     assert "orchestration ratio" in proc.stdout
     assert "TLS + tokens on / off" in proc.stdout
