@@ -14,6 +14,9 @@ trailing metadata a gRPC call would have received, so the caller cannot
 tell the two apart: its client interceptors, error mapping and retries
 stay the same (common/grpcutil.call, begin).
 
+With tracing on, each call is a span named by its method (opentelemetry's
+gRPC instrumentation sees no call to make one).
+
 What differs from a call over the network, by design:
 - a deadline is checked when the handler returns, not while it runs: a
   handler that outlives it makes the caller wait, then DEADLINE_EXCEEDED
@@ -32,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
+
+from vmattach.common import observability as obs
 
 
 class _Metadatum(NamedTuple):
@@ -291,7 +296,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):
 
     def _outcome(self, request, timeout, metadata) -> _Outcome:
         raw = self._serialize(request) if self._serialize is not None else request
-        outcome = self._dispatcher.call(self._method, raw, timeout, metadata)
+        # opentelemetry's gRPC instrumentation sees no call here: a span of its own
+        with obs.span(self._method, call="in-process"):
+            outcome = self._dispatcher.call(self._method, raw, timeout, metadata)
         if not isinstance(outcome, _Failed) and self._deserialize is not None:
             outcome._response = self._deserialize(outcome._response)
         return outcome
