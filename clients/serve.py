@@ -134,11 +134,14 @@ def authenticator(settings: Settings, names: list[str]) -> tuple[auth.Authentica
 
 def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=None,
           interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Running:
-    """Bind, build the services, start. The servers facade talks to the
+    """Bind, build the services, start. The servers facade calls the
     Controller and Node of its own process (unless other addresses are
-    configured) through a second, loopback-only server with threads of its
-    own, so that facade calls in flight can never starve the calls they make.
-    Tests pass interceptors (both servers get them) to record or delay calls."""
+    configured) in-process (common/inprocess.py), in the thread of the call
+    it serves, or with internal_calls = "grpc" through a second,
+    loopback-only server with threads of its own; either way facade calls
+    in flight can never starve the calls they make. Tests pass interceptors
+    (the public server and the facade's own calls get them) to record or
+    delay calls."""
     names = settings.service_list()
     health = Health(settings.health_interval)
     tls.check_listen(settings)
@@ -166,18 +169,20 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
         own_address = settings.listen.rsplit(":", 1)[0] + f":{port}"
         internal_address = None
         if services:
-            # loopback only, plain text: the facade's calls carry the service token
+            # the facade's own calls have limits of their own, apart from the public port's
             internal_limits = call_limits(settings, [n for n in names if n != "servers"])
-            internal, internal_port = new_server(
-                "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
-                limits=internal_limits)
-            start_server(internal, services, health)
             if settings.internal_calls == "in-process":
-                # for the loopback server and this process's public port alike
+                # called in the facade's threads, through the interceptors of a server
                 local = InProcessChannel(Dispatcher(
                     services, [*interceptors, ErrorInterceptor(authn, internal_limits)]),
-                    [f"127.0.0.1:{internal_port}", own_address])
-            own_address = internal_address = f"127.0.0.1:{internal_port}"
+                    [own_address])
+            else:
+                # loopback only, plain text: the facade's calls carry the service token
+                internal, internal_port = new_server(
+                    "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
+                    limits=internal_limits)
+                start_server(internal, services, health)
+                own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,
                                           authn.service_secret, local))
     if authn.tokens is not None:  # the public calls of these services need the user tokens

@@ -1,9 +1,11 @@
 """The facade's calls to the Controller and the Node of its own process
 (`internal_calls = "in-process"`, common/inprocess.py) answer as the same
-calls through the process's loopback gRPC server do: the same answers, the
-same statuses and error details, the same authentication, limits and
-deadlines; the caller's own request context is left as it was. And the
-facade of `vmattach serve` uses them for every call it makes."""
+calls to the process's gRPC port do: the same answers, the same statuses
+and error details, the same authentication and deadlines, and limits of
+their own; the caller's own request context is left as it was. The facade
+of `vmattach serve` makes every call it makes to its own process this way,
+and the process has no loopback server for them; with `internal_calls =
+"grpc"` it has one, and the facade's calls go through it."""
 
 from __future__ import annotations
 
@@ -58,9 +60,9 @@ class Seen(grpc.ServerInterceptor):
 @pytest.fixture(params=["none", "token"])
 def stack(request, tmp_path, tgtd, serve):
     """An all-in-one on a real tgtd and the fake hypervisor, with the Seen
-    interceptor. .local: the facade's in-process channel, .loopback: a
-    channel to the process's loopback server, both with the service token
-    when auth is on (and the same two without it)."""
+    interceptor. .local: the facade's in-process channel, .port: a channel
+    to the process's gRPC port, both with the service token when auth is on
+    (and the same two without it)."""
     seen = Seen()
     hv = FakeHypervisor()
     settings = make_settings(tmp_path, auth=request.param, node_id="node-1",
@@ -71,17 +73,16 @@ def stack(request, tmp_path, tgtd, serve):
     running = serve(settings, hypervisor=hv, interceptors=[seen])
     secret = running.authenticator.service_secret
     token = [(SERVICE_HEADER, secret)] if secret else []
-    facade = next(svc.servicer.f for svc in running.services if hasattr(svc.servicer, "f"))
-    loopback = grpc.insecure_channel(facade.nodes.addresses[0])  # the loopback server
+    port = grpc.insecure_channel(f"127.0.0.1:{running.port}")
 
     class S:
         pass
     s = S()
     s.seen, s.running, s.hv, s.auth = seen, running, hv, request.param
     s.local, s.local_anonymous = intercepted(running.local, token), intercepted(running.local)
-    s.loopback, s.loopback_anonymous = intercepted(loopback, token), intercepted(loopback)
+    s.port, s.port_anonymous = intercepted(port, token), intercepted(port)
     yield s
-    loopback.close()
+    port.close()
 
 
 def outcome(call, request, **kw):
@@ -95,44 +96,44 @@ def outcome(call, request, **kw):
 
 def both(stack, request_of, method: str, stub, anonymous: bool = False):
     answers = []
-    for ch in ((stack.local_anonymous, stack.loopback_anonymous) if anonymous
-               else (stack.local, stack.loopback)):
+    for ch in ((stack.local_anonymous, stack.port_anonymous) if anonymous
+               else (stack.local, stack.port)):
         answers.append(outcome(getattr(stub(ch), method), request_of(), timeout=10))
     return answers
 
 
-def test_answers_and_errors_are_those_of_the_loopback_server(stack):
-    local, loopback = both(stack, npb.NodeGetInfoRequest, "NodeGetInfo", node_pb2_grpc.NodeStub)
-    assert local == loopback and local[0].node_id == "node-1"
+def test_answers_and_errors_are_those_of_the_port(stack):
+    local, on_port = both(stack, npb.NodeGetInfoRequest, "NodeGetInfo", node_pb2_grpc.NodeStub)
+    assert local == on_port and local[0].node_id == "node-1"
 
     unknown = str(uuid.uuid4())
-    local, loopback = both(stack, lambda: cpb.GetVolumeRequest(volume_id=unknown), "GetVolume",
+    local, on_port = both(stack, lambda: cpb.GetVolumeRequest(volume_id=unknown), "GetVolume",
                            controller_pb2_grpc.ControllerStub)
     assert local[1] is not None and local[1][0] == grpc.StatusCode.NOT_FOUND
-    assert local == loopback
+    assert local == on_port
 
     # a bad field: INVALID_ARGUMENT naming it, with the same BadRequest detail
-    local, loopback = both(stack, lambda: cpb.GetVolumeRequest(volume_id="x" * 5000), "GetVolume",
+    local, on_port = both(stack, lambda: cpb.GetVolumeRequest(volume_id="x" * 5000), "GetVolume",
                            controller_pb2_grpc.ControllerStub)
     assert local[1][0] == grpc.StatusCode.INVALID_ARGUMENT and local[1][3][0][0] == "volume_id"
-    assert local[1][:3] == loopback[1][:3]
+    assert local[1][:3] == on_port[1][:3]
 
-    # a volume made in-process is there for the loopback server, and the other way round
+    # a volume made in-process is there for the port's calls
     made = controller_pb2_grpc.ControllerStub(stack.local).CreateVolume(
         cpb.CreateVolumeRequest(name="in-process", size_gb=1), timeout=10)
-    local, loopback = both(stack, lambda: cpb.GetVolumeRequest(volume_id=made.volume_id), "GetVolume",
+    local, on_port = both(stack, lambda: cpb.GetVolumeRequest(volume_id=made.volume_id), "GetVolume",
                            controller_pb2_grpc.ControllerStub)
-    assert local[1] is None and local == loopback and local[0].name == "in-process"
+    assert local[1] is None and local == on_port and local[0].name == "in-process"
 
 
-def test_an_internal_rpc_without_the_service_token_is_refused_as_over_the_loopback(stack):
-    local, loopback = both(stack, npb.NodeGetInfoRequest, "NodeGetInfo", node_pb2_grpc.NodeStub,
+def test_an_internal_rpc_without_the_service_token_is_refused_as_on_the_port(stack):
+    local, on_port = both(stack, npb.NodeGetInfoRequest, "NodeGetInfo", node_pb2_grpc.NodeStub,
                            anonymous=True)
     if stack.auth == "none":
-        assert local[1] is None and loopback[1] is None
+        assert local[1] is None and on_port[1] is None
     else:
         assert local[1][0] == grpc.StatusCode.PERMISSION_DENIED
-        assert local[1][:3] == loopback[1][:3]
+        assert local[1][:3] == on_port[1][:3]
 
 
 def test_a_handler_past_the_deadline_is_deadline_exceeded(stack):
@@ -148,9 +149,11 @@ def test_a_handler_past_the_deadline_is_deadline_exceeded(stack):
     assert len(stack.seen.calls) == before  # no time left: the handler never ran
 
 
-def test_limits_count_in_process_and_loopback_calls_together(stack, monkeypatch):
+def test_in_process_calls_have_limits_of_their_own(stack, monkeypatch):
     """node_max_calls = 1: while one in-process call runs, the next one is
-    refused on either path; once it ends, calls go through again."""
+    refused, while the port (whose calls have their own limit, as the
+    facade's loopback server had) still answers; once it ends, calls go
+    through again."""
     node = next(svc.servicer for svc in stack.running.services if svc.name == NODE_SERVICE)
     hold, held, info = threading.Event(), threading.Event(), node.m.info
 
@@ -159,18 +162,21 @@ def test_limits_count_in_process_and_loopback_calls_together(stack, monkeypatch)
         hold.wait(10)
         return info()
 
-    monkeypatch.setattr(node.m, "info", held_info)
     first: list = []
     t = threading.Thread(target=lambda: first.append(outcome(
         node_pb2_grpc.NodeStub(stack.local).NodeGetInfo, npb.NodeGetInfoRequest(), timeout=10)))
+    monkeypatch.setattr(node.m, "info", held_info)
     t.start()
     try:
         assert held.wait(5)
-        for ch in (stack.local, stack.loopback):
-            answer, status = outcome(node_pb2_grpc.NodeStub(ch).NodeGetInfo,
-                                     npb.NodeGetInfoRequest(), timeout=5)
-            assert status is not None and status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert status[2] == "TOO_MANY_CALLS"
+        monkeypatch.setattr(node.m, "info", info)
+        answer, status = outcome(node_pb2_grpc.NodeStub(stack.local).NodeGetInfo,
+                                 npb.NodeGetInfoRequest(), timeout=5)
+        assert status is not None and status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert status[2] == "TOO_MANY_CALLS"
+        answer, status = outcome(node_pb2_grpc.NodeStub(stack.port).NodeGetInfo,
+                                 npb.NodeGetInfoRequest(), timeout=5)
+        assert status is None and answer.node_id == "node-1"
     finally:
         hold.set()
         t.join(10)
@@ -216,3 +222,23 @@ def test_the_facade_makes_its_calls_in_process(stack):
     assert {peer for _, peer, _, _ in inner} == {"in-process"}
     front = [c for c in calls if c[0].startswith("/vmattach.v1.Servers/")]
     assert len(front) == 2 and all(peer.startswith("ipv4:127.0.0.1:") for _, peer, _, _ in front)
+
+
+def test_with_internal_calls_grpc_the_facade_calls_its_loopback_server(tmp_path, tgtd, serve):
+    seen = Seen()
+    hv = FakeHypervisor()
+    settings = make_settings(tmp_path, internal_calls="grpc", node_id="node-1",
+                             tgt_portal=tgtd.portal, tgt_control_port=tgtd.control_port,
+                             initiator_iqn="iqn.2004-10.org.vmattach:inprocess",
+                             reconcile_interval=3600, server_refresh_interval=3600)
+    running = serve(settings, hypervisor=hv, interceptors=[seen])
+    assert running.local is None and running.internal is not None
+    server_id = hv.add_domain().uuid
+    with VmattachClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+        volume = client.create_volume("vol-loopback", 1).volume_id
+        before = len(seen.calls)
+        client.attach_volume(server_id, volume)
+    inner = [c for c in seen.calls[before:] if not c[0].startswith("/vmattach.v1.Servers/")]
+    assert {m.rsplit("/", 1)[1] for m, _, _, _ in inner} >= {
+        "NodeGetInfo", "CreateAttachment", "NodePublishVolume", "MarkAttached"}
+    assert all(peer.startswith("ipv4:127.0.0.1:") for _, peer, _, _ in inner)
