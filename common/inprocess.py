@@ -1,18 +1,18 @@
 """Calls between the services of one process without a network hop.
 
-`vmattach serve` with the facade and the Controller or a Node in one
-process used to send the facade's calls to them through a loopback gRPC
-server of its own: each call was serialised, framed, sent over TCP, taken
-by a thread of that server's pool and answered the same way back. An
-`InProcessChannel` answers the same unary calls in the caller's thread: the
-request is serialised and parsed as on the wire, then the same server
-interceptors (common/grpcutil.ErrorInterceptor: limits, authentication,
-field bounds, error mapping, metrics, logs and audit) and the same handlers
-run, each call in a fresh contextvars context, as a gRPC server runs them.
-A failure comes back as a `grpc.RpcError` with the code, details and
-trailing metadata a gRPC call would have received, so the caller cannot
-tell the two apart: its client interceptors, error mapping and retries
-stay the same (common/grpcutil.call, begin).
+In `vmattach serve` with the facade and the Controller or a Node in one
+process, a facade call to them through a gRPC port (`internal_calls =
+"grpc"`: a loopback server of the process's own) is serialised, framed,
+sent over TCP, taken by a thread of that server's pool and answered the
+same way back. An `InProcessChannel` answers the same unary calls in the
+caller's thread: the request is serialised and parsed as on the wire, then
+the same server interceptors (common/grpcutil.ErrorInterceptor: limits,
+authentication, field bounds, error mapping, metrics, logs and audit) and
+the same handlers run, each call in a fresh contextvars context, as a gRPC
+server runs them. A failure comes back as a `grpc.RpcError` with the code,
+details and trailing metadata a gRPC call would have received, so the
+caller cannot tell the two apart: its client interceptors, error mapping
+and retries stay the same (common/grpcutil.call, begin).
 
 With tracing on, each call is a span named by its method (opentelemetry's
 gRPC instrumentation sees no call to make one).
@@ -20,7 +20,9 @@ gRPC instrumentation sees no call to make one).
 What differs from a call over the network, by design:
 - a deadline is checked when the handler returns, not while it runs: a
   handler that outlives it makes the caller wait, then DEADLINE_EXCEEDED
-  (the handlers that wait on something slow bound their own waits);
+  (so a rollback after it never runs beside the call it undoes; the
+  handlers bound their own waits: tgtd's requests, the guest's detach,
+  libvirt's keepalive);
 - there is no transport, so no UNAVAILABLE from one, and `future()`
   answers before it returns (the work is done in the caller's thread).
 Only unary-unary methods are answered this way: vmattach's services have no
