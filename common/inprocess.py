@@ -56,7 +56,24 @@ class _Aborted(Exception):
     """ServicerContext.abort: ends the handler with the status set on the context."""
 
 
-class _Context(grpc.ServicerContext):
+class _Status:
+    """A call's status as grpc.Call and grpc.ServicerContext both read it."""
+
+    _code: grpc.StatusCode | None
+    _details: str | None
+    _trailing: tuple
+
+    def trailing_metadata(self):
+        return self._trailing
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class _Context(_Status, grpc.ServicerContext):
     """The ServicerContext of one in-process call."""
 
     def __init__(self, metadata: tuple, deadline: float | None):
@@ -108,15 +125,6 @@ class _Context(grpc.ServicerContext):
     def set_trailing_metadata(self, trailing_metadata):
         self._trailing = tuple(trailing_metadata)
 
-    def trailing_metadata(self):
-        return self._trailing
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
     def send_initial_metadata(self, initial_metadata):
         pass
 
@@ -139,7 +147,7 @@ class _Context(grpc.ServicerContext):
             callback()
 
 
-class _Outcome(grpc.Call, grpc.Future):
+class _Outcome(_Status, grpc.Call, grpc.Future):
     """The finished call: an answer or, as an RpcError, its status (a
     grpc.Call and grpc.Future both, as grpcio's own finished calls are)."""
 
@@ -151,15 +159,6 @@ class _Outcome(grpc.Call, grpc.Future):
     # grpc.Call
     def initial_metadata(self):
         return ()
-
-    def trailing_metadata(self):
-        return self._trailing
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
     def is_active(self) -> bool:
         return False

@@ -345,6 +345,19 @@ class BenchServer:
         return out
 
 
+def side_by_side(cfg, a: BenchServer, b: BenchServer, runs: int, cycles: int) -> tuple[dict, dict]:
+    """The figures of two bench servers measured in turn: their c=1 runs, then
+    at each concurrency their throughput runs."""
+    runs_a, runs_b = in_turns(runs, lambda: a.run(cycles), lambda: b.run(cycles))
+    rates_a, rates_b = {}, {}
+    for c in cfg["conc"]:
+        a.warm(cfg, c)
+        b.warm(cfg, c)
+        rates_a[c], rates_b[c] = in_turns(cfg["tput_runs"], lambda c=c: a.rate(cfg, c),
+                                          lambda c=c: b.rate(cfg, c))
+    return a.figures(cfg, runs_a, rates=rates_a), b.figures(cfg, runs_b, rates=rates_b)
+
+
 def orchestration(cfg, work: Path, name: str, server_args: list[str], domains: int,
                   runs: int, cycles: int) -> dict:
     """A bench server's latency at c=1 alone (no throughput), then stopped."""
@@ -563,17 +576,8 @@ def main(argv=None) -> int:
             with contextlib.ExitStack() as grpc_stack:
                 loopback = BenchServer(cfg, work, "grpc-internal", ["--internal-calls", "grpc"],
                                        cfg["domains"], True, grpc_stack)
-                runs_in, runs_grpc = in_turns(cfg["lat_runs"], lambda: empty.run(cfg["lat_cycles"]),
-                                              lambda: loopback.run(cfg["lat_cycles"]))
-                rates_in, rates_grpc = {}, {}
-                for c in cfg["conc"]:
-                    empty.warm(cfg, c)
-                    loopback.warm(cfg, c)
-                    rates_in[c], rates_grpc[c] = in_turns(
-                        cfg["tput_runs"], lambda c=c: empty.rate(cfg, c),
-                        lambda c=c: loopback.rate(cfg, c))
-                res["internal_in_process"] = empty.figures(cfg, runs_in, rates=rates_in)
-                res["internal_grpc"] = loopback.figures(cfg, runs_grpc, rates=rates_grpc)
+                res["internal_in_process"], res["internal_grpc"] = side_by_side(
+                    cfg, empty, loopback, cfg["lat_runs"], cfg["lat_cycles"])
             log("    orchestration with a real tgtd (c=1)")
             from tests.support.tgtd import TgtDaemon
             with TgtDaemon(log_path=work / "orch-tgtd.log") as tgtd:
@@ -585,16 +589,8 @@ def main(argv=None) -> int:
             with contextlib.ExitStack() as sec:
                 off = BenchServer(cfg, work, "sec-off", [], cfg["domains"], True, sec)
                 on = BenchServer(cfg, work, "sec-on", ["--secure"], cfg["domains"], True, sec)
-                runs_off, runs_on = in_turns(cfg["sec_runs"], lambda: off.run(cfg["sec_cycles"]),
-                                             lambda: on.run(cfg["sec_cycles"]))
-                rates_off, rates_on = {}, {}
-                for c in cfg["conc"]:
-                    off.warm(cfg, c)
-                    on.warm(cfg, c)
-                    rates_off[c], rates_on[c] = in_turns(
-                        cfg["tput_runs"], lambda c=c: off.rate(cfg, c), lambda c=c: on.rate(cfg, c))
-                res["security_off"] = off.figures(cfg, runs_off, rates=rates_off)
-                res["security_on"] = on.figures(cfg, runs_on, rates=rates_on)
+                res["security_off"], res["security_on"] = side_by_side(
+                    cfg, off, on, cfg["sec_runs"], cfg["sec_cycles"])
             log("4/5 real stack (tgtd + libvirtd + QEMU)")
             real = real_stack(cfg, work)
             res["real_stack"] = real
