@@ -222,6 +222,10 @@ class InSet(peewee.ColumnBase):
             return ctx.sql(self.node)
 
 
+def _placeholders(arity: int) -> list[str]:
+    return [f"__p{i}" for i in range(arity)]
+
+
 class Prepared:
     """A statement on the hot path whose SQL peewee builds once per kind of
     database; later runs only bind new values (building the SQL was the
@@ -245,12 +249,12 @@ class Prepared:
     def _compiled(self, values: tuple) -> tuple[type[peewee.Model], str, list, tuple]:
         if len(values) != self.arity:
             raise TypeError(f"expected {self.arity} values, got {len(values)}")
-        placeholders = [f"__p{i}" for i in range(self.arity)]
         if self._model is None:
-            self._model = self.build(*placeholders).model
+            self._model = self.build(*_placeholders(self.arity)).model
         kind = type(self._model._meta.database)
         compiled = self._sql.get(kind)
         if compiled is None:
+            placeholders = _placeholders(self.arity)
             query = self.build(*placeholders)
             sql, params = query.sql()
             # a parameter is a placeholder or a constant of the statement (a
