@@ -217,11 +217,10 @@ class Dispatcher:
     a gRPC server of them would run, outermost first (new_server's order)."""
 
     def __init__(self, services: Iterable, interceptors: Sequence[grpc.ServerInterceptor]):
-        self._methods: dict[str, grpc.RpcMethodHandler] = {}
         registry = _Registry()
         for svc in services:
             svc.add(svc.servicer, registry)
-            self._methods.update(registry.methods)
+        self._methods = registry.methods
         self._interceptors = list(interceptors)
 
     def handler(self, method: str, metadata: tuple) -> grpc.RpcMethodHandler | None:
@@ -243,12 +242,12 @@ class Dispatcher:
         md = tuple(_Metadatum(k, v) for k, v in (metadata or ()))
         context = _Context(md, deadline)
         try:
-            return contextvars.Context().run(self._run, method, request, md, context)
+            return contextvars.Context().run(self._run, method, request, context)
         finally:
             context.done()
 
-    def _run(self, method: str, request: bytes, md: tuple, context: _Context) -> _Outcome:
-        handler = self.handler(method, md)
+    def _run(self, method: str, request: bytes, context: _Context) -> _Outcome:
+        handler = self.handler(method, context.invocation_metadata())
         if handler is None or handler.unary_unary is None:
             return _Failed(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         failure, aborted, response = None, False, None

@@ -235,7 +235,7 @@ def count_calls(cfg, work: Path) -> dict:
             after = snapshot(srv)
     n = len(pairs)
     out: dict = {}
-    for what, key in (("grpc", "calls"), ("in_process", "in_process_calls"), ("sql", "sql")):
+    for what, key in (("grpc", "calls"), ("sql", "sql")):
         attach = diff(mid[what], before[what], n)
         detach = diff(after[what], mid[what], n)
         out.update({f"{key}_per_attach": sum(attach.values()),
@@ -244,8 +244,9 @@ def count_calls(cfg, work: Path) -> dict:
     # the keys of before (calls by gRPC method)
     out["attach_calls_by_method"] = out.pop("attach_calls_by_kind")
     out["detach_calls_by_method"] = out.pop("detach_calls_by_kind")
-    for key in ("attach", "detach"):
-        del out[f"{key}_in_process_calls_by_kind"]
+    # how many of them were made in-process (internal_calls)
+    out["in_process_calls_per_attach"] = sum(diff(mid["in_process"], before["in_process"], n).values())
+    out["in_process_calls_per_detach"] = sum(diff(after["in_process"], mid["in_process"], n).values())
     for key in ("attach", "detach"):
         by_kind = out[f"{key}_sql_by_kind"]
         out[f"sql_per_{key}_without_transaction_control"] = sum(
