@@ -68,7 +68,6 @@ class Text:
     def __call__(self, value: str, path: str) -> None:
         if not value:
             return
-        shown = "" if self.secret else f" {quote(value, 40)}"
         if self.check is not None:  # a grammar of common/rules.py, with its own message
             try:
                 self.check(value, path)
@@ -78,9 +77,13 @@ class Text:
                                          > self.max_bytes):
             raise Violation(f"{path} is longer than {self.max_len} characters ({len(value)})")
         if not value.isprintable():
-            raise Violation(f"{path}{shown} has a control character (printable characters only)")
+            raise Violation(f"{path}{self._shown(value)} has a control character (printable"
+                            " characters only)")
         if self.pattern is not None and not self.pattern.match(value):
-            raise Violation(f"{path}{shown} is not {self.what}")
+            raise Violation(f"{path}{self._shown(value)} is not {self.what}")
+
+    def _shown(self, value: str) -> str:
+        return "" if self.secret else f" {quote(value, 40)}"
 
 
 @dataclass(frozen=True)
@@ -278,13 +281,25 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
+# FIELD_RULES by field descriptor, filled as fields are met (a request's
+# fields are looked up without building their full names)
+_RULE_OF: dict[FieldDescriptor, Rule | None] = {}
+
+
+def _rule_of(field: FieldDescriptor) -> Rule | None:
+    try:
+        return _RULE_OF[field]
+    except KeyError:
+        rule = _RULE_OF[field] = FIELD_RULES.get(field.full_name)
+        return rule
+
+
 def _violations(msg: Message, path: str, found: list[tuple[str, str, str | None]]) -> None:
-    name = msg.DESCRIPTOR.full_name
     for field, value in msg.ListFields():
         if len(found) >= MAX_VIOLATIONS:
             return
         where = path + field.name
-        rule = FIELD_RULES.get(f"{name}.{field.name}")
+        rule = _rule_of(field)
         if rule is None:  # tests/unit/test_fields.py keeps this from happening
             found.append((where, f"{where} is not accepted", None))
             continue

@@ -62,6 +62,10 @@ def not_started(argv: Sequence[str], exc: Exception) -> BackendError:
 class CommandRunner:
     """Runs commands with subprocess; the production runner."""
 
+    # each command is a process of its own: a caller with several independent
+    # commands may run them side by side to overlap their start-up
+    overlap = True
+
     def __init__(self, timeout: float = 60.0):
         self.timeout = timeout
 

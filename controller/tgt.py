@@ -73,8 +73,9 @@ def iter_targets(lines: Iterable[str]) -> Iterator[Target]:
         yield current
 
 
-# tgtadm commands of one target run side by side (each is a process of its
-# own; tgtd takes them as they come): threads shared by every target
+# tgtadm commands of one target run side by side when each is a process of
+# its own (the runner's `overlap`; tgtd takes them as they come): threads
+# shared by every target
 SIDE_BY_SIDE = 4
 
 
@@ -86,6 +87,16 @@ class TgtAdm:
         self._pool_lock = threading.Lock()
 
     def _submit(self, fn: Callable[[], object]) -> Future:
+        """fn on a thread of the side-by-side pool; run now, in this thread,
+        when the runner's commands gain nothing from overlapping (tgtd's
+        socket): the Future returned is done either way."""
+        if not getattr(self.runner, "overlap", True):
+            done: Future = Future()
+            try:
+                done.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - kept in the Future, as the pool would
+                done.set_exception(exc)
+            return done
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="tgtadm")
@@ -99,8 +110,9 @@ class TgtAdm:
             pool.shutdown(wait=True)
 
     def _together(self, *calls: Callable[[], object]) -> None:
-        """Run calls side by side (the first in this thread) and wait for every
-        one of them; then raise the first failure. None is still running when
+        """Run calls side by side (the first in this thread; all of them in it,
+        one after another, without overlap) and wait for every one of them;
+        then raise the first failure. None is still running when
         this returns or raises, so that a clean-up never races a command."""
         futures = [self._submit(fn) for fn in calls[1:]]
         first: BaseException | None = None
@@ -189,9 +201,10 @@ class TgtAdm:
     def create_target(self, tid: int, iqn: str, backing_store: str,
                       user: str, password: str, initiator: str = "") -> None:
         """The target with LUN 1, a CHAP account bound to it and, when given,
-        initiator's ACL. The account is made while tgtd makes the target, then
-        the LUN, the binding and the ACL side by side: two commands' time
-        instead of five.
+        initiator's ACL. With tgtadm commands (the runner's `overlap`), the
+        account is made while tgtd makes the target, then the LUN, the binding
+        and the ACL side by side: two commands' time instead of five. On tgtd's
+        socket the five requests go one after another from this thread.
 
         A target already there with this tid and IQN (made by another
         Controller process sharing the database, or half-made by one that

@@ -96,6 +96,10 @@ class TgtdSocketRunner:
     """A command runner whose tgtadm commands go to tgtd's control socket
     (socket_dir/socket.CONTROL_PORT); any other command runs on `commands`."""
 
+    # a request costs a fraction of a process start and tgtd answers one at a
+    # time: side by side, a target's requests would only add thread hand-offs
+    overlap = False
+
     def __init__(self, commands: CommandRunner, socket_dir: str = SOCKET_DIR):
         self.commands = commands
         self.socket_dir = socket_dir

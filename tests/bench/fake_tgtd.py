@@ -64,7 +64,10 @@ def serve(path: str, runner: BenchTgtRunner) -> socketserver.ThreadingUnixStream
 class RemoteTgtRunner:
     """The runner of the bench server's Controller: each tgtadm command goes
     to the fake tgtd process (a connection per caller at a time, kept for
-    the next one). lines() reads a listing a chunk at a time."""
+    the next one). lines() reads a listing a chunk at a time. Like tgtd's
+    control socket, which it stands for, it runs no command side by side."""
+
+    overlap = False
 
     def __init__(self, path: str):
         self.path = path

@@ -943,6 +943,34 @@ def test_create_target_runs_the_commands_that_need_not_wait_for_each_other_side_
     assert tgt.fake.accounts == {"user1": "password1"}
 
 
+@pytest.mark.parametrize("fail", [None, ("target", "bind")])
+def test_create_target_on_tgtds_socket_runs_its_requests_in_the_callers_thread(fail):
+    """A runner whose commands gain nothing from overlapping (tgtd's control
+    socket: overlap = False) gets them one after another from the caller's
+    thread, and a failure still leaves nothing made."""
+    tgt = FakeTgtAdm()
+    tgt.fake.overlap = False  # type: ignore[attr-defined]
+    threads = set()
+    run = tgt.fake.run
+
+    def recorded(argv, **kw):
+        threads.add(threading.current_thread())
+        return run(argv, **kw)
+
+    tgt.fake.run = recorded  # type: ignore[method-assign]
+    if fail:
+        tgt.fake.fail_on(*fail)
+        with pytest.raises(BackendError):
+            tgt.create_target(1, IQN_PREFIX + "v1", "/vol/v1", "user1", "password1", initiator())
+        assert (tgt.fake.targets, tgt.fake.accounts) == ({}, {})
+    else:
+        tgt.create_target(1, IQN_PREFIX + "v1", "/vol/v1", "user1", "password1", initiator())
+        target = tgt.fake.targets[1]
+        assert (target.luns, target.accounts, target.acls) == ({1: "/vol/v1"}, ["user1"],
+                                                               [initiator()])
+    assert threads == {threading.current_thread()}
+
+
 def test_create_target_whose_acl_fails_leaves_nothing_it_made():
     tgt = FakeTgtAdm()
     tgt.fake.fail_on("target", "bind")

@@ -99,3 +99,17 @@ def test_sqlite_writers_of_a_process_take_turns_and_a_failed_one_lets_go(databas
     with db.connection_context():
         assert Volume.select().where(Volume.id.startswith("w")).count() == 6 * 10
     db.close()
+
+
+@pytest.mark.parametrize("stored", ["2026-12-04 10:00:00.123456", "2026-12-04 10:00:00",
+                                    "2026-12-04", "2026-12-04T10:00:00+01:00", "not a time"])
+def test_a_time_read_as_a_tuple_is_what_the_model_reads(database_url, stored):
+    """The hot path's own reading of SQLite's text gives what peewee gives for
+    every form a time can have in the file (peewee's own, and others)."""
+    db = open_database(database_url, MODELS)
+    with db.connection_context():
+        Volume.create(id="v1", name="n1", size_gb=1, status="available", path="/p1")
+        db.execute_sql("UPDATE controller_volume SET created_at = ? WHERE id = 'v1'", (stored,))
+        [(_, _, _, created)] = BY_ID.tuples("v1")
+        assert created == Volume.get_by_id("v1").created_at
+        assert type(created) is type(Volume.get_by_id("v1").created_at)
