@@ -7,12 +7,7 @@ The key file holds one key per line, the newest first: encryption uses the
 first, decryption tries each (MultiFernet), so `vmattach rotate-key` can add a
 key, re-encrypt every stored secret, and the previous key still reads what a
 process wrote a moment before it noticed the new file. A SecretBox re-reads
-its file when the file changes.
-
-A SecretBox remembers the plain text of the last CACHED tokens it sealed or
-opened (a volume's CHAP secret is opened at each of its attaches), and forgets
-them all when its keys change: a retired key opens nothing from memory. The
-plain texts stay in this process's memory only, which holds the keys too."""
+its file when the file changes."""
 
 from __future__ import annotations
 
@@ -56,16 +51,11 @@ def write_keys(path: Path, keys: list[bytes]) -> None:
     os.replace(tmp, path)
 
 
-# tokens whose plain text a SecretBox remembers
-CACHED = 1024
-
-
 class SecretBox:
     def __init__(self, key: bytes | list[bytes], path: Path | None = None):
         self.path = path
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
-        self._plain: dict[str, str] = {}  # token -> its plain text, oldest first
         self._set(key if isinstance(key, list) else [key])
         if path is not None:
             self._stamp = self._stat()
@@ -75,15 +65,6 @@ class SecretBox:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
         except ValueError:
             raise InvalidArgument("a key in the key file is not a Fernet key") from None
-        self._plain = {}
-
-    def _remember(self, token: str, plain: str, fernet: MultiFernet) -> None:
-        with self._lock:
-            if fernet is not self._fernet:  # the keys changed meanwhile
-                return
-            if len(self._plain) >= CACHED:
-                del self._plain[next(iter(self._plain))]
-            self._plain[token] = plain
 
     def _stat(self) -> tuple[int, int, int]:
         st = os.stat(self.path)  # type: ignore[arg-type]
@@ -119,22 +100,13 @@ class SecretBox:
         return cls.from_file(key_file(settings, name))
 
     def encrypt(self, plain: str) -> str:
-        fernet = self._current()
-        token = fernet.encrypt(plain.encode()).decode()
-        self._remember(token, plain, fernet)
-        return token
+        return self._current().encrypt(plain.encode()).decode()
 
     def decrypt(self, token: str) -> str:
-        fernet = self._current()  # first: a change of keys forgets what was remembered
-        plain = self._plain.get(token)
-        if plain is not None:
-            return plain
         try:
-            plain = fernet.decrypt(token.encode()).decode()
+            return self._current().decrypt(token.encode()).decode()
         except InvalidToken:
             raise BackendError("a stored secret cannot be decrypted with this key file's keys") from None
-        self._remember(token, plain, fernet)
-        return plain
 
     def rotate(self, token: str) -> str:
         """token re-encrypted with the newest key."""
