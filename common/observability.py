@@ -281,12 +281,21 @@ def use_tracer(tracer) -> None:
     _tracer = tracer
 
 
-@contextlib.contextmanager
-def span(name: str, **attributes) -> Iterator[None]:
+# what span() gives with tracing off: one context that does nothing, shared
+_NO_SPAN = contextlib.nullcontext()
+
+
+def span(name: str, **attributes) -> contextlib.AbstractContextManager:
+    """A span named name with attributes (and the request id) while the block
+    runs; nothing with tracing off."""
     if _tracer is None:
-        yield
-        return
-    with _tracer.start_as_current_span(name) as current:
+        return _NO_SPAN
+    return _span(_tracer, name, attributes)
+
+
+@contextlib.contextmanager
+def _span(tracer, name: str, attributes: dict) -> Iterator[None]:
+    with tracer.start_as_current_span(name) as current:
         for key, value in attributes.items():
             current.set_attribute(f"vmattach.{key}", value)
         if request_id():
