@@ -332,8 +332,8 @@ def _datetime_value(field: peewee.DateTimeField) -> Callable[[Any], Any]:
             try:
                 parsed = datetime.datetime.fromisoformat(raw)
             except ValueError:
-                return slow(raw)
-            if parsed.tzinfo is None:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is None:
                 return parsed
         return slow(raw)
     return value
