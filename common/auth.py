@@ -63,10 +63,16 @@ class Caller:
     def admin(self) -> bool:
         return self.privileged or self.role == "admin"
 
+    def seen_project(self) -> str | None:
+        """The one project whose objects exist for this caller: None for an
+        admin (every project), "" for a caller of no project (none)."""
+        return None if self.admin else self.project
+
     def sees(self, project_id: str | None) -> bool:
         """Whether an object of project_id exists for this caller. Objects of
         no project (servers without Nova's owner metadata) only for admins."""
-        return self.admin or (bool(self.project) and project_id == self.project)
+        seen = self.seen_project()
+        return seen is None or (bool(seen) and project_id == seen)
 
     def list_scope(self, all_projects: bool = False) -> str | None:
         """The project a list shows; None: every project (privileged callers,

@@ -24,7 +24,7 @@ from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.devices import device_in_use, pick_device
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.server.models import FacadeInstance, PendingExtend, ServerRecord
+from vmattach.server.models import ATTACHABLE, FacadeInstance, PendingExtend, ServerRecord
 from vmattach.v1 import types_pb2
 
 # The progress of an attach whose rollback did not finish (see rolling_back()).
@@ -45,6 +45,28 @@ _SERVER_AND_ROWS = Prepared(lambda s: ServerRecord.select(*_SERVER_FIELDS, *_BDM
 _TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(
     state="detaching", progress="bdm_detaching", owner=owner, updated_at=now)
     .where((BDM.id == i) & (BDM.state == "attached")), 3)
+
+
+def _take_attached(scoped: bool) -> Prepared:
+    """DetachVolume's compare-and-swap with the reads it needs in one
+    statement: the live row of (server, volume) attached -> detaching, when
+    the server is cached in a state that can give a disk back (and, scoped,
+    is of the given project). Its RETURNING gives the row."""
+    def build(s, v, owner, now, *project):
+        server = (ServerRecord.server_id == s) & ServerRecord.state.in_(sorted(ATTACHABLE))
+        if project:
+            server &= ServerRecord.project_id == project[0]
+        return BDM.update(state="detaching", progress="bdm_detaching", owner=owner,
+                          updated_at=now).where(
+            (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == 0)
+            & (BDM.state == "attached")
+            & peewee.fn.EXISTS(ServerRecord.select(ServerRecord.server_id).where(server))
+        ).returning(*_BDM_FIELDS)
+    return Prepared(build, 5 if scoped else 4)
+
+
+# keyed by scoped: False for a caller who sees every project, True for one who sees one
+_TAKE_ATTACHED = {scoped: _take_attached(scoped) for scoped in (False, True)}
 _SOFT_DELETE = Prepared(lambda i, now: BDM.update(
     deleted=BDM.id, deleted_at=now, updated_at=now, progress="bdm_delete", owner=None)
     .where(BDM.id == i), 2)
@@ -308,6 +330,19 @@ class BdmStore:
         BDM.delete().where(BDM.id == bdm_id).execute()
 
     # -- DetachVolume -----------------------------------------------------------------------
+
+    @staticmethod
+    def take_attached(server_id: str, volume_id: str, owner: str,
+                      project: str | None) -> BDM | None:
+        """DetachVolume's first step when all is as it should be, in one
+        statement: the live row of (server, volume), attached, whose server is
+        cached, of project (None: any) and in a state that can give a disk
+        back, taken (attached -> detaching, owner). None when any of that is
+        not so: the caller reads which."""
+        now = str(utcnow())
+        rows = (_TAKE_ATTACHED[False].execute(server_id, volume_id, owner, now) if project is None
+                else _TAKE_ATTACHED[True].execute(server_id, volume_id, owner, now, project))
+        return BDM(**{f.name: v for f, v in zip(_BDM_FIELDS, rows[0], strict=True)}) if rows else None
 
     @staticmethod
     def take_for_detach(bdm: BDM, owner: str) -> bool:

@@ -34,17 +34,15 @@ from vmattach.server.bdms import BdmStore, SameRequest
 from vmattach.server.calls import UNDO_TIMEOUT, ControllerCalls, Deadline, NodeCalls
 from vmattach.server.devices import check_device
 from vmattach.server.faults import Faults
+from vmattach.server.models import ATTACHABLE
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.nodes import NodeDirectory
 from vmattach.server.steps import Attach, Saga, attach_saga
 
 LOG = logging.getLogger(__name__)
 
-# Server states that can take (and give back) a disk: Nova's vm_states active
-# (running, and blocked: a running domain waiting on a resource), paused and
-# stopped. The refusal names Nova's vm_state of the others, or its task_state
-# for a domain being shut down.
-ATTACHABLE = {"running", "blocked", "paused", "shutoff"}
+# A refusal (a state not in ATTACHABLE) names Nova's vm_state of the server, or
+# its task_state for a domain being shut down.
 VM_STATE = {"running": "active", "paused": "paused", "shutoff": "stopped",
             "crashed": "error", "pmsuspended": "suspended",
             "blocked": "active", "nostate": "building"}
@@ -211,25 +209,14 @@ class Facade:
     @count_operation("detach")
     @with_connection
     def detach(self, server_id: str, volume_id: str, deadline: Deadline) -> None:
-        cached, rows = self.bdms.server_and_rows(server_id)
-        server = self.nodes.visible_server(server_id, cached)
         # 1. find the BDM, and take it: attached -> detaching (one compare-and-swap)
-        bdm = (next((b for b in rows if b.volume_id == volume_id), None) if cached is not None
-               else self.bdms.live(server_id, volume_id))
-        if bdm is None:
-            raise not_attached(server_id, volume_id)
-        if not self.step("bdm_detaching", self.bdms.take_for_detach, bdm, self.instance_id):
-            raise Aborted(f"volume {volume_id} is being {bdm.state[:-3]}ed on server {server_id}",
-                          reason="OPERATION_IN_PROGRESS")
+        bdm = self.step("bdm_detaching", self._take_for_detach, server_id, volume_id)
         try:
             node = self.node(bdm.node_id)
             # (a row without its connection_info cannot tell the node what to
             # unstage: the node then only unpublishes, and step 4 says why)
             info = self.bdms.unseal(bdm.connection_info) if bdm.connection_info else None
             try:
-                # the server's state allows it (a server that is gone does too: its
-                # disks went with it)
-                check_server_state("detach_volume", server)
                 # 2. begin detaching at the Controller (in-use -> detaching); its undo
                 # (roll detaching, idempotent) runs on any failure: a call that timed
                 # out may have taken effect
@@ -268,6 +255,30 @@ class Facade:
             self.bdms.release(bdm.id)  # the reconciler finishes it
             raise
         LOG.info("detached volume %s from server %s", volume_id, server_id)
+
+    def _take_for_detach(self, server_id: str, volume_id: str) -> BDM:
+        """Detach step 1: the row of (server, volume), taken (attached ->
+        detaching) for this caller. One statement when the server is cached,
+        the caller's and in a state that can give a disk back, and the row
+        attached; otherwise the reads that say what is not so (a server not
+        cached yet is asked of its node), and the same compare-and-swap."""
+        seen = auth.current().seen_project()
+        if seen != "":
+            bdm = self.bdms.take_attached(server_id, volume_id, self.instance_id, seen)
+            if bdm is not None:
+                return bdm
+        cached, rows = self.bdms.server_and_rows(server_id)
+        server = self.nodes.visible_server(server_id, cached)
+        bdm = (next((b for b in rows if b.volume_id == volume_id), None) if cached is not None
+               else self.bdms.live(server_id, volume_id))
+        if bdm is None:
+            raise not_attached(server_id, volume_id)
+        if bdm.state == "attached":
+            check_server_state("detach_volume", server)
+        if not self.bdms.take_for_detach(bdm, self.instance_id):
+            raise Aborted(f"volume {volume_id} is being {bdm.state[:-3]}ed on server {server_id}",
+                          reason="OPERATION_IN_PROGRESS")
+        return bdm
 
     def _unplug_happened(self, bdm: BDM, node: NodeCalls, error: VmattachError) -> bool:
         """After the node did not answer an unpublish: True when the domain

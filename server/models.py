@@ -59,6 +59,12 @@ class BlockDeviceMapping(BaseModel):
         )
 
 
+# Server states that can take (and give back) a disk: Nova's vm_states active
+# (running, and blocked: a running domain waiting on a resource), paused and
+# stopped (server/facade.py names the others in its refusals).
+ATTACHABLE = frozenset({"running", "blocked", "paused", "shutoff"})
+
+
 class ServerRecord(BaseModel):
     """A server (libvirt domain) as last reported by the node hosting it."""
     server_id = peewee.CharField(primary_key=True, max_length=36)
