@@ -23,8 +23,8 @@ from vmattach.common.errors import Aborted, AlreadyExists, ResourceExhausted
 from vmattach.common.locks import KeyedLocks
 from vmattach.common.secretbox import SecretBox
 from vmattach.server.devices import device_in_use, pick_device
-from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import ATTACHABLE, FacadeInstance, PendingExtend, ServerRecord
+from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.v1 import types_pb2
 
 # The progress of an attach whose rollback did not finish (see rolling_back()).
