@@ -234,6 +234,26 @@ def test_attach_rollback_after_each_call_fails_is_the_documented_one(split, fail
     split.assert_clean(server_id, volume_id)
 
 
+def test_a_detach_refused_by_the_servers_state_makes_no_call_and_changes_nothing(split):
+    """Step 1 refuses it before anything is written: no BeginDetaching and
+    no RollDetaching reach the Controller."""
+    server_id, volume_id = split.server(), split.volume()
+    split.client.attach_volume(server_id, volume_id)
+    split.hv.domains[server_id].state = "shutdown"
+    split.facade.nodes.refresh()
+    split.start_recording()
+    with pytest.raises(VmattachError, match="task_state powering-off"):
+        split.client.detach_volume(server_id, volume_id)
+    assert split.recorded() == []
+    split.hv.domains[server_id].state = "running"
+    split.facade.nodes.refresh()
+    split.assert_attached(server_id, volume_id)
+    split.start_recording()
+    split.client.detach_volume(server_id, volume_id)  # and then it detaches, as documented
+    assert split.recorded() == [s.call for s in DETACH if s.call]
+    split.assert_clean(server_id, volume_id)
+
+
 @pytest.mark.parametrize("failing", step_calls(DETACH, "roll back"))
 def test_detach_rollback_after_each_call_fails_is_the_documented_one(split, failing):
     server_id, volume_id = split.server(), split.volume()
