@@ -82,6 +82,11 @@ _NEW_ROW = {flag: Prepared(
         destination_type="volume").returning(BDM.id), 9) for flag in (False, True)}
 
 
+def _bdm_of(values: tuple) -> BDM:
+    """A row read as a tuple of _BDM_FIELDS' values, as a model instance."""
+    return BDM(**{f.name: v for f, v in zip(_BDM_FIELDS, values, strict=True)})
+
+
 def _progress_query(names: tuple[str, ...]) -> Prepared:
     """The UPDATE of a progress record that also sets the columns names."""
     query = _PROGRESS.get(names)
@@ -124,8 +129,7 @@ class BdmStore:
         n = len(_SERVER_FIELDS)
         server = ServerRecord(**{f.name: v for f, v in zip(_SERVER_FIELDS, rows[0][:n],
                                                            strict=True)})
-        return server, [BDM(**{f.name: v for f, v in zip(_BDM_FIELDS, r[n:], strict=True)})
-                        for r in rows if r[n] is not None]
+        return server, [_bdm_of(r[n:]) for r in rows if r[n] is not None]
 
     @staticmethod
     def get(bdm_id: int) -> BDM:
@@ -339,10 +343,10 @@ class BdmStore:
         cached, of project (None: any) and in a state that can give a disk
         back, taken (attached -> detaching, owner). None when any of that is
         not so: the caller reads which."""
-        now = str(utcnow())
-        rows = (_TAKE_ATTACHED[False].execute(server_id, volume_id, owner, now) if project is None
-                else _TAKE_ATTACHED[True].execute(server_id, volume_id, owner, now, project))
-        return BDM(**{f.name: v for f, v in zip(_BDM_FIELDS, rows[0], strict=True)}) if rows else None
+        values = (server_id, volume_id, owner, str(utcnow()))
+        rows = (_TAKE_ATTACHED[False].execute(*values) if project is None
+                else _TAKE_ATTACHED[True].execute(*values, project))
+        return _bdm_of(rows[0]) if rows else None
 
     @staticmethod
     def take_for_detach(bdm: BDM, owner: str) -> bool:
