@@ -42,9 +42,15 @@ _SERVER_AND_ROWS = Prepared(lambda s: ServerRecord.select(*_SERVER_FIELDS, *_BDM
                                   on=((BDM.instance_uuid == ServerRecord.server_id)
                                       & (BDM.deleted == 0)))
                             .where(ServerRecord.server_id == s).order_by(BDM.id), 1)
-_TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(
-    state="detaching", progress="bdm_detaching", owner=owner, updated_at=now)
-    .where((BDM.id == i) & (BDM.state == "attached")), 3)
+
+
+def _taken_for_detach(owner, now) -> dict:
+    """What taking a row for its detach writes (attached -> detaching)."""
+    return {"state": "detaching", "progress": "bdm_detaching", "owner": owner, "updated_at": now}
+
+
+_TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(_taken_for_detach(owner, now))
+                            .where((BDM.id == i) & (BDM.state == "attached")), 3)
 
 
 def _take_attached(scoped: bool) -> Prepared:
@@ -56,8 +62,7 @@ def _take_attached(scoped: bool) -> Prepared:
         server = (ServerRecord.server_id == s) & ServerRecord.state.in_(sorted(ATTACHABLE))
         if project:
             server &= ServerRecord.project_id == project[0]
-        return BDM.update(state="detaching", progress="bdm_detaching", owner=owner,
-                          updated_at=now).where(
+        return BDM.update(_taken_for_detach(owner, now)).where(
             (BDM.instance_uuid == s) & (BDM.volume_id == v) & (BDM.deleted == 0)
             & (BDM.state == "attached")
             & peewee.fn.EXISTS(ServerRecord.select(ServerRecord.server_id).where(server))
