@@ -332,14 +332,22 @@ class BenchServer:
         out = combined(latency_runs)
         if throughput_too:
             if rates is None:
-                rates = {}
                 for c in cfg["conc"]:
                     self.warm(cfg, c)
-                    rates[c] = [self.rate(cfg, c) for _ in range(cfg["tput_runs"])]
+                # rounds of one run at each concurrency: c=32 / c=1 compares runs
+                # made side by side in time, as every ratio of the bench does
+                rates = dict(zip(cfg["conc"], in_turns(
+                    cfg["tput_runs"], *(lambda c=c: self.rate(cfg, c) for c in cfg["conc"])),
+                    strict=True))
             # the median run of each concurrency: its cycles/s and its servers' CPU per cycle
             median_runs = {str(c): sorted(runs)[len(runs) // 2] for c, runs in rates.items()}
             out["cycles_per_s"] = {c: run[0] for c, run in median_runs.items()}
             out["cpu_ms_per_cycle"] = {c: run[1] for c, run in median_runs.items()}
+            out["runs_cycles_per_s"] = {str(c): [run[0] for run in runs]
+                                        for c, runs in rates.items()}
+            if 1 in rates and 32 in rates:
+                out["cycles_32_over_1"] = paired_ratio(out["runs_cycles_per_s"]["32"],
+                                                       out["runs_cycles_per_s"]["1"])
         out["peak_rss_mb"] = vm_hwm_mb(self.srv.pid)
         out["start_s"] = self.start_s
         out["warmup_s"] = self.warmup_s
@@ -461,8 +469,8 @@ def table(res: dict) -> str:
     for c, v in res["cycles_per_s"].items():
         rows.append((f"orchestration cycles/s at concurrency {c}", f"{v:.1f}",
                      ">= 150" if c == "32" else "", "cycles_per_s_32" if c == "32" else ""))
-    rows.append(("orchestration cycles/s c=32 / c=1", f"{res['cycles_32_over_1']:.2f}", ">= 1",
-                 "cycles_32_over_1"))
+    rows.append(("orchestration cycles/s c=32 / c=1 (runs in turn)",
+                 f"{res['cycles_32_over_1']:.2f}", ">= 1", "cycles_32_over_1"))
     rows.append(("  server CPU per cycle at c=" + "/".join(o["cpu_ms_per_cycle"]),
                  " / ".join(f"{v[0]:.2f}" for v in o["cpu_ms_per_cycle"].values()) + " ms", "", ""))
     rt = res.get("orchestration_real_tgtd", {})
@@ -487,7 +495,7 @@ def table(res: dict) -> str:
     for c, v in ap["cycles_per_s"].items():
         rows.append((f"services apart: cycles/s at concurrency {c}", f"{v:.1f}",
                      ">= 150" if c == "32" else "", "apart_cycles_per_s_32" if c == "32" else ""))
-    rows.append(("services apart: cycles/s c=32 / c=1", f"{res['apart_cycles_32_over_1']:.2f}",
+    rows.append(("services apart: cycles/s c=32 / c=1 (runs in turn)", f"{res['apart_cycles_32_over_1']:.2f}",
                  ">= 1", "apart_cycles_32_over_1"))
     rows.append(("  CPU per cycle (facade + Controller + Node) at c=" + "/".join(ap["cpu_ms_per_cycle"]),
                  " / ".join("+".join(f"{x:.1f}" for x in v) for v in ap["cpu_ms_per_cycle"].values())
@@ -665,8 +673,8 @@ def main(argv=None) -> int:
     res.update({"apart_attach_p50_ms": ap["attach_p50_ms"],
                 "apart_detach_p50_ms": ap["detach_p50_ms"],
                 "apart_cycles_per_s": ap["cycles_per_s"]})
-    for prefix, tput in (("", res["cycles_per_s"]), ("apart_", res["apart_cycles_per_s"])):
-        res[prefix + "cycles_32_over_1"] = tput.get("32", 0.0) / max(tput.get("1", 0.0), 1e-9)
+    for prefix, figures in (("", o), ("apart_", ap)):
+        res[prefix + "cycles_32_over_1"] = figures.get("cycles_32_over_1", 0.0)
     values = {**res, "cycles_per_s_32": res["cycles_per_s"].get("32", 0.0),
               "apart_cycles_per_s_32": res["apart_cycles_per_s"].get("32", 0.0)}
     res["targets"] = {k: {"value": values[k], "rule": f"{op} {b}", "met": met(values[k], (op, b))}

@@ -18,7 +18,7 @@ KEYS = ["floor_p50_ms", "calls_per_attach", "orchestration_attach_p50_ms",
         "peak_rss_mb", "secure_attach_p50_ms", "insecure_attach_p50_ms", "secure_ratio",
         "sql_per_attach", "sql_per_detach", "real_floor_ratio_attach", "real_floor_ratio_detach",
         "real_socket_floor_ratio_attach", "real_socket_floor_ratio_detach",
-        "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1",
+        "apart_attach_p50_ms", "apart_detach_p50_ms", "apart_cycles_32_over_1", "cycles_32_over_1",
         "secure_detach_p50_ms", "insecure_detach_p50_ms", "in_process_calls_per_attach",
         "in_process_calls_per_detach"]
 
@@ -42,6 +42,13 @@ def test_bench_smoke_writes_every_figure(tmp_path):
         assert all(len(v) == processes and v[0] > 0 and min(v) >= 0
                    for v in res[part]["cpu_ms_per_cycle"].values()), part
     assert res["cycles_per_s"] == res["orchestration"]["cycles_per_s"]
+    # c=32 / c=1: each c=32 run over the c=1 run of its round, not two medians
+    from tests.bench.common import median
+    for part, key in (("orchestration", "cycles_32_over_1"),
+                      ("orchestration_apart", "apart_cycles_32_over_1")):
+        runs = res[part]["runs_cycles_per_s"]
+        assert len(runs["1"]) == len(runs["32"]) >= 2, part
+        assert res[key] == median([a / b for a, b in zip(runs["32"], runs["1"], strict=True)]), part
     # counted, not a constant: the calls of docs/attach-flow.md, each once
     from tests.integration.test_call_sequence import ATTACH, DETACH
     for flow, key in ((ATTACH, "attach_calls_by_method"), (DETACH, "detach_calls_by_method")):
