@@ -331,6 +331,7 @@ class BenchServer:
         far and the start-up times."""
         out = combined(latency_runs)
         if throughput_too:
+            in_rounds = rates is None  # side_by_side's rates alternate servers, not concurrencies
             if rates is None:
                 for c in cfg["conc"]:
                     self.warm(cfg, c)
@@ -345,7 +346,7 @@ class BenchServer:
             out["cpu_ms_per_cycle"] = {c: run[1] for c, run in median_runs.items()}
             out["runs_cycles_per_s"] = {str(c): [run[0] for run in runs]
                                         for c, runs in rates.items()}
-            if 1 in rates and 32 in rates:
+            if in_rounds and 1 in rates and 32 in rates:
                 out["cycles_32_over_1"] = paired_ratio(out["runs_cycles_per_s"]["32"],
                                                        out["runs_cycles_per_s"]["1"])
         out["peak_rss_mb"] = vm_hwm_mb(self.srv.pid)
