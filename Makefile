@@ -1,6 +1,12 @@
 # vmattach: every command a user or CI needs. Run as root on Debian 12.
 SHELL := /bin/bash
 VENV ?= .venv
+# The interpreter the venv is made from: Debian's (scripts/setup-host.sh
+# installs python3, python3-venv and python3-dev). It is built with
+# profile-guided and link-time optimisation; a plain source build of 3.11
+# (pyenv's) costs the services about 10 % more CPU per attach
+# (bench/README.md, the session of 2026-12-04, 19:24).
+PYTHON ?= /usr/bin/python3
 PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/vmattach/v1/*.proto)
 GEN_STAMP := gen/.stamp
@@ -19,7 +25,7 @@ host:
 # libvirt-dev); once built, proto/unit/lint never do.
 $(VENV)/.stamp: pyproject.toml setup.py
 	@[ -x $(PY) ] || bash scripts/setup-host.sh
-	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
