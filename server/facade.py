@@ -184,7 +184,8 @@ class Facade:
             self.step("node_publish", node.stage_and_publish, req.server_id, req.volume_id,
                       bdm.device_name, op.info, deadline, node_info.stage_in_publish,
                       saga=saga)
-            self.bdms.progress(bdm, "node_publish")
+            # (no progress record of it: recovery asks the node whether the disk
+            # reached the guest, server/reconciler.py)
             # 6. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
@@ -241,7 +242,9 @@ class Facade:
             except VmattachError:
                 self.controller.roll_detaching(volume_id, server_id)
                 raise
-            self.bdms.progress(bdm.id, "node_unstage" if unstaged else "node_unpublish")
+            # (recorded only if a later step fails, below: a facade that dies here
+            # leaves recovery to repeat begin_detaching and the unpublish, both
+            # idempotent, which finds the disk gone)
         except VmattachError as exc:
             if not getattr(exc, "left_to_reconciler", False):
                 self.bdms.attached(bdm.id)
@@ -252,7 +255,9 @@ class Facade:
             self.finish_detach(bdm, node, lambda: max(deadline.left(), UNDO_TIMEOUT),
                                unstaged=unstaged)
         except Exception:
-            self.bdms.release(bdm.id)  # the reconciler finishes it
+            # the reconciler finishes it from there, in one write with the release
+            self.bdms.progress(bdm.id, "node_unstage" if unstaged else "node_unpublish",
+                               owner=None)
             raise
         LOG.info("detached volume %s from server %s", volume_id, server_id)
 

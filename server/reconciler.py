@@ -9,11 +9,17 @@ facade released it after an undo step failed. The reconciler claims an
 orphan with a compare-and-swap on its owner, so two replicas never recover
 the same row, and then:
 
-- attach: rolls forward (mark attached) when the disk reached the guest
-  (progress node_publish or later), otherwise undoes every step with the same
-  idempotent undo calls as a failed attach (the table in server/steps.py);
-- detach: finishes it (the user asked for it); when the guest does not
-  release the disk, rolls the detach back instead.
+- attach: rolls forward (mark attached) when the disk reached the guest (the
+  row has its connection_info, no rollback had begun, and the node shows the
+  disk in the domain), otherwise undoes every step with the same idempotent
+  undo calls as a failed attach (the table in server/steps.py);
+- detach: finishes it (the user asked for it), repeating the idempotent
+  steps from begin_detaching on unless the row says the guest released the
+  disk; when the guest does not release it, rolls the detach back instead.
+
+A facade records no progress of its own after the node's calls unless a
+later step fails (one write fewer per attach and per detach): for a facade
+that died there, what the domain shows is the record.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from vmattach.common import observability as obs
 from vmattach.common.db import with_connection
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound, VmattachError
 from vmattach.common.periodic import every
+from vmattach.server.bdms import ROLLING_BACK
 from vmattach.server.calls import UNDO_TIMEOUT
 from vmattach.server.facade import Facade
 from vmattach.server.models import BlockDeviceMapping as BDM
-from vmattach.server.steps import ATTACHED_ON_NODE, GUEST_RELEASED, Attach, undo_attach
+from vmattach.server.steps import GUEST_RELEASED, Attach, undo_attach
 
 LOG = logging.getLogger(__name__)
 
@@ -112,13 +119,23 @@ class Reconciler:
         LOG.info("recovering %s of volume %s on server %s (last step %s)", bdm.state[:-3],
                  bdm.volume_id, bdm.instance_uuid, bdm.progress)
         if bdm.state == "attaching":
-            if bdm.progress in ATTACHED_ON_NODE:
+            if self._in_guest(bdm):
                 try:
                     return self._roll_attach_forward(bdm)
                 except FailedPrecondition:
                     pass  # the Controller no longer agrees: undo instead
             return self._roll_attach_back(bdm)
         return self._finish_detach(bdm)
+
+    def _in_guest(self, bdm: BDM) -> bool:
+        """Whether the attach reached the guest: the node was called (the row
+        has the connection_info written before it), no rollback had begun,
+        and the domain shows the disk. A node that cannot say raises: the row
+        waits for the next run."""
+        if not bdm.connection_info or bdm.progress == ROLLING_BACK:
+            return False
+        return self.facade.node(bdm.node_id).disk_of(bdm.instance_uuid, bdm.volume_id,
+                                                     UNDO_TIMEOUT)
 
     def _roll_attach_forward(self, bdm: BDM) -> str:
         self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
@@ -141,10 +158,19 @@ class Reconciler:
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
         node = self.facade.node(bdm.node_id)
         if bdm.progress not in GUEST_RELEASED:
-            self.controller.begin_detaching(volume_id, server_id, UNDO_TIMEOUT)
+            try:
+                self.controller.begin_detaching(volume_id, server_id, UNDO_TIMEOUT)
+                ended = False
+            except FailedPrecondition as exc:
+                # the attachment is no longer attached: the dead facade got as far
+                # as delete_attachment, after the guest had released the disk
+                LOG.info("begin detaching %s: %s", volume_id, exc.message)
+                ended = True
             try:
                 node.unpublish(server_id, volume_id)
             except FailedPrecondition:
+                if ended:
+                    raise  # nothing to roll back to: the row waits for the guest
                 self.controller.roll_detaching(volume_id, server_id)
                 self.bdms.attached(bdm.id)
                 LOG.info("detach of %s from %s rolled back: the guest keeps the disk",

@@ -61,8 +61,6 @@ ATTACH: tuple[tuple[str, Undo | None], ...] = (
 )
 ATTACH_STEPS = tuple(step for step, _ in ATTACH)
 _UNDO = dict(ATTACH)
-# Progress values after which the disk is in the guest: recovery rolls forward.
-ATTACHED_ON_NODE = ATTACH_STEPS[ATTACH_STEPS.index("node_publish"):]
 
 # DetachVolume, in order. Until node_unpublish the detach can be rolled back
 # (RollDetaching, the BDM back to `attached`); once the disk has left the

@@ -21,8 +21,8 @@ from vmattach.v1 import types_pb2
 
 # statements per attach / detach (its export is made again at each attach and
 # goes at each detach)
-ATTACH_BUDGET = 14
-DETACH_BUDGET = 12
+ATTACH_BUDGET = 13
+DETACH_BUDGET = 11
 # of which BEGIN and COMMIT: one write transaction per Controller call that
 # writes more than one row (create attachment, mark attached; begin detaching,
 # delete attachment)

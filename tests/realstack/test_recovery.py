@@ -143,9 +143,17 @@ def test_facade_killed_after_attach_step_is_recovered(deployment, step):
                                                                      volume_id))
     print(f"attach killed after {step}: volume {VOLUME_STATUS.name(client.get_volume(volume_id).status)}; "
           f"audit: {audit.stdout.strip()}")
-    # attached (rolled forward) or not: either way the volume is usable again
-    if client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_IN_USE:
+    # killed once the disk was in the guest: rolled forward (the new facade asks
+    # the node: the dead one recorded nothing after its call); before: undone
+    if ATTACH_BOUNDARIES.index(step) >= ATTACH_BOUNDARIES.index("node_publish"):
+        assert client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_IN_USE
+        [att] = client.list_attachments(deployment.guest.uuid)
+        assert att.state == types_pb2.ATTACHMENT_STATE_ATTACHED
         client.detach_volume(deployment.guest.uuid, volume_id)
+        deployment.guest.wait_disk_gone(volume_id, timeout=30)
+    else:
+        assert client.get_volume(volume_id).status == types_pb2.VOLUME_STATUS_AVAILABLE
+        assert list(client.list_attachments(deployment.guest.uuid)) == []
     _attach_cycle_works(client, deployment, volume_id)
     client.delete_volume(volume_id)
     deployment.stop_facade()
