@@ -279,6 +279,45 @@ def _hanging_detach(stack, *, then_remove: bool):
     stack.hv.request_detach = lambda server_id, device, **kw: Slow(server_id, device, kw)
 
 
+def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
+    """A facade that died after the node's publish recorded nothing of it:
+    the reconciler asks the node whether the disk reached the guest. While
+    the node cannot say, the row waits (no rollback of a disk that may be in
+    the guest); once it shows the disk, the attach is finished."""
+    from vmattach.server.models import BlockDeviceMapping as BDM
+    server_id, volume_id = stack.server(), stack.volume()
+    att = stack.client.attach_volume(server_id, volume_id)
+    # the row as a facade leaves it when it dies after mark_attached: attaching,
+    # last record create_attachment (with the connection_info), nobody's
+    with stack.facade.db.connection_context():
+        BDM.update(state="attaching", progress="create_attachment", owner=None) \
+            .where(BDM.volume_id == volume_id).execute()
+    stack.hv.reachable = False
+    try:
+        assert reconcile(stack) == 0
+    finally:
+        stack.hv.reachable = True
+    [row] = stack.live_bdms(volume_id)
+    assert (row.state, row.progress, row.owner) == ("attaching", "create_attachment", None)
+    assert stack.hv.get_domain(server_id).disk_of_volume(volume_id) is not None
+    assert reconcile(stack) == 1
+    stack.assert_attached(server_id, volume_id, att.device)
+
+
+def test_a_dead_facades_attach_whose_disk_never_reached_the_guest_is_undone(stack):
+    from vmattach.server.models import BlockDeviceMapping as BDM
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.client.attach_volume(server_id, volume_id)
+    dom = stack.hv.domains[server_id]  # the node's publish never happened
+    dom.live = [d for d in dom.live if d.serial != volume_id]
+    dom.config = [d for d in dom.config if d.serial != volume_id]
+    with stack.facade.db.connection_context():
+        BDM.update(state="attaching", progress="create_attachment", owner=None) \
+            .where(BDM.volume_id == volume_id).execute()
+    assert reconcile(stack) == 1
+    stack.assert_clean(server_id, volume_id)
+
+
 def test_detach_timing_out_after_the_unplug_rolls_forward_from_what_the_domain_shows(stack):
     server_id, volume_id = stack.server(), stack.volume()
     stack.client.attach_volume(server_id, volume_id)
