@@ -22,6 +22,7 @@ from vmattach.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import PendingExtend
 from vmattach.server.reconciler import Reconciler
 from vmattach.v1 import types_pb2
@@ -279,19 +280,30 @@ def _hanging_detach(stack, *, then_remove: bool):
     stack.hv.request_detach = lambda server_id, device, **kw: Slow(server_id, device, kw)
 
 
+def _left_by_a_dead_facade(stack, volume_id) -> None:
+    """The volume's row as a facade leaves it when it dies between the node's
+    publish and bdm_attached: attaching, last record create_attachment (with
+    the connection_info), nobody's."""
+    with stack.facade.db.connection_context():
+        BDM.update(state="attaching", progress="create_attachment", owner=None) \
+            .where(BDM.volume_id == volume_id).execute()
+
+
+def _disk_gone(stack, server_id, volume_id) -> None:
+    """The domain no longer shows the volume's disk (live or persistent)."""
+    dom = stack.hv.domains[server_id]
+    dom.live = [d for d in dom.live if d.serial != volume_id]
+    dom.config = [d for d in dom.config if d.serial != volume_id]
+
+
 def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
     """A facade that died after the node's publish recorded nothing of it:
     the reconciler asks the node whether the disk reached the guest. While
     the node cannot say, the row waits (no rollback of a disk that may be in
     the guest); once it shows the disk, the attach is finished."""
-    from vmattach.server.models import BlockDeviceMapping as BDM
     server_id, volume_id = stack.server(), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id)
-    # the row as a facade leaves it when it dies after mark_attached: attaching,
-    # last record create_attachment (with the connection_info), nobody's
-    with stack.facade.db.connection_context():
-        BDM.update(state="attaching", progress="create_attachment", owner=None) \
-            .where(BDM.volume_id == volume_id).execute()
+    _left_by_a_dead_facade(stack, volume_id)  # after mark_attached
     stack.hv.reachable = False
     try:
         assert reconcile(stack) == 0
@@ -305,15 +317,10 @@ def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
 
 
 def test_a_dead_facades_attach_whose_disk_never_reached_the_guest_is_undone(stack):
-    from vmattach.server.models import BlockDeviceMapping as BDM
     server_id, volume_id = stack.server(), stack.volume()
     stack.client.attach_volume(server_id, volume_id)
-    dom = stack.hv.domains[server_id]  # the node's publish never happened
-    dom.live = [d for d in dom.live if d.serial != volume_id]
-    dom.config = [d for d in dom.config if d.serial != volume_id]
-    with stack.facade.db.connection_context():
-        BDM.update(state="attaching", progress="create_attachment", owner=None) \
-            .where(BDM.volume_id == volume_id).execute()
+    _disk_gone(stack, server_id, volume_id)  # the node's publish never happened
+    _left_by_a_dead_facade(stack, volume_id)
     assert reconcile(stack) == 1
     stack.assert_clean(server_id, volume_id)
 
@@ -356,9 +363,7 @@ def test_audit_repair_finishes_a_detach_whose_disk_left_after_the_rollback(stack
     from vmattach.server.audit import Divergence, _finish_detach_without_disk
     server_id, volume_id = stack.server(), stack.volume()
     stack.client.attach_volume(server_id, volume_id)
-    dom = stack.hv.domains[server_id]
-    dom.live = [d for d in dom.live if d.serial != volume_id]  # the late unplug completed
-    dom.config = [d for d in dom.config if d.serial != volume_id]
+    _disk_gone(stack, server_id, volume_id)  # the late unplug completed
     _finish_detach_without_disk(stack.facade, Divergence("node-1", "bdm-without-disk",
                                                          volume_id, server_id, ""))
     stack.assert_clean(server_id, volume_id)
