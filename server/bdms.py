@@ -312,26 +312,28 @@ class BdmStore:
             bdm_id = bdm_id.id
         _progress_query(tuple(fields)).execute(bdm_id, step, str(now), *fields.values())
 
-    def published(self, bdm: int | BDM, info: types_pb2.ConnectionInfo, **fields) -> None:
-        """After create_attachment: the sealed connection_info (the node's steps
-        and the reconciler's undo of them need it), with fields. (The Controller
-        keeps the connector with its attachment: the row no longer needs it.)"""
-        self.progress(bdm, "create_attachment", connection_info=self.seal(info), **fields)
-
-    def attached(self, bdm: int | BDM) -> None:
-        """The attach is done (or a detach rolled back): `attached`, nobody's."""
-        self.progress(bdm, "mark_attached", state="attached", owner=None)
+    def attached(self, bdm: int | BDM, info: types_pb2.ConnectionInfo | None = None,
+                 **fields) -> None:
+        """The attach is done, or a detach rolled back: `attached`, nobody's.
+        An attach writes its sealed connection_info (the detach's node steps
+        need it) and fields here, in the same write: its only write between
+        bdm_insert and the end."""
+        if info is not None:
+            fields["connection_info"] = self.seal(info)
+        self.progress(bdm, "mark_attached", state="attached", owner=None, **fields)
 
     @staticmethod
     def release(bdm_id: int) -> None:
         """Leave an unfinished operation to the reconciler."""
         BDM.update(owner=None, updated_at=utcnow()).where(BDM.id == bdm_id).execute()
 
-    @classmethod
-    def rolling_back(cls, bdm_id: int) -> None:
+    def rolling_back(self, bdm_id: int, info: types_pb2.ConnectionInfo | None) -> None:
         """An attach whose rollback did not finish (some undo steps ran, others
-        failed): left to the reconciler, which only ever undoes it."""
-        cls.progress(bdm_id, ROLLING_BACK, owner=None)
+        failed): left to the reconciler, which only ever undoes it, with the
+        connection_info the node's undo steps need (None: the node never had
+        it)."""
+        fields = {"connection_info": self.seal(info)} if info is not None else {}
+        self.progress(bdm_id, ROLLING_BACK, owner=None, **fields)
 
     @staticmethod
     def delete(bdm_id: int) -> None:

@@ -95,6 +95,14 @@ class ControllerCalls:
              cpb.DeleteAttachmentRequest(volume_id=volume_id, server_id=server_id),
              timeout=_seconds(timeout))
 
+    def publish(self, volume_id: str, server_id: str, connector: types_pb2.Connector,
+                timeout: Time) -> types_pb2.ConnectionInfo:
+        """initialize_connection again for the connector server_id's attachment
+        was published for (idempotent): its connection_info."""
+        return call(self.stub.ControllerPublishVolume, cpb.ControllerPublishVolumeRequest(
+            volume_id=volume_id, server_id=server_id, connector=connector),
+            timeout=_seconds(timeout)).connection_info
+
     def mark_attached(self, volume_id: str, server_id: str, device: str,
                       timeout: Time, mode: str = "rw") -> None:
         """os-attach."""

@@ -176,21 +176,21 @@ class Facade:
                 "create_attachment", self.controller.create_attachment, req.volume_id,
                 req.server_id, node_info.connector, deadline, bdm.attachment_id, req.mode,
                 caller_project(req.volume_id), saga=saga)
-            # (a failure of 3-4 rolls back: delete the attachment, delete the BDM row;
-            # until node_publish the reconciler undoes every step, each undo
-            # idempotent; the row has its node since bdm_insert)
-            self.bdms.published(bdm, op.info, volume_size=volume.size_gb)
+            # (a failure of 3-6 rolls back: each begun step's undo, last first, then
+            # the BDM row goes. No progress record of 4-6 on the row: for a facade
+            # that died, the reconciler asks the Controller whether it published
+            # the volume and the node whether the disk reached the guest,
+            # server/reconciler.py; the row has its node since bdm_insert)
             # 5. stage and publish on the node, one call (two for an older node)
             self.step("node_publish", node.stage_and_publish, req.server_id, req.volume_id,
                       bdm.device_name, op.info, deadline, node_info.stage_in_publish,
                       saga=saga)
-            # (no progress record of it: recovery asks the node whether the disk
-            # reached the guest, server/reconciler.py)
             # 6. mark attached at the Controller (os-attach)
             self.step("mark_attached", self.controller.mark_attached, req.volume_id,
                       req.server_id, bdm.device_name, deadline, req.mode, saga=saga)
-            # 7. save the connection_info (sealed above), state attached
-            self.step("bdm_attached", self.bdms.attached, bdm, saga=saga)
+            # 7. state attached, with the connection_info (sealed) and the size
+            self.step("bdm_attached", lambda: self.bdms.attached(
+                bdm, op.info, volume_size=volume.size_gb), saga=saga)
         except Exception as exc:
             LOG.info("attach %s to %s failed (%s); rolling back", req.volume_id, req.server_id,
                      getattr(exc, "reason", type(exc).__name__))
@@ -199,7 +199,7 @@ class Facade:
             if saga.rollback():
                 self.bdms.delete(bdm.id)
             else:
-                self.bdms.rolling_back(bdm.id)
+                self.bdms.rolling_back(bdm.id, op.info)
             raise
         LOG.info("attached volume %s to server %s as %s", req.volume_id, req.server_id,
                  bdm.device_name)

@@ -10,16 +10,18 @@ orphan with a compare-and-swap on its owner, so two replicas never recover
 the same row, and then:
 
 - attach: rolls forward (mark attached) when the disk reached the guest (the
-  row has its connection_info, no rollback had begun, and the node shows the
-  disk in the domain), otherwise undoes every step with the same idempotent
-  undo calls as a failed attach (the table in server/steps.py);
+  Controller published the volume for the server, no rollback had begun,
+  and the node shows the disk in the domain), otherwise undoes every step
+  with the same idempotent undo calls as a failed attach (the table in
+  server/steps.py);
 - detach: finishes it (the user asked for it), repeating the idempotent
   steps from begin_detaching on unless the row says the guest released the
   disk; when the guest does not release it, rolls the detach back instead.
 
-A facade records no progress of its own after the node's calls unless a
-later step fails (one write fewer per attach and per detach): for a facade
-that died there, what the domain shows is the record.
+A facade records no progress of its own between bdm_insert and the end of
+an attach, nor after the node's call in a detach, unless a later step fails
+(two writes fewer per attach, one per detach): for a facade that died there,
+what the Controller and the domain show is the record.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import peewee
 
 from vmattach.common import observability as obs
 from vmattach.common.db import with_connection
+from vmattach.common.enums import ACCESS_MODE
 from vmattach.common.errors import FailedPrecondition, InvalidArgument, NotFound, VmattachError
 from vmattach.common.periodic import every
 from vmattach.server.bdms import ROLLING_BACK
@@ -38,6 +41,7 @@ from vmattach.server.calls import UNDO_TIMEOUT
 from vmattach.server.facade import Facade
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.steps import GUEST_RELEASED, Attach, undo_attach
+from vmattach.v1 import types_pb2
 
 LOG = logging.getLogger(__name__)
 
@@ -119,36 +123,53 @@ class Reconciler:
         LOG.info("recovering %s of volume %s on server %s (last step %s)", bdm.state[:-3],
                  bdm.volume_id, bdm.instance_uuid, bdm.progress)
         if bdm.state == "attaching":
-            if self._in_guest(bdm):
+            op = self._attach_of(bdm)
+            if op.info is not None and bdm.progress != ROLLING_BACK and op.node.disk_of(
+                    bdm.instance_uuid, bdm.volume_id, UNDO_TIMEOUT):
                 try:
-                    return self._roll_attach_forward(bdm)
+                    return self._roll_attach_forward(bdm, op.info)
                 except FailedPrecondition:
                     pass  # the Controller no longer agrees: undo instead
-            return self._roll_attach_back(bdm)
+            return self._roll_attach_back(bdm, op)
         return self._finish_detach(bdm)
 
-    def _in_guest(self, bdm: BDM) -> bool:
-        """Whether the attach reached the guest: the node was called (the row
-        has the connection_info written before it), no rollback had begun,
-        and the domain shows the disk. A node that cannot say raises: the row
-        waits for the next run."""
-        if not bdm.connection_info or bdm.progress == ROLLING_BACK:
-            return False
-        return self.facade.node(bdm.node_id).disk_of(bdm.instance_uuid, bdm.volume_id,
-                                                     UNDO_TIMEOUT)
+    def _attach_of(self, bdm: BDM) -> Attach:
+        """The dead facade's attach as far as the node can have seen it: with
+        the node and the connection_info when the Controller published the
+        volume for the server, without them when it did not (the node never
+        had it). A row rolling back holds what it knew; otherwise the facade
+        wrote nothing after bdm_insert, and the Controller says: the server's
+        attachment with the connector it was published for (GetVolume), then
+        its connection_info again (ControllerPublishVolume, idempotent). A
+        Controller that cannot answer raises: the row waits for the next run."""
+        op = Attach(bdm.instance_uuid, bdm.volume_id)
+        if bdm.connection_info or bdm.progress == ROLLING_BACK:
+            if bdm.connection_info:
+                op.info = self.bdms.unseal(bdm.connection_info)
+        else:
+            try:
+                volume = self.controller.get_volume(bdm.volume_id, UNDO_TIMEOUT)
+            except NotFound:
+                return op  # no volume: nothing was published
+            published = next((a.connector for a in volume.attachments
+                              if a.server_id == bdm.instance_uuid and a.HasField("connector")),
+                             None)
+            if published is not None:
+                op.info = self.controller.publish(bdm.volume_id, bdm.instance_uuid, published,
+                                                  UNDO_TIMEOUT)
+        if op.info is not None:
+            op.node = self.facade.node(bdm.node_id)
+        return op
 
-    def _roll_attach_forward(self, bdm: BDM) -> str:
+    def _roll_attach_forward(self, bdm: BDM, info: types_pb2.ConnectionInfo) -> str:
         self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
-                                      UNDO_TIMEOUT, self.bdms.mode_of(bdm))
-        self.bdms.attached(bdm.id)
+                                      UNDO_TIMEOUT,
+                                      ACCESS_MODE.to_word(info.data.access_mode, default="rw"))
+        self.bdms.attached(bdm, info)
         LOG.info("attach of %s to %s rolled forward", bdm.volume_id, bdm.instance_uuid)
         return "rolled_forward"
 
-    def _roll_attach_back(self, bdm: BDM) -> str:
-        op = Attach(bdm.instance_uuid, bdm.volume_id)
-        if bdm.connection_info:  # the node may have staged and published it
-            op.node = self.facade.node(bdm.node_id)
-            op.info = self.bdms.unseal(bdm.connection_info)
+    def _roll_attach_back(self, bdm: BDM, op: Attach) -> str:
         undo_attach(self.controller, op)
         self.bdms.delete(bdm.id)
         LOG.info("attach of %s to %s rolled back", bdm.volume_id, bdm.instance_uuid)

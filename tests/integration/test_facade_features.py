@@ -15,12 +15,14 @@ import pytest
 from tests.integration.test_facade import Stack
 from vmattach.common.errors import (
     Aborted,
+    BackendError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
+    VmattachError,
 )
 from vmattach.server.models import BlockDeviceMapping as BDM
 from vmattach.server.models import PendingExtend
@@ -281,12 +283,12 @@ def _hanging_detach(stack, *, then_remove: bool):
 
 
 def _left_by_a_dead_facade(stack, volume_id) -> None:
-    """The volume's row as a facade leaves it when it dies between the node's
-    publish and bdm_attached: attaching, last record create_attachment (with
-    the connection_info), nobody's."""
+    """The volume's row as a facade leaves it when it dies between bdm_insert
+    and bdm_attached: attaching, last record bdm_insert, no connection_info,
+    nobody's."""
     with stack.facade.db.connection_context():
-        BDM.update(state="attaching", progress="create_attachment", owner=None) \
-            .where(BDM.volume_id == volume_id).execute()
+        BDM.update(state="attaching", progress="bdm_insert", owner=None,
+                   connection_info=None).where(BDM.volume_id == volume_id).execute()
 
 
 def _disk_gone(stack, server_id, volume_id) -> None:
@@ -298,9 +300,10 @@ def _disk_gone(stack, server_id, volume_id) -> None:
 
 def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
     """A facade that died after the node's publish recorded nothing of it:
-    the reconciler asks the node whether the disk reached the guest. While
-    the node cannot say, the row waits (no rollback of a disk that may be in
-    the guest); once it shows the disk, the attach is finished."""
+    the reconciler asks the Controller for the connection_info and the node
+    whether the disk reached the guest. While the node cannot say, the row
+    waits (no rollback of a disk that may be in the guest); once it shows the
+    disk, the attach is finished, the row with its connection_info."""
     server_id, volume_id = stack.server(), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id)
     _left_by_a_dead_facade(stack, volume_id)  # after mark_attached
@@ -310,10 +313,54 @@ def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
     finally:
         stack.hv.reachable = True
     [row] = stack.live_bdms(volume_id)
-    assert (row.state, row.progress, row.owner) == ("attaching", "create_attachment", None)
+    assert (row.state, row.progress, row.owner) == ("attaching", "bdm_insert", None)
     assert stack.hv.get_domain(server_id).disk_of_volume(volume_id) is not None
     assert reconcile(stack) == 1
     stack.assert_attached(server_id, volume_id, att.device)
+    [row] = stack.live_bdms(volume_id)
+    info = stack.facade.bdms.unseal(row.connection_info)
+    assert (info.serial, info.data.auth_method) == (volume_id, types_pb2.AUTH_METHOD_CHAP)
+    assert info.data.auth_password  # sealed on the row, whole again when unsealed
+    # and the detach that needs it works
+    stack.client.detach_volume(server_id, volume_id)
+    stack.assert_clean(server_id, volume_id)
+
+
+def test_a_dead_facades_attach_before_the_controller_published_is_undone_without_the_node(
+        stack):
+    """A facade that died after bdm_insert, before the Controller published
+    the volume: the node never had it, so the attach is undone even while the
+    node does not answer."""
+    server_id, volume_id = stack.server(), stack.volume()
+    with stack.facade.db.connection_context():
+        BDM.create(device_name="/dev/vdb", volume_id=volume_id, instance_uuid=server_id,
+                   attachment_id=str(uuid.uuid4()), state="attaching", progress="bdm_insert",
+                   owner=None, node_id="node-1")
+    stack.hv.reachable = False
+    try:
+        assert reconcile(stack) == 1
+    finally:
+        stack.hv.reachable = True
+    stack.assert_clean(server_id, volume_id)
+
+
+def test_an_attach_whose_rollback_failed_keeps_the_connection_info_for_the_reconciler(stack):
+    """The node's undo fails while the attachment's undo succeeds: the row,
+    left rolling back, holds the connection_info the Controller no longer
+    gives, and the reconciler unstages with it."""
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.facade.faults.arm("before:mark_attached", "error")
+    stack.hv.inject_error("undefine_secret", BackendError("libvirt said no"), times=2)
+    with pytest.raises(VmattachError, match="injected fault"):
+        stack.client.attach_volume(server_id, volume_id)
+    stack.facade.faults.disarm()
+    [row] = stack.live_bdms(volume_id)
+    assert (row.state, row.progress, row.owner) == ("attaching", "rolling_back", None)
+    assert stack.facade.bdms.unseal(row.connection_info).serial == volume_id
+    assert stack.client.get_volume(volume_id).attachments == []  # its undo ran
+    assert stack.hv.has_secret(f"volume-{volume_id}")  # the node's did not
+    assert reconcile(stack) == 1
+    stack.assert_clean(server_id, volume_id)
 
 
 def test_a_dead_facades_attach_whose_disk_never_reached_the_guest_is_undone(stack):
