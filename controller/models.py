@@ -23,6 +23,10 @@ class Volume(BaseModel):
     multiattach = peewee.BooleanField(default=False)
     status = peewee.CharField(max_length=32, index=True)
     attach_status = peewee.CharField(max_length=32, default="detached")
+    # the server whose detach began (os-begin_detaching) while the volume is
+    # detaching, else NULL; its attachment's row stays attached meanwhile and is
+    # shown detaching (controller/volumes.py _shown) (version 5)
+    detaching_instance = peewee.CharField(max_length=36, null=True)
     path = peewee.CharField(max_length=4096)
     # CHAP credentials, generated once per volume at its first export; the
     # secret is encrypted (common/secretbox.py).
@@ -41,7 +45,8 @@ class VolumeAttachment(BaseModel):
     id = peewee.CharField(primary_key=True, max_length=36)
     volume = peewee.ForeignKeyField(Volume, backref="attachments", on_delete="CASCADE")
     instance_uuid = peewee.CharField(max_length=36)
-    # reserved -> attached -> detaching; the row goes when the attachment ends
+    # reserved -> attached; the row goes when the attachment ends (while its
+    # detach runs it stays attached: the volume's detaching_instance names it)
     attach_status = peewee.CharField(max_length=32)
     mountpoint = peewee.CharField(max_length=255, default="")
     attach_mode = peewee.CharField(max_length=2, default="rw")
@@ -114,6 +119,20 @@ def _v4_export_target_iqn(db: peewee.Database) -> None:
                                                        False))
 
 
+def _v5_volume_detaching_instance(db: peewee.Database) -> None:
+    add_column(db, "controller_volume", "detaching_instance",
+               peewee.CharField(max_length=36, null=True))
+    # a detach begun before the upgrade: the volume names its server, whose
+    # attachment's row goes back to attached
+    db.execute_sql(
+        "UPDATE controller_volume SET detaching_instance = (SELECT a.instance_uuid"
+        " FROM controller_volume_attachment a WHERE a.volume_id = controller_volume.id"
+        " AND a.attach_status = 'detaching' ORDER BY a.created_at LIMIT 1)"
+        " WHERE status = 'detaching' AND detaching_instance IS NULL")
+    db.execute_sql("UPDATE controller_volume_attachment SET attach_status = 'attached'"
+                   " WHERE attach_status = 'detaching'")
+
+
 MIGRATIONS = [
     Migration(2, "controller_export.target_tid: the tgtd tid apart from the export id",
               _v2_target_tid),
@@ -121,5 +140,8 @@ MIGRATIONS = [
               " per project", _v3_volume_project),
     Migration(4, "controller_export.target_iqn indexed: the export reconcile compares tgtd's"
               " listing with the database a batch of targets at a time", _v4_export_target_iqn),
+    Migration(5, "controller_volume.detaching_instance: os-begin_detaching is one"
+              " compare-and-swap of the volume's row, which names the server whose detach"
+              " began", _v5_volume_detaching_instance),
 ]
 SCHEMA = Schema("controller", MODELS, MIGRATIONS)

@@ -7,7 +7,11 @@ share one database (and one tgtd): a volume's export is created, changed and
 removed only while holding the volume's lock (_volume_lock), which is a lock
 in this process and a lock in the database; the write transactions that take
 a volume's row lock take it first, so that they cannot deadlock on
-PostgreSQL."""
+PostgreSQL. os-attach, os-begin_detaching and os-roll_detaching take
+neither: each of their compare-and-swaps is one statement of its own
+(mark_attached says what is seen between os-attach's two). A detach in
+progress is recorded on the volume's row (detaching_instance), not on its
+attachment's (see _shown)."""
 
 from __future__ import annotations
 
@@ -99,6 +103,7 @@ class VolumeRow(NamedTuple):
     multiattach: bool
     status: str
     attach_status: str
+    detaching_instance: str | None
     path: str
     chap_username: str | None
     chap_secret: str | None
@@ -125,15 +130,15 @@ class AttachmentRow(NamedTuple):
 
 
 VOLUME_COLUMNS = (Volume.id, Volume.name, Volume.project_id, Volume.size_gb, Volume.multiattach,
-                  Volume.status, Volume.attach_status, Volume.path, Volume.chap_username,
-                  Volume.chap_secret, Volume.created_at, Volume.updated_at)
+                  Volume.status, Volume.attach_status, Volume.detaching_instance, Volume.path,
+                  Volume.chap_username, Volume.chap_secret, Volume.created_at, Volume.updated_at)
 ATTACHMENT_COLUMNS = (VolumeAttachment.id, VolumeAttachment.volume, VolumeAttachment.instance_uuid,
                       VolumeAttachment.attach_status, VolumeAttachment.mountpoint,
                       VolumeAttachment.attach_mode, VolumeAttachment.connector,
                       VolumeAttachment.created_at, VolumeAttachment.updated_at)
 _NV = len(VOLUME_COLUMNS)
 
-VolumeView = tuple[VolumeRow | Volume, list[AttachmentRow] | list[VolumeAttachment]]
+VolumeView = tuple[VolumeRow | Volume, list[AttachmentRow]]
 
 
 @dataclass(frozen=True)
@@ -161,12 +166,22 @@ class ExportRepair:
     targets_removed: int = 0
     acls_changed: int = 0
 
+
+def _of_server(v, s) -> peewee.Expression:
+    """The condition of server s's attachment of volume v (one at most)."""
+    return (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
+
+
+def _exists(condition: peewee.Expression) -> peewee.Expression:
+    """EXISTS an attachment on condition (a subquery of a statement on the hot path)."""
+    return peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(condition))
+
+
 # the selects of every request, compiled once
 _VOLUME = Prepared(lambda v: Volume.select().where(Volume.id == v), 1)
 _ATTACHMENTS = Prepared(lambda v: VolumeAttachment.select().where(VolumeAttachment.volume == v)
                         .order_by(VolumeAttachment.created_at), 1)
-_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.select().where(
-    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)), 2)
+_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.select().where(_of_server(v, s)), 2)
 _EXPORT = Prepared(lambda v: Export.select().where(Export.volume == v), 1)
 # the hot path: one statement per read, compare-and-swaps that return the row they
 # changed (RETURNING), no model instances
@@ -202,9 +217,8 @@ _NEW_EXPORT = Prepared(lambda v, iqn, now: Export.insert(
 _SET_CONNECTOR = Prepared(lambda a, c, now: VolumeAttachment.update(connector=c, updated_at=now)
                           .where(VolumeAttachment.id == a), 3)
 _DROP_CONNECTOR = Prepared(lambda v, s, now: VolumeAttachment.update(connector=None, updated_at=now)
-                           .where((VolumeAttachment.volume == v)
-                                  & (VolumeAttachment.instance_uuid == s)
-                                  & VolumeAttachment.connector.is_null(False)), 3)
+                           .where(_of_server(v, s) & VolumeAttachment.connector.is_null(False)),
+                           3)
 # unpublish/unreserve: the volume's export and the initiators still published, one read
 _REVOKE_VIEW = Prepared(lambda v: Volume.select(
     Volume.chap_username, Export.tid, Export.target_tid, VolumeAttachment.connector)
@@ -223,45 +237,63 @@ _DROP_UNUSED_EXPORT = Prepared(lambda v: Export.delete().where(
 _EXPORT_ROW = Prepared(lambda v: Export.select(Export.tid, Export.target_iqn, Export.target_tid)
                        .where(Export.volume == v), 1, ExportRow)
 # attachment_delete: the server's attachment in any state, with the connector it had
-_DELETE_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(
-    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s))
-    .returning(VolumeAttachment.connector), 2)
+_DELETE_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(_of_server(v, s))
+                              .returning(VolumeAttachment.connector), 2)
 _ATTACH_DONE = Prepared(lambda v, s, mountpoint, mode, now: VolumeAttachment.update(
     attach_status="attached", mountpoint=mountpoint, attach_mode=mode, updated_at=now)
-    .where((VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
-           & (VolumeAttachment.attach_status == "reserved"))
+    .where(_of_server(v, s) & (VolumeAttachment.attach_status == "reserved"))
     .returning(*ATTACHMENT_COLUMNS), 5, AttachmentRow)
-_VOLUME_IN_USE = Prepared(lambda v, now: Volume.update(
+# os-attach's second compare-and-swap, also run again by a retry: attaching -> in-use
+# when the server's attachment is attached at the mountpoint and no other is
+# reserved (a multiattach volume being attached to another server stays attaching)
+_VOLUME_IN_USE = Prepared(lambda v, s, mountpoint, now: Volume.update(
     status="in-use", attach_status="attached", updated_at=now)
-    .where((Volume.id == v) & (Volume.status == "attaching"))
-    .returning(*VOLUME_COLUMNS), 2, VolumeRow)
-_ATTACHMENT_DETACHING = Prepared(lambda v, s, now: VolumeAttachment.update(
-    attach_status="detaching", updated_at=now)
-    .where((VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
-           & (VolumeAttachment.attach_status == "attached"))
-    .returning(*ATTACHMENT_COLUMNS), 3, AttachmentRow)
-_VOLUME_DETACHING = Prepared(lambda v, now: Volume.update(status="detaching", updated_at=now)
-                             .where((Volume.id == v) & (Volume.status == "in-use")
-                                    & (Volume.attach_status == "attached"))
-                             .returning(*VOLUME_COLUMNS), 2, VolumeRow)
+    .where((Volume.id == v) & (Volume.status == "attaching")
+           & _exists(_of_server(v, s) & (VolumeAttachment.attach_status == "attached")
+                     & (VolumeAttachment.mountpoint == mountpoint))
+           & ~_exists((VolumeAttachment.volume == v)
+                      & (VolumeAttachment.attach_status == "reserved")))
+    .returning(*VOLUME_COLUMNS), 4, VolumeRow)
+# os-attach's undo when the volume had left attaching: the attachment reserved again
+_ATTACH_UNDONE = Prepared(lambda a, mountpoint, now: VolumeAttachment.update(
+    attach_status="reserved", mountpoint="", updated_at=now)
+    .where((VolumeAttachment.id == a) & (VolumeAttachment.attach_status == "attached")
+           & (VolumeAttachment.mountpoint == mountpoint)), 3)
+# os-begin_detaching: in-use -> detaching, naming the server, whose attachment must be
+# attached; returns the volume and that attachment (its columns one subquery each)
+_BEGIN_DETACHING = Prepared(lambda v, s, now: Volume.update(
+    status="detaching", detaching_instance=s, updated_at=now)
+    .where((Volume.id == v) & (Volume.status == "in-use") & (Volume.attach_status == "attached")
+           & _exists(_of_server(v, s) & (VolumeAttachment.attach_status == "attached")))
+    .returning(*VOLUME_COLUMNS, *(VolumeAttachment.select(c).where(_of_server(v, s))
+                                  for c in ATTACHMENT_COLUMNS)), 3)
+# os-roll_detaching: detaching -> in-use when the server's detach is the one begun
+_ROLL_DETACHING = Prepared(lambda v, s, now: Volume.update(
+    status="in-use", detaching_instance=None, updated_at=now)
+    .where((Volume.id == v) & (Volume.status == "detaching")
+           & (Volume.detaching_instance == s)), 3)
 _END_ATTACHMENT = Prepared(lambda v, s: VolumeAttachment.delete().where(
-    (VolumeAttachment.volume == v) & (VolumeAttachment.instance_uuid == s)
-    & VolumeAttachment.attach_status.in_(["attached", "detaching"])), 2)
+    _of_server(v, s) & (VolumeAttachment.attach_status == "attached")), 2)
 
 
 def _settle_query(from_statuses: Sequence[str]) -> Prepared:
-    """After an attachment ended, one compare-and-swap on from_statuses: in-use
-    while an attachment is attached, attaching while one is being made, else
-    available."""
+    """After an attachment ended, one compare-and-swap on from_statuses:
+    detaching while the attachment whose detach began (detaching_instance) is
+    there, in-use while an attachment is attached, attaching while one is
+    being made, else available; detaching_instance is cleared when the
+    attachment it names has ended."""
     def build(v, now):
         mine = VolumeAttachment.volume == v
-        attached = InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(
-            mine & (VolumeAttachment.attach_status == "attached"))))
-        other = InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(mine)))
+        live = mine & (VolumeAttachment.attach_status == "attached")
+        detaching = InSet(_exists(live & (VolumeAttachment.instance_uuid
+                                          == Volume.detaching_instance)))
+        attached, other = InSet(_exists(live)), InSet(_exists(mine))
         return Volume.update(
-            status=peewee.Case(None, [(attached, "in-use"), (other, "attaching")], "available"),
+            status=peewee.Case(None, [(detaching, "detaching"), (attached, "in-use"),
+                                      (other, "attaching")], "available"),
             attach_status=peewee.Case(None, [(attached, "attached"), (other, "attaching")],
                                       "detached"),
+            detaching_instance=peewee.Case(None, [(detaching, Volume.detaching_instance)]),
             updated_at=now,
         ).where((Volume.id == v) & Volume.status.in_(list(from_statuses))).returning(*VOLUME_COLUMNS)
     return Prepared(build, 2, VolumeRow)
@@ -274,6 +306,29 @@ _SETTLE = {tuple(f): _settle_query(f) for f in (("detaching", "in-use"), ("attac
 def _now() -> str:
     """utcnow as the hot path's statements bind it (the text peewee stores)."""
     return str(utcnow())
+
+
+def _shown_status(volume: VolumeRow | Volume, server_id: str, attach_status: str) -> str:
+    """An attachment's attach_status as callers see it: the row of the server
+    whose detach began (the volume's detaching_instance) stays attached in the
+    table and shows detaching."""
+    if attach_status == "attached" and server_id == volume.detaching_instance:
+        return "detaching"
+    return attach_status
+
+
+def _shown(volume: VolumeRow | Volume, attachments: list[AttachmentRow]) -> list[AttachmentRow]:
+    """The volume's attachments as every view shows them (_shown_status)."""
+    if volume.detaching_instance is None:
+        return attachments
+    return [a._replace(attach_status=_shown_status(volume, a.instance_uuid, a.attach_status))
+            for a in attachments]
+
+
+def _attachment_row(values: Sequence) -> AttachmentRow:
+    """ATTACHMENT_COLUMNS read by subqueries (which Prepared does not convert)."""
+    return AttachmentRow._make(v if v is None else c.python_value(v)
+                               for c, v in zip(ATTACHMENT_COLUMNS, values, strict=True))
 
 
 def _row_view(rows: list) -> tuple[VolumeRow, list[AttachmentRow]] | None:
@@ -388,10 +443,10 @@ class VolumeManager:
 
     @staticmethod
     def _visible(volume, attachments) -> VolumeView:
-        """(volume, attachments) for a caller who may see the volume."""
+        """(volume, attachments as shown) for a caller who may see the volume."""
         if not auth.current().sees(volume.project_id):
             raise not_found(volume.id)
-        return volume, attachments
+        return volume, _shown(volume, attachments)
 
     @with_connection
     def list(self, page_size: int, page_token: str = "", project_id: str | None = None):
@@ -408,12 +463,14 @@ class VolumeManager:
         volumes = list(query.limit(page_size + 1))
         more = len(volumes) > page_size
         volumes = volumes[:page_size]
-        attachments: dict[str, list[VolumeAttachment]] = {v.id: [] for v in volumes}
+        attachments: dict[str, list[AttachmentRow]] = {v.id: [] for v in volumes}
         if volumes:
-            for att in (VolumeAttachment.select()
+            for row in (VolumeAttachment.select(*ATTACHMENT_COLUMNS)
                         .where(VolumeAttachment.volume.in_(list(attachments)))
-                        .order_by(VolumeAttachment.created_at)):
+                        .order_by(VolumeAttachment.created_at).tuples()):
+                att = AttachmentRow(*row)
                 attachments[att.volume_id].append(att)
+        attachments = {v.id: _shown(v, attachments[v.id]) for v in volumes}
         token = pagetoken.encode("volumes", volumes[-1].created_at, volumes[-1].id) if more else ""
         return volumes, attachments, token
 
@@ -697,7 +754,8 @@ class VolumeManager:
                 raise not_found(volume_id)
             volume = VolumeRow(*row[:_NV])
             att_id, att_status, att_connector, att_mode, tid, target_iqn, target_tid = row[_NV:]
-            if att_id is None or att_status not in ("reserved", "attached"):
+            if att_id is None or _shown_status(volume, server_id, att_status) not in (
+                    "reserved", "attached"):
                 raise FailedPrecondition(
                     f"Invalid volume: volume {volume_id} is not reserved for instance {server_id}",
                     reason="VOLUME_NOT_RESERVED")
@@ -820,27 +878,42 @@ class VolumeManager:
 
     @with_connection
     def mark_attached(self, volume_id: str, server_id: str, mountpoint: str, mode: str) -> VolumeView:
-        """os-attach: attaching -> in-use."""
+        """os-attach: the attachment reserved -> attached, then the volume
+        attaching -> in-use; two compare-and-swaps, each a statement of its own
+        (no transaction). Between them, or when the process died there, the
+        attachment is attached and the volume still attaching (which refuses
+        other reservations); a retry for the same server and mountpoint runs
+        the volume's compare-and-swap again and completes it (the facade's
+        reconciler retries MarkAttached), and once the volume is in-use a retry
+        is answered with the view. Refused (VOLUME_NOT_RESERVED) when the
+        attachment is neither reserved nor attached at that mountpoint.
+
+        When the attachment's compare-and-swap succeeded but the volume's did
+        not: a volume in use (another attachment ended meanwhile and settled it
+        in-use, as this one was attached) is this attach done; any other state
+        means the volume is no longer being attached, so the attachment goes
+        back to reserved (a compare-and-swap; its mode stays the one given)
+        and the call is refused, as the single transaction that os-attach was
+        before rolled back."""
         _require_mode(mode)
-        with write_transaction(self.db):
-            self._lock_row(volume_id)
-            now = _now()
-            # attachment reserved -> attached, then volume attaching -> in-use: two
-            # compare-and-swaps; when either finds another state, nothing changes
-            att = _ATTACH_DONE.execute(volume_id, server_id, mountpoint, mode, now)
-            volume = _VOLUME_IN_USE.execute(volume_id, now) if att else None
-            if not volume:
-                view = self.get(volume_id)  # NotFound when there is no such volume
-                done = next((a for a in view[1] if a.instance_uuid == server_id), None)
-                if att or done is None or done.attach_status != "attached" \
-                        or done.mountpoint != mountpoint:
-                    raise FailedPrecondition(
-                        f"Invalid volume: volume {volume_id} is not being attached to instance"
-                        f" {server_id}", reason="VOLUME_NOT_RESERVED")
-                return view  # attached already (a retry)
-        if volume[0].multiattach:
-            return self.get(volume_id)
-        return self._visible(volume[0], att)
+        now = _now()
+        att = _ATTACH_DONE.execute(volume_id, server_id, mountpoint, mode, now)
+        volume = _VOLUME_IN_USE.execute(volume_id, server_id, mountpoint, now)
+        if att and volume and not volume[0].multiattach:
+            return self._visible(volume[0], att)
+        view = self.get(volume_id)  # NotFound when there is no such volume
+        if volume:
+            return view  # multiattach (the others' attachments too), or a retry completed it
+        mine = next((a for a in view[1] if a.instance_uuid == server_id), None)
+        if att:
+            if mine is not None and view[0].attach_status == "attached":
+                return view  # settled in-use meanwhile
+            _ATTACH_UNDONE.execute(att[0].id, mountpoint, _now())
+        elif mine is not None and (mine.attach_status, mine.mountpoint) == ("attached", mountpoint):
+            return view  # attached already (a retry)
+        raise FailedPrecondition(
+            f"Invalid volume: volume {volume_id} is not being attached to instance {server_id}",
+            reason="VOLUME_NOT_RESERVED")
 
     def _detach_precondition(self) -> FailedPrecondition:
         return FailedPrecondition(
@@ -849,36 +922,29 @@ class VolumeManager:
 
     @with_connection
     def begin_detaching(self, volume_id: str, server_id: str) -> VolumeView:
-        """os-begin_detaching: in-use -> detaching."""
-        with write_transaction(self.db):
-            self._lock_row(volume_id)
-            now = _now()
-            att = _ATTACHMENT_DETACHING.execute(volume_id, server_id, now)
-            volume = _VOLUME_DETACHING.execute(volume_id, now) if att else None
-            if not volume:
-                view = self.get(volume_id)  # NotFound when there is no such volume
-                mine = next((a for a in view[1] if a.instance_uuid == server_id), None)
-                if not att and mine is not None and mine.attach_status == "detaching":
-                    return view  # a retry
-                raise self._detach_precondition()  # (rolls the attachment's change back)
-        if volume[0].multiattach:
+        """os-begin_detaching: in-use -> detaching, one compare-and-swap of the
+        volume's row, which names server_id (detaching_instance); its
+        attachment's row stays attached and shows detaching. A retry by the
+        same server is answered with the view; another server's, while one
+        detach is in progress, is refused."""
+        changed = _BEGIN_DETACHING.execute(volume_id, server_id, _now())
+        if not changed:
+            view = self.get(volume_id)  # NotFound when there is no such volume
+            mine = next((a for a in view[1] if a.instance_uuid == server_id), None)
+            if mine is not None and mine.attach_status == "detaching":
+                return view  # a retry
+            raise self._detach_precondition()
+        volume = VolumeRow(*changed[0][:_NV])
+        if volume.multiattach:
             return self.get(volume_id)
-        return self._visible(volume[0], att)
+        return self._visible(volume, [_attachment_row(changed[0][_NV:])])
 
     @with_connection
     def roll_detaching(self, volume_id: str, server_id: str) -> VolumeView:
-        """os-roll_detaching: detaching -> in-use; idempotent."""
-        with write_transaction(self.db):
-            self._lock_row(volume_id)
-            self._get(volume_id)
-            rolled = (VolumeAttachment.update(attach_status="attached", updated_at=utcnow())
-                      .where((VolumeAttachment.volume == volume_id)
-                             & (VolumeAttachment.instance_uuid == server_id)
-                             & (VolumeAttachment.attach_status == "detaching")).execute())
-            if rolled:
-                (Volume.update(status="in-use", updated_at=utcnow())
-                 .where((Volume.id == volume_id) & (Volume.status == "detaching")).execute())
-            return self.get(volume_id)
+        """os-roll_detaching: detaching -> in-use when server_id's detach is the
+        one begun (one compare-and-swap); idempotent."""
+        _ROLL_DETACHING.execute(volume_id, server_id, _now())
+        return self.get(volume_id)  # NotFound when there is no such volume
 
     @with_connection
     def mark_detached(self, volume_id: str, server_id: str) -> VolumeView:

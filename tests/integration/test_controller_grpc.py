@@ -141,6 +141,34 @@ def test_attach_and_detach_bookkeeping_through_grpc(ctl):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_attachment_being_detached_shows_detaching_in_every_answer(ctl):
+    """The attachment's row stays attached while its detach runs (the volume
+    names the server): over gRPC it is DETACHING, as it always was."""
+    api = ctl.api
+    vol = api.CreateVolume(pb.CreateVolumeRequest(name="shown", size_gb=1, multiattach=True))
+    a, b = sid(), sid()
+    for srv, dev in ((a, "/dev/vdb"), (b, "/dev/vdc")):
+        api.ReserveVolume(pb.ReserveVolumeRequest(volume_id=vol.volume_id, server_id=srv))
+        api.MarkAttached(pb.MarkAttachedRequest(volume_id=vol.volume_id, server_id=srv,
+                                                mountpoint=dev))
+    ids = dict(volume_id=vol.volume_id, server_id=a)
+    expected = {a: types_pb2.ATTACH_STATUS_DETACHING, b: types_pb2.ATTACH_STATUS_ATTACHED}
+    answers = [api.BeginDetaching(pb.BeginDetachingRequest(**ids)),
+               api.BeginDetaching(pb.BeginDetachingRequest(**ids)),  # a retry
+               api.GetVolume(pb.GetVolumeRequest(volume_id=vol.volume_id)),
+               *[v for v in api.ListVolumes(pb.ListVolumesRequest()).volumes
+                 if v.volume_id == vol.volume_id]]
+    assert len(answers) == 4
+    for got in answers:
+        assert got.status == types_pb2.VOLUME_STATUS_DETACHING
+        assert {x.server_id: x.attach_status for x in got.attachments} == expected
+    err = fails(api.BeginDetaching, pb.BeginDetachingRequest(volume_id=vol.volume_id, server_id=b))
+    assert (err.code(), err.details()) == (grpc.StatusCode.FAILED_PRECONDITION, DETACH_MESSAGE)
+    got = api.RollDetaching(pb.RollDetachingRequest(**ids))
+    assert got.status == types_pb2.VOLUME_STATUS_IN_USE
+    assert {x.attach_status for x in got.attachments} == {types_pb2.ATTACH_STATUS_ATTACHED}
+
+
 def test_list_and_reconcile_exports_through_grpc(ctl):
     api = ctl.api
     vol = api.CreateVolume(pb.CreateVolumeRequest(name="exp", size_gb=1))

@@ -1,8 +1,8 @@
 """Schema upgrades: a database made by the previous schema (version 1, the
 tables frozen in tests/support/schema_v1.py) with rows in it is upgraded
 at start and then attaches and detaches; upgraded, its tables have every
-column of the current models; an old schema is refused when upgrading is
-switched off, a newer one always."""
+column of the current models, and a detach in progress is kept; an old
+schema is refused when upgrading is switched off, a newer one always."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import pytest
 
 from tests.integration.test_facade import Stack
 from tests.support import schema_v1 as v1
+from tests.support.fake_tgt import FakeTgtAdm
 from vmattach.common import migrations
 from vmattach.common.db import close_database, connect_database, open_database
 from vmattach.common.errors import FailedPrecondition
 from vmattach.common.secretbox import SecretBox
 from vmattach.controller import models as controller_models
+from vmattach.controller.volumes import VolumeManager
 from vmattach.server import models as server_models
 from vmattach.v1 import types_pb2
 
@@ -111,3 +113,35 @@ def test_an_old_schema_is_refused_without_upgrading_and_a_newer_one_always(datab
     with pytest.raises(FailedPrecondition) as err:
         open_database(database_url, schema.models, schema)
     assert err.value.reason == "SCHEMA_TOO_NEW"
+
+
+def test_a_detach_begun_before_version_5_is_recorded_on_its_volume(database_url, tmp_path):
+    """Version 5 keeps a detach in progress on the volume's row
+    (detaching_instance): an attachment row left `detaching` goes back to
+    attached, the volume names its server, and the views show it as before."""
+    rows = make_v1_database(database_url, tmp_path)
+    detaching, staying = str(uuid.uuid4()), str(uuid.uuid4())
+    db = connect_database(database_url, v1.CONTROLLER_MODELS)
+    with db.connection_context():
+        v1.Volume.update(status="detaching", attach_status="attached", multiattach=True).where(
+            v1.Volume.id == rows["kept"]).execute()
+        for server, state in ((detaching, "detaching"), (staying, "attached")):
+            v1.VolumeAttachment.create(id=str(uuid.uuid4()), volume=rows["kept"],
+                                       instance_uuid=server, attach_status=state,
+                                       mountpoint="/dev/vdb")
+    close_database(db)
+    schema = controller_models.SCHEMA
+    db = open_database(database_url, schema.models, schema)
+    with db.connection_context():
+        volume = controller_models.Volume.get_by_id(rows["kept"])
+        assert (volume.status, volume.detaching_instance) == ("detaching", detaching)
+        assert {a.instance_uuid: a.attach_status for a in controller_models.VolumeAttachment
+                .select()} == {detaching: "attached", staying: "attached"}
+    manager = VolumeManager(db, tmp_path / "volumes", FakeTgtAdm(), "127.0.0.1:3260",
+                            SecretBox.from_state_dir(str(tmp_path)))
+    _, atts = manager.get(rows["kept"])
+    assert {a.instance_uuid: a.attach_status for a in atts} == \
+        {detaching: "detaching", staying: "attached"}
+    volume, atts = manager.roll_detaching(rows["kept"], detaching)
+    assert (volume.status, {a.attach_status for a in atts}) == ("in-use", {"attached"})
+    close_database(db)

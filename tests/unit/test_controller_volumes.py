@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import sql_counter
 from tests.support.fake_tgt import FakeTarget, FakeTgtAdm, FakeTgtRunner
 from vmattach.common.db import open_database
 from vmattach.common.errors import (
@@ -637,6 +638,153 @@ def test_detaching_one_of_two_attachments_leaves_the_volume_in_use(env):
     volume, atts = env.m.mark_detached(vol.id, a)
     assert (volume.status, volume.attach_status) == ("in-use", "attached")
     assert [x.instance_uuid for x in atts] == [b]
+
+
+def _set_volume(env: Env, volume_id: str, **columns) -> None:
+    """Write the volume's row directly (a state left by a process that died)."""
+    with env.m.db.connection_context():
+        Volume.update(**columns).where(Volume.id == volume_id).execute()
+
+
+def _rows(env: Env, volume_id: str) -> tuple[Volume, dict[str, str]]:
+    """The volume's row and its attachments' statuses as the tables have them."""
+    with env.m.db.connection_context():
+        return Volume.get_by_id(volume_id), {
+            a.instance_uuid: a.attach_status
+            for a in VolumeAttachment.select().where(VolumeAttachment.volume == volume_id)}
+
+
+def _shown(atts) -> dict[str, str]:
+    return {a.instance_uuid: a.attach_status for a in atts}
+
+
+def test_a_retry_of_mark_attached_completes_an_attach_left_half_done(env):
+    """os-attach's two compare-and-swaps are statements of their own: a process
+    that died between them leaves the attachment attached and the volume
+    attaching; a retry for that mountpoint (the facade's reconciler) completes it."""
+    vol = env.m.create("half", 1, multiattach=True)
+    srv = server()
+    env.m.create_attachment(vol.id, srv, connector())
+    env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    _set_volume(env, vol.id, status="attaching", attach_status="attaching")
+    volume, atts = env.m.get(vol.id)
+    assert (volume.status, _shown(atts)) == ("attaching", {srv: "attached"})
+    with pytest.raises(FailedPrecondition):  # no other reservation meanwhile
+        env.m.reserve(vol.id, server())
+    with pytest.raises(FailedPrecondition) as err:  # nor a retry of another mountpoint
+        env.m.mark_attached(vol.id, srv, "/dev/vdc", "rw")
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    assert status(env.m, vol.id) == ("attaching", "attaching")
+    for _ in range(2):  # and then idempotent
+        volume, [att] = env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+        assert (volume.status, volume.attach_status, att.attach_status, att.mountpoint) == \
+            ("in-use", "attached", "attached", "/dev/vdb")
+
+
+def test_a_late_retry_of_mark_attached_leaves_another_servers_reservation_attaching(env):
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b = server(), server()
+    env.m.reserve(vol.id, a)
+    env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    env.m.reserve(vol.id, b)
+    volume, atts = env.m.mark_attached(vol.id, a, "/dev/vdb", "rw")
+    assert (volume.status, _shown(atts)) == ("attaching", {a: "attached", b: "reserved"})
+    volume, atts = env.m.mark_attached(vol.id, b, "/dev/vdc", "rw")
+    assert (volume.status, _shown(atts)) == ("in-use", {a: "attached", b: "attached"})
+
+
+@pytest.mark.parametrize("meanwhile", ["in-use", "available"])
+def test_mark_attached_when_the_volume_left_attaching_meanwhile(env, meanwhile):
+    """The attachment's compare-and-swap succeeds, the volume's does not: a
+    volume settled in-use meanwhile is the attach done; in any other state the
+    attach is refused and the attachment is reserved again."""
+    vol = env.m.create("left", 1)
+    srv = server()
+    env.m.reserve(vol.id, srv)
+    _set_volume(env, vol.id, status=meanwhile,
+                attach_status="attached" if meanwhile == "in-use" else "detached")
+    if meanwhile == "in-use":
+        volume, [att] = env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+        assert (volume.status, att.attach_status, att.mountpoint) == ("in-use", "attached", "/dev/vdb")
+        return
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    volume, [att] = env.m.get(vol.id)
+    assert (volume.status, att.attach_status, att.mountpoint) == ("available", "reserved", "")
+
+
+def test_begin_detaching_is_recorded_on_the_volume_and_every_view_shows_the_attachment_detaching(env):
+    volume_id, srv, _ = attached(env)
+    for _ in range(2):  # a retry is answered with the same view
+        volume, [att] = env.m.begin_detaching(volume_id, srv)
+        assert (volume.status, volume.attach_status, att.attach_status, att.mountpoint) == \
+            ("detaching", "attached", "detaching", "/dev/vdb")
+        assert (volume, [att]) == env.m.get(volume_id)
+    _, attachments, _ = env.m.list(10)
+    assert _shown(attachments[volume_id]) == {srv: "detaching"}
+    row, rows = _rows(env, volume_id)
+    assert (row.status, row.detaching_instance, rows) == ("detaching", srv, {srv: "attached"})
+    # an attachment being detached is neither published nor marked attached again
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.publish(volume_id, srv, connector())
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.mark_attached(volume_id, srv, "/dev/vdb", "rw")
+    assert err.value.reason == "VOLUME_NOT_RESERVED"
+    volume, [att] = env.m.roll_detaching(volume_id, srv)
+    assert (volume.status, att.attach_status) == ("in-use", "attached")
+    assert _rows(env, volume_id)[0].detaching_instance is None
+
+
+def test_one_detach_at_a_time_on_a_multiattach_volume(env):
+    """While one server's detach runs, another's begin_detaching is refused and
+    its roll_detaching changes nothing; another attachment ending keeps the
+    volume detaching; the one named ending clears it."""
+    vol = env.m.create("shared", 1, multiattach=True)
+    a, b, c = server(), server(), server()
+    for srv in (a, b, c):
+        env.m.reserve(vol.id, srv)
+        env.m.mark_attached(vol.id, srv, "/dev/vdb", "rw")
+    volume, atts = env.m.begin_detaching(vol.id, a)
+    assert (volume.status, _shown(atts)) == ("detaching", {a: "detaching", b: "attached", c: "attached"})
+    with pytest.raises(FailedPrecondition) as err:
+        env.m.begin_detaching(vol.id, b)
+    assert err.value.message == DETACH_MESSAGE
+    volume, atts = env.m.roll_detaching(vol.id, b)
+    assert (volume.status, _shown(atts)) == ("detaching", {a: "detaching", b: "attached", c: "attached"})
+    volume, atts = env.m.mark_detached(vol.id, b)
+    assert (volume.status, _shown(atts)) == ("detaching", {a: "detaching", c: "attached"})
+    volume, atts = env.m.delete_attachment(vol.id, a)
+    assert (volume.status, volume.attach_status, _shown(atts)) == ("in-use", "attached", {c: "attached"})
+    assert _rows(env, vol.id)[0].detaching_instance is None
+    volume, atts = env.m.begin_detaching(vol.id, c)  # the next detach may begin
+    assert (volume.status, _shown(atts)) == ("detaching", {c: "detaching"})
+    volume, atts = env.m.mark_detached(vol.id, c)
+    assert (volume.status, volume.attach_status, atts) == ("available", "detached", [])
+    assert _rows(env, vol.id)[0].detaching_instance is None
+
+
+def test_os_attach_is_two_statements_and_os_begin_detaching_one(env):
+    """Counted by SQLite's trace (BEGIN and COMMIT included): no transaction."""
+    if env.sqlite_path is None:
+        pytest.skip("statements are counted by SQLite's trace")
+    counter = sql_counter.install()  # traces the connections opened from now on
+    try:
+        db = open_database(env.db_url, MODELS)
+        m = VolumeManager(db, env.m.volume_dir, FakeTgtAdm(), PORTAL, env.box)
+        vol = m.create("counted", 1)
+        srv = server()
+        m.create_attachment(vol.id, srv, connector())
+        spent = []
+        for call, args in ((m.mark_attached, ("/dev/vdb", "rw")), (m.begin_detaching, ())):
+            before = counter.total()
+            call(vol.id, srv, *args)
+            spent.append(counter.total() - before)
+        db.close()
+    finally:
+        counter.uninstall()
+    assert spent == [2, 1]
 
 
 @pytest.mark.parametrize("op", ["mark_attached", "begin_detaching", "roll_detaching", "mark_detached"])
