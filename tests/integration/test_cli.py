@@ -277,7 +277,8 @@ def test_a_long_attach_shows_its_step_on_a_terminal(stack):
     code, out, terminal = on_terminal(stack, "volume", "attach", "web", "data1", "-f", "json")
     assert code == 0, terminal
     assert json.loads(out)["state"] == "attached"
-    assert "attaching data1 to web: attaching (create_attachment)" in terminal
+    # (an attach records no step between the row's insert and its end)
+    assert "attaching data1 to web: attaching (bdm_insert)" in terminal
     assert terminal.endswith("\r\x1b[K")  # the line is cleared at the end
 
 
