@@ -309,10 +309,13 @@ class _Constant:
 
 
 def _converter(column) -> Callable[[Any], Any] | None:
-    """The python_value of a selected field (None for an expression)."""
+    """The python_value of a selected field, or of the one field a scalar
+    subquery selects (None for another expression)."""
     field = column
     if isinstance(field, peewee.Alias):
         field = field.node
+    if isinstance(field, peewee.SelectQuery) and len(field._returning) == 1:
+        field = field._returning[0]
     if isinstance(field, peewee.DateTimeField):
         return _datetime_value(field)
     if isinstance(field, peewee.Field):

@@ -325,12 +325,6 @@ def _shown(volume: VolumeRow | Volume, attachments: list[AttachmentRow]) -> list
             for a in attachments]
 
 
-def _attachment_row(values: Sequence) -> AttachmentRow:
-    """ATTACHMENT_COLUMNS read by subqueries (which Prepared does not convert)."""
-    return AttachmentRow._make(v if v is None else c.python_value(v)
-                               for c, v in zip(ATTACHMENT_COLUMNS, values, strict=True))
-
-
 def _row_view(rows: list) -> tuple[VolumeRow, list[AttachmentRow]] | None:
     """_VIEW's rows -> the volume and its attachments."""
     if not rows:
@@ -937,7 +931,7 @@ class VolumeManager:
         volume = VolumeRow(*changed[0][:_NV])
         if volume.multiattach:
             return self.get(volume_id)
-        return self._visible(volume, [_attachment_row(changed[0][_NV:])])
+        return self._visible(volume, [AttachmentRow(*changed[0][_NV:])])
 
     @with_connection
     def roll_detaching(self, volume_id: str, server_id: str) -> VolumeView:
