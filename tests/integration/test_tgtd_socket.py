@@ -173,3 +173,18 @@ def test_the_setting_takes_socket_or_tgtadm():
     assert load(None, environ={"VMATTACH_TGT_CONTROL": "tgtadm"}).tgt_control == "tgtadm"
     with pytest.raises(InvalidArgument, match="setting tgt_control: 'pipe' is not one of"):
         load(None, environ={"VMATTACH_TGT_CONTROL": "pipe"})
+
+
+def test_a_target_whose_lun_is_refused_leaves_nothing_on_tgtd(both, tmp_path):
+    """A refused LUN removes the target and the account the call made, and
+    the same target made again afterwards is whole."""
+    commands, direct = both
+    with pytest.raises(CommandError, match="logicalunit"):
+        direct.create_target(7, iqn(), str(tmp_path / "missing"), "user7", "secret-seven",
+                             INITIATOR)
+    assert commands.find(7) is None
+    accounts = commands.runner.run(commands._argv("--mode", "account", "--op", "show")).stdout
+    assert "user7" not in accounts
+    direct.create_target(7, iqn(), backing(tmp_path, "c"), "user7", "secret-seven", INITIATOR)
+    made = commands.find(7)
+    assert made is not None and made.accounts == ["user7"] and made.acls == [INITIATOR]
