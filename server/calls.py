@@ -104,9 +104,9 @@ class ControllerCalls:
             timeout=_seconds(timeout)).connection_info
 
     def mark_attached(self, volume_id: str, server_id: str, device: str,
-                      timeout: Time, mode: str = "rw") -> None:
-        """os-attach."""
-        call(self.stub.MarkAttached, cpb.MarkAttachedRequest(
+                      timeout: Time, mode: str = "rw") -> cpb.Volume:
+        """os-attach; the volume as attached."""
+        return call(self.stub.MarkAttached, cpb.MarkAttachedRequest(
             volume_id=volume_id, server_id=server_id, mountpoint=device,
             mode=ACCESS_MODE.to_pb(mode)),
             timeout=_seconds(timeout))

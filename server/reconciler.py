@@ -18,10 +18,10 @@ the same row, and then:
   steps from begin_detaching on unless the row says the guest released the
   disk; when the guest does not release it, rolls the detach back instead.
 
-A facade records no progress of its own between bdm_insert and the end of
-an attach, nor after the node's call in a detach, unless a later step fails
-(two writes fewer per attach, one per detach): for a facade that died there,
-what the Controller and the domain show is the record.
+A facade writes an attach's row twice (bdm_insert, then the end) and a
+detach's twice (the take, then the soft delete), and records a step in
+between only when a later step fails: for a facade that died there, what
+the Controller and the domain show is the record.
 """
 
 from __future__ import annotations
@@ -162,10 +162,10 @@ class Reconciler:
         return op
 
     def _roll_attach_forward(self, bdm: BDM, info: types_pb2.ConnectionInfo) -> str:
-        self.controller.mark_attached(bdm.volume_id, bdm.instance_uuid, bdm.device_name,
-                                      UNDO_TIMEOUT,
-                                      ACCESS_MODE.to_word(info.data.access_mode, default="rw"))
-        self.bdms.attached(bdm, info)
+        volume = self.controller.mark_attached(
+            bdm.volume_id, bdm.instance_uuid, bdm.device_name, UNDO_TIMEOUT,
+            ACCESS_MODE.to_word(info.data.access_mode, default="rw"))
+        self.bdms.attached(bdm, info, volume_size=volume.size_gb)  # as the facade writes it
         LOG.info("attach of %s to %s rolled forward", bdm.volume_id, bdm.instance_uuid)
         return "rolled_forward"
 

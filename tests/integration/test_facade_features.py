@@ -287,8 +287,8 @@ def _left_by_a_dead_facade(stack, volume_id) -> None:
     and bdm_attached: attaching, last record bdm_insert, no connection_info,
     nobody's."""
     with stack.facade.db.connection_context():
-        BDM.update(state="attaching", progress="bdm_insert", owner=None,
-                   connection_info=None).where(BDM.volume_id == volume_id).execute()
+        BDM.update(state="attaching", progress="bdm_insert", owner=None, connection_info=None,
+                   volume_size=None).where(BDM.volume_id == volume_id).execute()
 
 
 def _disk_gone(stack, server_id, volume_id) -> None:
@@ -318,6 +318,7 @@ def test_a_dead_facades_attach_waits_for_the_node_then_rolls_forward(stack):
     assert reconcile(stack) == 1
     stack.assert_attached(server_id, volume_id, att.device)
     [row] = stack.live_bdms(volume_id)
+    assert row.volume_size == 1
     info = stack.facade.bdms.unseal(row.connection_info)
     assert (info.serial, info.data.auth_method) == (volume_id, types_pb2.AUTH_METHOD_CHAP)
     assert info.data.auth_password  # sealed on the row, whole again when unsealed
