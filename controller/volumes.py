@@ -173,7 +173,7 @@ def _of_server(v, s) -> peewee.Expression:
 
 
 def _exists(condition: peewee.Expression) -> peewee.Expression:
-    """EXISTS an attachment on condition (a subquery of a statement on the hot path)."""
+    """EXISTS an attachment on condition (a subquery of the statement)."""
     return peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id).where(condition))
 
 
@@ -230,9 +230,8 @@ _REVOKE_VIEW = Prepared(lambda v: Volume.select(
 _DELETE_EXPORT = Prepared(lambda t: Export.delete().where(Export.tid == t), 1)
 # the export's row, when no attachment of the volume is published any more
 _DROP_UNUSED_EXPORT = Prepared(lambda v: Export.delete().where(
-    (Export.volume == v) & ~InSet(peewee.fn.EXISTS(VolumeAttachment.select(VolumeAttachment.id)
-                                                  .where((VolumeAttachment.volume == v)
-                                                         & VolumeAttachment.connector.is_null(False)))))
+    (Export.volume == v) & ~InSet(_exists((VolumeAttachment.volume == v)
+                                          & VolumeAttachment.connector.is_null(False))))
     .returning(Export.tid, Export.target_tid), 1)
 _EXPORT_ROW = Prepared(lambda v: Export.select(Export.tid, Export.target_iqn, Export.target_tid)
                        .where(Export.volume == v), 1, ExportRow)
@@ -522,8 +521,7 @@ class VolumeManager:
             changed = (Volume.update(status="deleting", updated_at=utcnow())
                        .where((Volume.id == volume_id)
                               & Volume.status.in_(["available", "error", "creating", "deleting"])
-                              & ~peewee.fn.EXISTS(VolumeAttachment.select().where(
-                                  VolumeAttachment.volume == Volume.id)))
+                              & ~_exists(VolumeAttachment.volume == Volume.id))
                        .execute())
             if not changed:
                 volume = Volume.get_or_none(Volume.id == volume_id)
