@@ -50,7 +50,8 @@ def _taken_for_detach(owner, now) -> dict:
 
 
 _TAKE_FOR_DETACH = Prepared(lambda i, owner, now: BDM.update(_taken_for_detach(owner, now))
-                            .where((BDM.id == i) & (BDM.state == "attached")), 3)
+                            .where((BDM.id == i) & (BDM.state == "attached"))
+                            .returning(*_BDM_FIELDS), 3)
 
 
 def _take_attached(scoped: bool) -> Prepared:
@@ -356,10 +357,13 @@ class BdmStore:
         return _bdm_of(rows[0]) if rows else None
 
     @staticmethod
-    def take_for_detach(bdm: BDM, owner: str) -> bool:
-        """attached -> detaching, one compare-and-swap; False when the row is
-        not attached (another operation runs)."""
-        return bool(_TAKE_FOR_DETACH.execute(bdm.id, owner, str(utcnow())))
+    def take_for_detach(bdm: BDM, owner: str) -> BDM | None:
+        """attached -> detaching, one compare-and-swap; the row as taken (not
+        as bdm was read: an attach may have ended since, writing its
+        connection_info), or None when it is not attached (another operation
+        runs)."""
+        rows = _TAKE_FOR_DETACH.execute(bdm.id, owner, str(utcnow()))
+        return _bdm_of(rows[0]) if rows else None
 
     @staticmethod
     def soft_delete(bdm_id: int) -> None:

@@ -280,10 +280,11 @@ class Facade:
             raise not_attached(server_id, volume_id)
         if bdm.state == "attached":
             check_server_state("detach_volume", server)
-        if not self.bdms.take_for_detach(bdm, self.instance_id):
+        taken = self.bdms.take_for_detach(bdm, self.instance_id)
+        if taken is None:
             raise Aborted(f"volume {volume_id} is being {bdm.state[:-3]}ed on server {server_id}",
                           reason="OPERATION_IN_PROGRESS")
-        return bdm
+        return taken
 
     def _unplug_happened(self, bdm: BDM, node: NodeCalls, error: VmattachError) -> bool:
         """After the node did not answer an unpublish: True when the domain
@@ -424,7 +425,8 @@ class Facade:
         steps 1-7, then, for a server that is gone, delete_on_termination.
         False when another operation holds the row."""
         server_id, volume_id = bdm.instance_uuid, bdm.volume_id
-        if not self.bdms.take_for_detach(bdm, self.instance_id):
+        bdm = self.bdms.take_for_detach(bdm, self.instance_id)
+        if bdm is None:
             return False
         try:
             try:

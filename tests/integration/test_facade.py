@@ -287,6 +287,29 @@ def test_detach_of_a_row_without_connection_info_still_takes_the_disk_out(stack)
     assert (row.state, row.progress, row.owner) == ("detaching", "node_unpublish", None)
 
 
+def test_a_detach_that_read_the_row_while_its_attach_ran_uses_the_row_as_taken(stack):
+    """The detach reads the row while another facade's attach still runs
+    (attaching, no connection_info yet); the attach ends before the detach
+    takes the row. The detach goes on with the row as its compare-and-swap
+    returned it, connection_info included, not as it was read."""
+    server_id, volume_id = stack.server(), stack.volume()
+    stack.client.attach_volume(server_id, volume_id)
+    with stack.facade.db.connection_context():
+        [row] = BDM.select().where(BDM.volume_id == volume_id)
+        BDM.update(state="attaching", connection_info=None).where(BDM.id == row.id).execute()
+    read = stack.facade.bdms.server_and_rows
+
+    def read_then_the_attach_ends(server):
+        seen = read(server)
+        BDM.update(state="attached", connection_info=row.connection_info) \
+            .where(BDM.id == row.id).execute()
+        return seen
+
+    stack.facade.bdms.server_and_rows = read_then_the_attach_ends
+    stack.client.detach_volume(server_id, volume_id)
+    stack.assert_clean(server_id, volume_id)
+
+
 def test_guest_that_never_releases_the_disk_keeps_it_attached(stack):
     server_id, volume_id = stack.server(never_releases=True), stack.volume()
     att = stack.client.attach_volume(server_id, volume_id)
