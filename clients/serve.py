@@ -31,6 +31,7 @@ from vmattach.common.grpcutil import (
 from vmattach.common.health import Health
 from vmattach.common.inprocess import Dispatcher, InProcessChannel
 from vmattach.common.runner import CommandRunner
+from vmattach.common.turns import Turns
 from vmattach.common.version import version
 from vmattach.controller import app as controller_app
 from vmattach.controller import models as controller_models
@@ -153,9 +154,10 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
     authn, closers = authenticator(settings, names)
     files = tls.TlsFiles.of(settings)
     credentials = files.server_credentials() if files.enabled else None
+    turns = Turns() if settings.call_turns else None
     server, port = new_server(settings.listen, interceptors=interceptors,
                               credentials=credentials, authenticator=authn,
-                              limits=call_limits(settings, names))
+                              limits=call_limits(settings, names), turns=turns)
     services: list[Service] = []
     if "controller" in names:
         services.append(controller_app.build(settings, runner))
@@ -174,13 +176,13 @@ def start(settings: Settings, runner: CommandRunner | None = None, hypervisor=No
             if settings.internal_calls == "in-process":
                 # called in the facade's threads, through the interceptors of a server
                 local = InProcessChannel(Dispatcher(
-                    services, [*interceptors, ErrorInterceptor(authn, internal_limits)]),
+                    services, [*interceptors, ErrorInterceptor(authn, internal_limits, turns)]),
                     [own_address])
             else:
                 # loopback only, plain text: the facade's calls carry the service token
                 internal, internal_port = new_server(
                     "127.0.0.1:0", interceptors=interceptors, authenticator=authn,
-                    limits=internal_limits)
+                    limits=internal_limits, turns=turns)
                 start_server(internal, services, health)
                 own_address = internal_address = f"127.0.0.1:{internal_port}"
         services.append(servers_app.build(settings, own_address, internal_address,

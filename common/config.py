@@ -113,6 +113,11 @@ class Settings:
                                " its own process: in-process (in the calling thread, through"
                                " the same interceptors and handlers) or grpc (through a loopback"
                                " gRPC server)")
+    call_turns: bool = _opt(True, "the calls this process serves run their Python one at a"
+                            " time, each giving its turn up while it waits on a command, libvirtd,"
+                            " another service, a database server, a lock or an event"
+                            " (docs/architecture.md, \"Turns\"); false:"
+                            " all at once, under the interpreter's lock", flag)
     server_refresh_interval: float = _opt(30.0, "seconds between refreshes of the server list", float)
     reconcile_interval: float = _opt(10.0, "seconds between two runs of the reconcilers", float)
     owner_lease: float = _opt(15.0, "seconds after which an operation whose facade stopped"

@@ -19,6 +19,8 @@ import peewee
 from playhouse.db_url import connect
 from playhouse.pool import PooledDatabase
 
+from vmattach.common import turns
+
 
 def utcnow() -> datetime.datetime:
     """Naive UTC, as every vmattach table stores it."""
@@ -71,11 +73,28 @@ def connect_database(url: str, models: Iterable[type[peewee.Model]]) -> peewee.D
         db = connect(url, autoconnect=False, **options)
     if is_sqlite(db):
         _serialise_writers(db)
+    else:
+        _outside_turns(db)
     db.bind(list(models), bind_refs=False, bind_backrefs=False)
     return db
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
+
+
+def _outside_turns(db: peewee.Database) -> None:
+    """A database server's statements (and its pool's waits for a
+    connection) run outside the calling thread's turn (common/turns.py): a
+    round trip, or a row lock another transaction holds. SQLite's are kept
+    in the turn: a local statement takes microseconds."""
+    def outside(fn):
+        def call(*args, **kwargs):
+            with turns.outside():
+                return fn(*args, **kwargs)
+        return call
+
+    for name in ("begin", "commit", "rollback", "execute_sql", "connect"):
+        setattr(db, name, outside(getattr(db, name)))
 
 
 def _serialise_writers(db: peewee.Database) -> None:
@@ -95,7 +114,7 @@ def _serialise_writers(db: peewee.Database) -> None:
             lock.release()
 
     def locked_begin(*args, **kwargs):
-        lock.acquire()
+        turns.acquire(lock)
         try:
             begin(*args, **kwargs)
         except BaseException:
@@ -115,7 +134,7 @@ def _serialise_writers(db: peewee.Database) -> None:
 
     def locked_execute_sql(sql, *args, **kwargs):
         if sql[:6].upper() in _WRITES and not db.in_transaction():
-            with lock:
+            with turns.holding(lock):
                 return execute_sql(sql, *args, **kwargs)
         return execute_sql(sql, *args, **kwargs)
 

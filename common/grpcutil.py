@@ -4,6 +4,7 @@ the exception hierarchy."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from vmattach.common.health import Health, Probes
 from vmattach.common.redact import mask, redacted, secrets_of
 from vmattach.common.rules import prefix
 from vmattach.common.tls import TlsFiles
+from vmattach.common.turns import Turns, outside, result
 
 LOG = logging.getLogger(__name__)
 AUDIT = logging.getLogger("vmattach.audit")
@@ -157,9 +159,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     before anything else is done for it."""
 
     def __init__(self, authenticator: auth.Authenticator | None = None,
-                 limits: CallLimits | None = None):
+                 limits: CallLimits | None = None, turns: Turns | None = None):
         self.authenticator = authenticator
         self.limits = limits
+        self.turns = turns
         # method -> its wrapped handler: the wrapping depends on nothing but the method
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -182,10 +185,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         rule = auth.rule_of(method)
         service, short = obs.split_method(method)
         level = logging.DEBUG if service in obs.QUIET_SERVICES else logging.INFO
+        # a health check is answered at once, not after the calls waiting for their turn
+        turn = self.turns.turn if self.turns is not None and service not in obs.QUIET_SERVICES \
+            else contextlib.nullcontext
 
         def unary(request, context):
             rid = obs.accepted_request_id(_metadata_value(context, obs.REQUEST_ID_HEADER))
-            with obs.request_context(rid):
+            with obs.request_context(rid), turn():
                 return _unary(request, context)
 
         def _unary(request, context):
@@ -271,20 +277,22 @@ def new_server(address: str, max_workers: int = 32,
                interceptors: Iterable[grpc.ServerInterceptor] = (), *,
                credentials: grpc.ServerCredentials | None = None,
                authenticator: auth.Authenticator | None = None,
-               limits: CallLimits | None = None) -> tuple[grpc.Server, int]:
+               limits: CallLimits | None = None,
+               turns: Turns | None = None) -> tuple[grpc.Server, int]:
     """A server bound to address (port 0: a free port); not started yet.
     Extra interceptors (tests record or delay calls with them) run outside
     the error mapping. With credentials it speaks TLS; with an authenticator
     every call is authenticated and authorised (common/auth.py). With limits
     (CallLimits) it has their threads (the sum of the services' limits and
     SPARE_THREADS, instead of max_workers) and holds at most QUEUE_FACTOR
-    times as many calls at once."""
+    times as many calls at once. With turns, its calls run their Python one
+    at a time (common/turns.py)."""
     maximum = None
     if limits is not None:
         max_workers = limits.threads()
         maximum = QUEUE_FACTOR * max_workers
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[*interceptors, ErrorInterceptor(authenticator, limits)],
+                         interceptors=[*interceptors, ErrorInterceptor(authenticator, limits, turns)],
                          options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=maximum)
     try:
         if credentials is not None:
@@ -367,7 +375,12 @@ class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor):
 class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
     """Every outgoing call: the request id of the call being served (when
     there is one) in its x-request-id metadata, and its outcome in
-    grpc_client_handled_total / grpc_client_handling_seconds."""
+    grpc_client_handled_total / grpc_client_handling_seconds. On a channel
+    to another process (remote), a call's wait is outside the caller's turn
+    (common/turns.py)."""
+
+    def __init__(self, remote: bool = False):
+        self.remote = remote
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         details = client_call_details
@@ -389,7 +402,11 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
                 code = "UNKNOWN"
             obs.observe_client_call(method, code, time.perf_counter() - start)
 
-        outcome = continuation(details, request)
+        if self.remote:
+            with outside():  # a blocking call waits for its answer in there
+                outcome = continuation(details, request)
+        else:  # answered in this thread (common/inprocess.py), in this call's turn
+            outcome = continuation(details, request)
         outcome.add_done_callback(observe)
         return outcome
 
@@ -406,15 +423,16 @@ def channel(address: str, retries: bool = True, *, tls: TlsFiles | None = None,
         ch = grpc.secure_channel(address, tls.channel_credentials(), options=options)
     else:
         ch = grpc.insecure_channel(address, options=options)
-    return intercepted(ch, metadata)
+    return intercepted(ch, metadata, remote=True)
 
 
-def intercepted(ch: grpc.Channel, metadata=()) -> grpc.Channel:
+def intercepted(ch: grpc.Channel, metadata=(), remote: bool = False) -> grpc.Channel:
     """ch with vmattach's client interceptors: metadata (e.g. the
-    authorization header) on every call, request ids and call metrics."""
+    authorization header) on every call, request ids and call metrics;
+    remote: ch leads to another process (ClientInterceptor)."""
     if metadata:
         ch = grpc.intercept_channel(ch, MetadataInterceptor(metadata))
-    return grpc.intercept_channel(ch, ClientInterceptor())
+    return grpc.intercept_channel(ch, ClientInterceptor(remote))
 
 
 def error_from_rpc(err: grpc.RpcError) -> VmattachError:
@@ -460,7 +478,7 @@ def begin(method, request, *, timeout: float | None = None, metadata=None) -> Ca
 
     def answer():
         try:
-            return future.result()
+            return result(future)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
     return answer

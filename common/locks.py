@@ -6,6 +6,7 @@ import threading
 from collections import defaultdict
 from contextlib import contextmanager
 
+from vmattach.common import turns
 from vmattach.common.errors import Aborted
 
 
@@ -23,7 +24,7 @@ class KeyedLocks:
             lock = self._locks.setdefault(key, threading.Lock())
             self._users[key] += 1
         try:
-            with lock:
+            with turns.holding(lock):
                 yield
         finally:
             with self._guard:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from vmattach.common.errors import BackendError
 from vmattach.common.redact import mask
 from vmattach.common.rules import prefix
+from vmattach.common.turns import outside
 
 LOG = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class CommandRunner:
         """Run argv (never through a shell); input, when given, is its stdin."""
         LOG.debug("run: %s", shown(argv, secrets))
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True, input=input,
-                                  timeout=timeout or self.timeout, check=False)
+            with outside():
+                proc = subprocess.run(list(argv), capture_output=True, text=True, input=input,
+                                      timeout=timeout or self.timeout, check=False)
         except subprocess.TimeoutExpired:
             raise BackendError(f"command timed out: {shown(argv, secrets)}",
                                reason="COMMAND_TIMEOUT") from None
@@ -97,7 +99,7 @@ class CommandRunner:
         CommandError when the command failed (its stderr is kept in a file
         meanwhile, so that it cannot block on a full pipe)."""
         LOG.debug("run: %s", shown(argv))
-        with tempfile.TemporaryFile() as err:
+        with outside(), tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=err,
                                         stdin=subprocess.DEVNULL, text=True)

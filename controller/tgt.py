@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vmattach.common.runner import CommandError, CommandRunner, Result
+from vmattach.common.turns import outside, wait
 
 # The default prefix (Cinder's): the volume id follows. A setting (iqn_prefix).
 IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
@@ -121,6 +122,7 @@ class TgtAdm:
                 calls[0]()
         except Exception as exc:
             first = exc
+        wait(futures)
         for future in futures:
             first = first or future.exception()
         if first is not None:
@@ -188,7 +190,8 @@ class TgtAdm:
             if attempt == attempts:
                 raise CommandError(self._argv("--mode", "logicalunit", "--op", "delete",
                                               "--tid", str(tid), "--lun", str(lun)), result)
-            time.sleep(0.05 * attempt)
+            with outside():
+                time.sleep(0.05 * attempt)
         self._run("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
                   "--backing-store", backing_store)
 

@@ -9,6 +9,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
+from vmattach.common.turns import outside
 from vmattach.node.hypervisor import DetachOutcome
 
 
@@ -78,7 +79,7 @@ class ServerEvents:
     def wait(self, after: int, timeout: float) -> tuple[list[ServerEvent], int, bool]:
         """(events after `after`, the last number, whether some were dropped),
         waiting up to timeout seconds for the first one."""
-        with self._cond:
+        with outside(), self._cond:
             if after > self._seq:  # a number of another epoch: start over
                 after = 0
             self._cond.wait_for(lambda: self._seq > after, timeout=max(timeout, 0))

@@ -14,6 +14,7 @@ from typing import TypeVar
 import libvirt
 
 from vmattach.common.errors import BackendError, NotFound
+from vmattach.common.turns import outside
 from vmattach.node.domxml import disk_xml, find_disk_xml, parse_disks, read_domain, secret_xml
 from vmattach.node.events import DeviceWaiters, Waiter
 from vmattach.node.hypervisor import (
@@ -184,7 +185,12 @@ class LibvirtHypervisor(Hypervisor):
     def _call(self, what: str, fn: Callable[[libvirt.virConnect], T],
               server_id: str = "") -> T:
         """fn(connection), reconnecting once when the connection was lost;
-        libvirt errors become NotFound / BackendError."""
+        libvirt errors become NotFound / BackendError. libvirtd's answer is
+        waited for outside the calling thread's turn (common/turns.py)."""
+        with outside():
+            return self._calling(what, fn, server_id)
+
+    def _calling(self, what: str, fn: Callable[[libvirt.virConnect], T], server_id: str) -> T:
         for attempt in (1, 2):
             conn = self._connection()
             try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from vmattach.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from vmattach.common.locks import InProgress, KeyedLocks
 from vmattach.common.rules import MAX_VOLUMES_PER_SERVER, disk_device
+from vmattach.common.turns import outside
 from vmattach.node.connectors import ConnectionInfo, ConnectorFactory, StagedVolume
 from vmattach.node.events import ServerEvents
 from vmattach.node.hypervisor import (
@@ -215,7 +216,8 @@ class NodeManager:
                     pending = self.hypervisor.request_detach(
                         server_id, disk.device, live=domain.active, config=domain.persistent,
                         alias=disk.alias)
-                outcome = pending.wait(self.config.detach_timeout)  # the guest, without the lock
+                with outside():  # the guest, without the lock or the turn (common/turns.py)
+                    outcome = pending.wait(self.config.detach_timeout)
                 LOG.info("detach of %s from server %s, attempt %d/%d: %s", disk.device,
                          server_id, attempt, attempts, outcome.value)
                 if outcome is DetachOutcome.REMOVED:

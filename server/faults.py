@@ -16,6 +16,7 @@ import threading
 import time
 
 from vmattach.common.errors import BackendError, DeadlineExceeded, InvalidArgument, Unavailable
+from vmattach.common.turns import outside
 
 LOG = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         pause = _pause_seconds(action)
         if pause is not None:
-            time.sleep(pause)
+            with outside():
+                time.sleep(pause)
             return
         raise ACTIONS[action](where)
 

@@ -47,6 +47,7 @@ from vmattach.common.errors import (
 from vmattach.common.grpcutil import call, channel, error_from_rpc
 from vmattach.common.periodic import BACKGROUND_SHARE, Pacer, every, no_pause
 from vmattach.common.rules import MAX_VOLUMES_PER_SERVER
+from vmattach.common.turns import holding, result
 from vmattach.server.models import BlockDeviceMapping, ServerRecord
 from vmattach.v1 import node_pb2 as npb
 from vmattach.v1 import node_pb2_grpc
@@ -163,7 +164,7 @@ class _GuardedMethod:
     def begin(self, request, timeout=None, metadata=None) -> Callable[[], Any]:
         method, timeout = self._method(timeout)
         future = method.future(request, timeout=timeout, metadata=metadata)
-        return lambda: self._answer(future.result)
+        return lambda: self._answer(lambda: result(future))
 
 
 @dataclass
@@ -283,7 +284,7 @@ class NodeDirectory:
             with self._waiting_lock:
                 self._waiting += 1
         try:
-            with self._refresh_lock:
+            with holding(self._refresh_lock):  # held while it waits for the nodes
                 if if_older_than is not None and self._refreshed_at > if_older_than:
                     return
                 started = time.monotonic()
@@ -306,7 +307,7 @@ class NodeDirectory:
 
     def _stored(self, asked: tuple[NodeState, Future], pace: Callable[[], None]) -> None:
         state, future = asked
-        answer = future.result()
+        answer = result(future)
         if answer is not None:
             self._store(state, *answer)
         if not self._waiting:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from vmattach.common.errors import BackendError, FailedPrecondition
 from vmattach.common.runner import CommandError, CommandRunner, Result
+from vmattach.common.turns import outside
 from vmattach.node.connectors.base import (
     ConnectionInfo,
     Portal,
@@ -42,7 +43,8 @@ def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.1) -
     while not check():
         if time.monotonic() >= deadline:
             return False
-        time.sleep(interval)
+        with outside():
+            time.sleep(interval)
     return True
 
 

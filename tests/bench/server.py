@@ -4,7 +4,7 @@ with N fake domains, the Controller on SQLite with a fake or a real tgtd.
 
     python -m tests.bench.server --state-dir D --domains 64 [--tgt fake|real]
         [--farm HOST:PORT,...] [--prefilled] [--count-calls FILE]
-        [--internal-calls in-process|grpc]
+        [--internal-calls in-process|grpc] [--call-turns on|off]
 
 One start() of the three services, as `vmattach serve` runs them; with
 --farm, the facade's `nodes` setting lists this process's own port first
@@ -144,6 +144,8 @@ def serve(stack: ExitStack, argv=None) -> int:
     # the Controller's periodic re-export and the facade's reconciler run at the
     # default interval during the measured runs, as in production
     p.add_argument("--reconcile-interval", type=float, default=10.0)
+    p.add_argument("--call-turns", choices=["on", "off"], default="on",
+                   help="the setting call_turns (off: to measure what turns buy)")
     p.add_argument("--internal-calls", choices=["in-process", "grpc"], default="in-process",
                    help="how the all-in-one's facade calls its own Controller and Node")
     args = p.parse_args(argv)
@@ -188,7 +190,8 @@ def serve(stack: ExitStack, argv=None) -> int:
                         controller_address=args.controller, node_id=node_id(0),
                         initiator_iqn=INITIATOR, internal_calls=args.internal_calls,
                         log_level="WARNING", reconcile_interval=args.reconcile_interval,
-                        server_refresh_interval=refresh_interval, shutdown_delay=0)
+                        server_refresh_interval=refresh_interval, shutdown_delay=0,
+                        call_turns=args.call_turns == "on")
     hypervisor = None
     if args.role in ("all", "node"):
         hypervisor = fake_hypervisor(0, args.domains, args.prefilled)
