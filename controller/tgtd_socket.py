@@ -24,9 +24,11 @@ import socket
 import struct
 from collections.abc import Iterator, Sequence
 from errno import EINVAL
+from functools import partial
 
 from vmattach.common.errors import BackendError
 from vmattach.common.runner import CommandError, CommandRunner, Result, shown
+from vmattach.common.turns import answer_of
 
 LOG = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ class TgtdSocketRunner:
             try:
                 sock.connect(request.path)
                 sock.sendall(request.data)
-                err, length = _ANSWER.unpack(_read_exactly(sock, _ANSWER.size))
+                err, length = _ANSWER.unpack(answer_of(sock, partial(_read_exactly, sock, _ANSWER.size)))
             except TimeoutError:
                 raise _timed_out(argv, secrets) from None
             except OSError as exc:
@@ -178,7 +180,7 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 def _chunks(sock: socket.socket, left: int, argv, secrets) -> Iterator[bytes]:
     while left > 0:
         try:
-            chunk = sock.recv(min(left, 1 << 16))
+            chunk = answer_of(sock, partial(sock.recv, min(left, 1 << 16)))
         except TimeoutError:
             raise _timed_out(argv, secrets) from None
         except OSError as exc:

@@ -12,9 +12,25 @@ import pytest
 from tests.support.tgtd import TgtDaemon
 from vmattach.clients.serve import Running, start
 from vmattach.common.config import Settings
+from vmattach.common.turns import TIMEOUTS
 
 # `make test` sets this: there a missing real stack is a failure, not a skip.
 REQUIRE_REALSTACK = os.environ.get("VMATTACH_REQUIRE_REALSTACK") == "1"
+
+
+@pytest.fixture(autouse=True)
+def no_call_waits_out_its_turn(request):
+    """Every test: no call of a server in this process waited out its turn's
+    patience and ran without one, the sign of a wait made in the turn
+    (common/turns.py). A test that makes one on purpose is marked
+    turn_timeout."""
+    if request.node.get_closest_marker("turn_timeout"):
+        yield
+        return
+    before = TIMEOUTS._value.get()
+    yield
+    waited = TIMEOUTS._value.get() - before
+    assert not waited, f"{waited:.0f} call(s) waited out their turn (vmattach_turn_timeouts_total)"
 
 
 def realstack_missing(*commands: str) -> str | None:

@@ -24,6 +24,7 @@ import yaml
 from tests.conftest import make_settings
 from tests.support.fake_hypervisor import FakeHypervisor
 from vmattach.clients.client import VmattachClient
+from vmattach.common import turns
 from vmattach.v1 import controller_pb2
 
 VMATTACH = str(Path(sys.executable).with_name("vmattach"))
@@ -265,7 +266,8 @@ def slow_attach_disk(hv: FakeHypervisor, seconds: float) -> None:
     real = hv.attach_disk
 
     def attach_disk(*args, **kw):
-        time.sleep(seconds)
+        with turns.outside():  # a wait on libvirtd, as the real hypervisor's (common/turns.py)
+            time.sleep(seconds)
         return real(*args, **kw)
     hv.attach_disk = attach_disk  # type: ignore[method-assign]
 

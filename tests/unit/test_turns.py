@@ -6,8 +6,11 @@ for PATIENCE seconds at most, counted."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import Future
+
+import pytest
 
 from vmattach.common import turns
 from vmattach.common.turns import Turns
@@ -160,6 +163,7 @@ def test_a_future_is_waited_for_outside_the_turn():
     assert answers == [42] and timeouts() == before
 
 
+@pytest.mark.turn_timeout
 def test_a_turn_never_given_back_holds_others_up_for_its_patience_and_is_counted():
     gate = Turns(patience=0.2)
     before = timeouts()
@@ -192,3 +196,27 @@ def test_without_a_turn_outside_and_acquire_do_nothing_more():
         turns.acquire(lock)
     assert lock.locked()
     lock.release()
+
+
+def test_a_slow_answer_on_a_socket_is_waited_for_outside_the_turn():
+    """tgtd's socket (controller/tgtd_socket.py): an answer that is not there
+    within QUICK seconds is waited for outside the turn."""
+    gate = Turns(patience=60)
+    before = timeouts()
+    asker, daemon = socket.socketpair()
+    got: list[bytes] = []
+
+    def asking():
+        with gate.turn():
+            got.append(turns.answer_of(asker, lambda: asker.recv(16)))
+
+    def answering():  # the answer comes after a call that needs the turn
+        with gate.turn():
+            daemon.sendall(b"answer")
+
+    with asker, daemon:
+        ta = start(asking)
+        ta.join(0.1)
+        tb = start(answering)
+        assert finished(ta, tb)
+    assert got == [b"answer"] and timeouts() == before
