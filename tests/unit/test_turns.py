@@ -51,13 +51,9 @@ def test_a_call_waits_for_the_one_that_has_the_turn():
             a_may_end.wait(DONE)
             order.append("a ends")
 
-    def b():
-        with gate.turn():
-            order.append("b")
-
     ta = start(a)
     assert a_runs.wait(DONE)
-    tb = start(b)
+    tb = start(lambda: run_in_turn(gate, lambda: order.append("b")))
     tb.join(0.3)
     assert tb.is_alive()  # b waits for its turn
     a_may_end.set()
@@ -175,13 +171,9 @@ def test_a_turn_never_given_back_holds_others_up_for_its_patience_and_is_counted
             holder_in.set()
             holder_may_end.wait(DONE)
 
-    def other():
-        with gate.turn():
-            ran.append("other")
-
     th = start(holder)
     assert holder_in.wait(DONE)
-    to = start(other)
+    to = start(lambda: run_in_turn(gate, lambda: ran.append("other")))
     assert finished(to)  # after 0.2 s, without a turn
     assert ran == ["other"] and timeouts() == before + 1
     holder_may_end.set()
