@@ -217,6 +217,7 @@ class TgtAdm:
         new = ("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
         account = self._submit(lambda: self.ensure_account(user, password))
         result = self._run(*new, check=False)
+        wait((account,))
         existing = None
         if result.returncode != 0:
             existing = self.find(tid)
