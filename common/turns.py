@@ -44,7 +44,8 @@ PATIENCE = 2.0
 QUICK = 0.002
 
 TIMEOUTS = Counter("vmattach_turn_timeouts_total",
-                   "calls that waited PATIENCE seconds for their turn and ran without one")
+                   f"calls that waited {PATIENCE:g} s for their turn and ran without one"
+                   " (a wait made in the turn: docs/architecture.md, Turns)")
 
 _here = threading.local()
 T = TypeVar("T")
