@@ -115,11 +115,19 @@ def result(future):
     return future.result()
 
 
+def _readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether sock has something to read within seconds (poll, not select:
+    a cell's process has more than select's 1,024 descriptors open)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
 def answer_of(sock: socket.socket, read: Callable[[], T]) -> T:
     """read() of an answer on sock from a local daemon: in the turn when the
     answer is there within QUICK seconds, outside it when the daemon is slow
     this time."""
-    if getattr(_here, "turns", None) is None or select.select([sock], [], [], QUICK)[0]:
+    if getattr(_here, "turns", None) is None or _readable(sock, QUICK):
         return read()
     with outside():
         return read()

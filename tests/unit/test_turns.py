@@ -6,6 +6,8 @@ for PATIENCE seconds at most, counted."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
 from concurrent.futures import Future
@@ -212,3 +214,27 @@ def test_a_slow_answer_on_a_socket_is_waited_for_outside_the_turn():
         tb = start(answering)
         assert finished(ta, tb)
     assert got == [b"answer"] and timeouts() == before
+
+
+def test_an_answer_on_a_descriptor_past_1024_is_read():
+    """A cell's process has more than 1,024 descriptors open: the wait for
+    tgtd's answer must not be select()'s, which refuses them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard) < 2048:
+        pytest.skip("this machine allows fewer than 2,048 open files")
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    gate = Turns(patience=60)
+    asker, daemon = socket.socketpair()
+    high = os.dup2(asker.fileno(), 2000)
+    far = socket.socket(fileno=high)
+    try:
+        daemon.sendall(b"quick")
+        with gate.turn():
+            assert turns.answer_of(far, lambda: far.recv(16)) == b"quick"
+    finally:
+        far.close()
+        asker.close()
+        daemon.close()
+        if soft < 2048:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
